@@ -1,0 +1,19 @@
+"""peft-metal: MetaL-Prompt for Hugging Face PEFT.
+
+Importing this package registers the `metal_prompt` method with PEFT, so `peft.get_peft_model`,
+`PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` work with `MetaLPromptConfig`.
+"""
+
+from .registration import check_peft_version
+
+check_peft_version()
+
+from .metal_prompt import GeneratedPrompt, MetaLPromptConfig, MetaLPromptModel, ShotTemplate  # noqa: E402
+from .registration import register  # noqa: E402
+
+register()
+
+from peft import get_peft_model  # noqa: E402  (re-exported: works once registered)
+
+__version__ = "0.1.0"
+__all__ = ["GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "ShotTemplate", "get_peft_model"]

@@ -1,0 +1,56 @@
+"""What every prompt design does: turn the PGM's readout at the padding positions into a prompt, and hand that prompt
+to the frozen LM as input embeddings or as attention keys/values."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+@dataclass
+class PGMReadout:
+    """The PGM's forward pass over [XP; padding], seen at the K padding positions."""
+
+    hidden_states: torch.Tensor  # K x hidden, the final (normalized) hidden states the LM head reads
+    cache: Optional[Cache] = None  # keys/values over all positions; only computed for designs that need them
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden_states.shape[0]
+
+
+class PromptDesign(ABC):
+    """One way to read a prompt out of the PGM (`make`) and to feed it to the LM (`context_embeds`/`context_cache`)."""
+
+    name: ClassVar[str]
+    needs_cache: ClassVar[bool] = False
+
+    @abstractmethod
+    def make(
+        self, readout: PGMReadout, lm: PreTrainedModel, temperature: float, training: bool
+    ) -> dict[str, torch.Tensor]:
+        """The prompt's payload tensors (see `GeneratedPrompt`), differentiable when `training`."""
+
+    def context_embeds(self, prompt, lm: PreTrainedModel) -> Optional[torch.Tensor]:
+        """K x hidden embeddings the LM reads before the demonstrations, or None if the prompt is not embeddings."""
+        return None
+
+    def context_cache(self, prompt, batch_size: int) -> Optional[Cache]:
+        """Keys/values the LM attends to before everything else, or None."""
+        return None
+
+
+def pgm_logits(readout: PGMReadout, lm: PreTrainedModel) -> torch.Tensor:
+    """Next-token logits at the padding positions, through the LM's own head (K x vocab, float32)."""
+    return lm.get_output_embeddings()(readout.hidden_states).float()
+
+
+def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> DynamicCache:
+    """A new cache whose batch dimension repeats batch-1 keys/values; the source tensors are only read."""
+    return DynamicCache(
+        ddp_cache_data=[(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in layers]
+    )

@@ -1,0 +1,37 @@
+"""Discrete design: the prompt is K real vocabulary tokens, readable as text and usable by any LM API."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from .base import PGMReadout, PromptDesign, pgm_logits
+
+
+class DiscreteDesign(PromptDesign):
+    """argmax of the PGM's logits at serving; in training, Gumbel-softmax with straight-through.
+
+    The straight-through sample is a one-hot vector in the forward pass (so the LM reads exactly the embedding of a
+    real token) whose gradient is that of the soft sample, which is how gradients reach the PGM through a discrete
+    choice.
+    """
+
+    name = "discrete"
+
+    def make(
+        self, readout: PGMReadout, lm: PreTrainedModel, temperature: float, training: bool
+    ) -> dict[str, torch.Tensor]:
+        logits = pgm_logits(readout, lm)
+        if not training:
+            return {"token_ids": logits.argmax(dim=-1)}
+        one_hot = F.gumbel_softmax(logits, tau=temperature, hard=True)
+        embedding_matrix = lm.get_input_embeddings().weight
+        return {"token_ids": one_hot.argmax(dim=-1), "embeds": one_hot.to(embedding_matrix.dtype) @ embedding_matrix}
+
+    def context_embeds(self, prompt, lm: PreTrainedModel) -> Optional[torch.Tensor]:
+        if prompt.embeds is not None:  # made in train mode: keep the straight-through path
+            return prompt.embeds
+        return lm.get_input_embeddings()(prompt.token_ids)

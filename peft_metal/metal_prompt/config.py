@@ -1,0 +1,74 @@
+"""Configuration of a MetaL-Prompt prompt generation model (PGM)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from peft import LoraConfig
+from peft.utils import PeftType
+
+PROMPT_DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
+PADDING_REPARAMETERIZATIONS = ("lstm", "mlp", "none")
+
+
+@dataclass
+class MetaLPromptConfig(LoraConfig):
+    """A LoRA config plus what MetaL-Prompt adds on top of the LoRA that turns the frozen LM into its PGM.
+
+    The PGM reads the formatted generation shots followed by `num_prompt_tokens` trainable padding embeddings and the
+    prompt is read at those padding positions, so one forward pass yields the whole prompt. All LoRA options (`r`,
+    `lora_alpha`, `target_modules`, ...) keep their PEFT meaning.
+    """
+
+    prompt_design: Literal["discrete", "weighted_sum", "hidden_state", "prefix"] = field(
+        default="prefix", metadata={"help": f"How the prompt is read at the padding positions: one of {PROMPT_DESIGNS}."}
+    )
+    num_prompt_tokens: int = field(default=16, metadata={"help": "K: padding positions, i.e. prompt length."})
+    padding_reparameterization: Literal["lstm", "mlp", "none"] = field(
+        default="lstm", metadata={"help": "Reparameterization of the trainable padding, as in P-tuning."}
+    )
+    padding_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden size of the padding's LSTM/MLP; defaults to the LM's hidden size."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Gumbel-softmax temperature (discrete) and softmax temperature (weighted_sum)."}
+    )
+    input_prefix: str = field(default="Input: ", metadata={"help": "Put before every shot's input."})
+    output_prefix: str = field(default="\nOutput:", metadata={"help": "Put between a shot's input and its output (then one space)."})
+    shot_separator: str = field(default="\n\n", metadata={"help": "Put after every shot."})
+    training_summary: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Facts about meta-training (tasks, steps, ...) shown in the model card."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.METAL_PROMPT
+        if self.prompt_design not in PROMPT_DESIGNS:
+            raise ValueError(f"Unknown prompt_design {self.prompt_design!r}; choose one of {PROMPT_DESIGNS}.")
+        if self.padding_reparameterization not in PADDING_REPARAMETERIZATIONS:
+            raise ValueError(
+                f"Unknown padding_reparameterization {self.padding_reparameterization!r}; "
+                f"choose one of {PADDING_REPARAMETERIZATIONS}."
+            )
+        if isinstance(self.num_prompt_tokens, bool) or not isinstance(self.num_prompt_tokens, int):
+            raise TypeError(f"num_prompt_tokens must be an int, got {type(self.num_prompt_tokens).__name__}.")
+        if self.num_prompt_tokens <= 0:
+            raise ValueError(f"num_prompt_tokens (K) must be positive, got {self.num_prompt_tokens}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        for name in ("input_prefix", "output_prefix", "shot_separator"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}.")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save `adapter_config.json`, then add the MetaL-Prompt section to the model card PEFT has just written.
+
+        `PeftModel.save_pretrained` writes the card before the config and offers tuners no hook of their own, so the
+        config, which holds every fact the card needs, completes it.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import add_metal_section
+
+        add_metal_section(os.path.join(save_directory, "README.md"), self)

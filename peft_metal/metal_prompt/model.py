@@ -1,0 +1,220 @@
+"""`MetaLPromptModel`: the PEFT tuner that makes one frozen LM serve as both the PGM (LoRA on) and the LM (LoRA off)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from peft import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..designs import PGMReadout, get_design
+from .config import MetaLPromptConfig
+from .fingerprint import base_model_fingerprint, check_same_base
+from .layer import TrainablePadding
+from .prompt import GeneratedPrompt
+from .reading import forward_with_prompt, generate_with_prompt, max_context_length
+from .template import ShotTemplate, normalize_shots
+
+PADDING_ATTRIBUTE = "metal_padding"
+PADDING_INIT_SEED = 0
+
+
+class MetaLPromptModel(LoraModel):
+    """LoRA on the base LM's projections (PEFT's own layers), plus one `TrainablePadding` per adapter.
+
+    LoRA is switched on only inside `generate_prompt`; every other call (the LM reading a prompt, or a plain forward)
+    runs the untouched base weights, of which there is a single copy.
+    """
+
+    prefix: str = "lora_"
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if not hasattr(self, PADDING_ATTRIBUTE):
+            self.metal_padding = nn.ModuleDict()
+        self.metal_padding[adapter_name] = self._new_padding(self.peft_config[adapter_name])
+        self._set_lora(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        del self.metal_padding[adapter_name]
+
+    def _new_padding(self, config: MetaLPromptConfig) -> TrainablePadding:
+        """Padding initialized from the embeddings of random (but seeded, hence reproducible) vocabulary tokens."""
+        embedding = self.model.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(PADDING_INIT_SEED)
+        token_ids = torch.randint(embedding.shape[0], (config.num_prompt_tokens,), generator=generator)
+        padding = TrainablePadding(
+            config.num_prompt_tokens,
+            embedding.detach()[token_ids.to(embedding.device)],
+            config.padding_reparameterization,
+            config.padding_hidden_size,
+        )
+        return padding.to(embedding.device)
+
+    # ------------------------------------------------------------------ LoRA on/off
+
+    def _set_lora(self, enabled: bool) -> None:
+        # BaseTunerLayer.enable_adapters(False) would also set requires_grad=False on the LoRA weights, which breaks
+        # meta-training (the PGM's graph is built with LoRA on, the loss with LoRA off); toggling the flag it reads
+        # leaves trainability alone.
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._disable_adapters = not enabled
+
+    @contextmanager
+    def _lora(self, enabled: bool) -> Iterator[None]:
+        self._set_lora(enabled)
+        try:
+            yield
+        finally:
+            self._set_lora(False)
+
+    # ------------------------------------------------------------------ the PGM
+
+    @property
+    def metal_config(self) -> MetaLPromptConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def template(self) -> ShotTemplate:
+        return ShotTemplate.from_config(self.metal_config)
+
+    def base_fingerprint(self) -> dict[str, Any]:
+        """The base LM's fingerprint, hashed once per embedding tensor."""
+        weight = self.model.get_input_embeddings().weight
+        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+        if getattr(self, "_fingerprint_key", None) != key:
+            self._fingerprint = base_model_fingerprint(self.model)
+            self._fingerprint_key = key
+        return self._fingerprint
+
+    def generate_prompt(
+        self,
+        shots: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        num_demonstrations: int = 0,
+    ) -> GeneratedPrompt:
+        """One PGM forward over the generation shots XP and the padding; the prompt is read at the padding.
+
+        The last `num_demonstrations` shots are XL: they are not read by the PGM but kept, as tokens, between the
+        prompt and every query. In train mode the prompt keeps its autograd graph, so a loss on it trains the PGM.
+        """
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
+        shots = normalize_shots(shots)
+        if isinstance(num_demonstrations, bool) or not isinstance(num_demonstrations, int):
+            raise TypeError(f"num_demonstrations must be an int, got {type(num_demonstrations).__name__}.")
+        if not 0 <= num_demonstrations < len(shots):
+            raise ValueError(
+                f"num_demonstrations={num_demonstrations} must be between 0 and {len(shots) - 1}: with "
+                f"{len(shots)} shots at least one has to be left for the PGM to read."
+            )
+        config = self.metal_config
+        template = self.template
+        split = len(shots) - num_demonstrations
+        generation_ids = tokenizer(template.format_shots(shots[:split]), add_special_tokens=False)["input_ids"]
+        demonstrations_text = template.format_shots(shots[split:])
+        demonstrations = tokenizer(demonstrations_text, add_special_tokens=False)["input_ids"]
+        self._check_pgm_fits(len(generation_ids), split)
+
+        design = get_design(config.prompt_design)
+        readout = self._run_pgm(torch.tensor(generation_ids), design.needs_cache)
+        payload = design.make(readout, self.model, config.temperature, training=self.training)
+        text = tokenizer.decode(payload["token_ids"]) if "token_ids" in payload else None
+        device = self.model.get_input_embeddings().weight.device
+        return GeneratedPrompt(
+            design=config.prompt_design,
+            num_tokens=config.num_prompt_tokens,
+            base_fingerprint=self.base_fingerprint(),
+            pgm_config=_json_ready(config.to_dict()),
+            demonstrations=torch.tensor(demonstrations, dtype=torch.long, device=device),
+            text=text,
+            demonstrations_text=demonstrations_text,
+            **payload,
+        )
+
+    def _check_pgm_fits(self, num_generation_tokens: int, num_generation_shots: int) -> None:
+        limit = max_context_length(self.model)
+        needed = num_generation_tokens + self.metal_config.num_prompt_tokens
+        if limit is not None and needed > limit:
+            raise ValueError(
+                f"The {num_generation_shots} generation shots take {num_generation_tokens} tokens; with "
+                f"K={self.metal_config.num_prompt_tokens} padding positions that is {needed}, "
+                f"{needed - limit} over the model's context of {limit}. Pass fewer or shorter shots, or keep some "
+                f"as demonstrations (num_demonstrations)."
+            )
+
+    def _run_pgm(self, generation_ids: torch.Tensor, needs_cache: bool) -> PGMReadout:
+        embedding = self.model.get_input_embeddings()
+        padding = self.metal_padding[self.active_adapters[0]]()
+        inputs_embeds = torch.cat(
+            [embedding(generation_ids.to(embedding.weight.device)), padding.to(embedding.weight.dtype)]
+        ).unsqueeze(0)
+        with self._lora(True):
+            outputs = self.model.base_model(inputs_embeds=inputs_embeds, use_cache=needs_cache)
+        hidden_states = outputs.last_hidden_state[0, -padding.shape[0] :]
+        return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
+
+    # ------------------------------------------------------------------ the LM reading a prompt
+
+    def _check_prompt(self, prompt: Any) -> GeneratedPrompt:
+        if not isinstance(prompt, GeneratedPrompt):
+            raise TypeError(f"prompt must be a GeneratedPrompt (from generate_prompt or GeneratedPrompt.load), got {type(prompt).__name__}.")
+        check_same_base(prompt.base_fingerprint, self.base_fingerprint())
+        return prompt
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        prompt: Optional[GeneratedPrompt] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """With `prompt`: logits and loss over the query positions of [prompt][XL][query]; without: the plain LM."""
+        with self._lora(False):
+            if prompt is None:
+                return self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+                )
+            if input_ids is None or inputs_embeds is not None:
+                raise ValueError("With a prompt, pass the queries as input_ids (not inputs_embeds).")
+            kwargs = {key: value for key, value in kwargs.items() if value is not None}
+            return forward_with_prompt(self.model, self._check_prompt(prompt), input_ids, attention_mask, labels, **kwargs)
+
+    def generate(self, *args: Any, prompt: Optional[GeneratedPrompt] = None, **kwargs: Any) -> Any:
+        """With `prompt`: the query ids followed by the new tokens, as `lm.generate` on the query alone returns them."""
+        with self._lora(False):
+            if prompt is None:
+                return self.model.generate(*args, **kwargs)
+            return generate_with_prompt(self.model, self._check_prompt(prompt), *args, **kwargs)
+
+    # ------------------------------------------------------------------ save / load of the padding
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        marker = f"{PADDING_ATTRIBUTE}.{adapter_name}."
+        to_return.update({key: value for key, value in state_dict.items() if marker in key})
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        marker = f"{PADDING_ATTRIBUTE}."
+        return {
+            (key.replace(marker, f"{marker}{adapter_name}.", 1) if marker in key else key): value
+            for key, value in remapped.items()
+        }
+
+
+def _json_ready(value: Any) -> Any:
+    """The config as plain JSON values (sets sorted, enums by value), as stored in a prompt's metadata."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))

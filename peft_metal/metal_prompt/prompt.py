@@ -1,0 +1,145 @@
+"""`GeneratedPrompt`: what a PGM makes for a task, stored once and read by the frozen LM for every later request."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import DynamicCache
+
+from ..designs import get_design
+
+FORMAT_NAME = "peft-metal-prompt"
+FORMAT_VERSION = "1"
+TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
+PAYLOAD_BY_DESIGN = {
+    "discrete": ("token_ids",),
+    "weighted_sum": ("embeds",),
+    "hidden_state": ("embeds",),
+    "prefix": ("keys", "values"),
+}
+
+
+@dataclass
+class GeneratedPrompt:
+    """A task prompt and everything needed to read it safely.
+
+    Payload by design: `token_ids` (discrete, K vocabulary ids), `embeds` (weighted_sum and hidden_state, K x hidden;
+    a discrete prompt made in train mode also carries its straight-through embeds here so gradients reach the PGM),
+    `keys`/`values` (prefix, layers x kv-heads x K x head-dim). `demonstrations` holds the token ids of the shots kept
+    as plain demonstrations (XL), placed between the prompt and each query.
+    """
+
+    design: str
+    num_tokens: int
+    base_fingerprint: dict[str, Any]
+    pgm_config: dict[str, Any]
+    demonstrations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    token_ids: Optional[torch.Tensor] = None
+    embeds: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    text: Optional[str] = None
+    demonstrations_text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.design not in PAYLOAD_BY_DESIGN:
+            raise ValueError(f"Unknown prompt design {self.design!r}; expected one of {list(PAYLOAD_BY_DESIGN)}.")
+        for name in PAYLOAD_BY_DESIGN[self.design]:
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"A {self.design} prompt needs `{name}`, which is missing.")
+            token_axis = 0 if name in ("token_ids", "embeds") else 2
+            if value.dim() <= token_axis or value.shape[token_axis] != self.num_tokens:
+                raise ValueError(
+                    f"`{name}` of shape {tuple(value.shape)} does not hold {self.num_tokens} prompt positions."
+                )
+        if self.demonstrations.dim() != 1:
+            raise ValueError(f"`demonstrations` must be 1-D token ids, got shape {tuple(self.demonstrations.shape)}.")
+
+    @property
+    def num_demonstration_tokens(self) -> int:
+        return int(self.demonstrations.numel())
+
+    @property
+    def context_length(self) -> int:
+        """Positions the prompt and its demonstrations take in the LM's context, before each query."""
+        return self.num_tokens + self.num_demonstration_tokens
+
+    @property
+    def past_key_values(self) -> DynamicCache:
+        """A fresh cache over the prefix (batch 1); fresh each time, so nothing that extends it touches the prompt."""
+        if self.design != "prefix":
+            raise ValueError(f"Only prefix prompts carry past_key_values; this prompt is {self.design}.")
+        return get_design("prefix").context_cache(self, batch_size=1)
+
+    def detach(self) -> "GeneratedPrompt":
+        """The same prompt without the autograd graph of its making."""
+        return replace(self, **{name: t.detach() for name, t in self._tensors().items()})
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "GeneratedPrompt":
+        """Move the tensors; `dtype` applies to floating-point payloads only (token ids stay integers)."""
+        moved = {}
+        for name, tensor in self._tensors().items():
+            moved[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        return replace(self, **moved)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write one safetensors file: the design's payload, the demonstrations and JSON metadata."""
+        tensors = {name: self._tensors()[name] for name in PAYLOAD_BY_DESIGN[self.design]}
+        tensors["demonstrations"] = self.demonstrations
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "design": self.design,
+            "num_tokens": str(self.num_tokens),
+            "base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
+            "pgm_config": json.dumps(self.pgm_config, sort_keys=True),
+            "text": json.dumps(self.text),
+            "demonstrations_text": json.dumps(self.demonstrations_text),
+        }
+        save_file(tensors, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "GeneratedPrompt":
+        """Read a file written by `save`; anything else (pickle, a damaged file, another format) raises ValueError."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No prompt file at {path}.")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as reader:
+                metadata = reader.metadata() or {}
+                tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable safetensors prompt file ({error}).") from error
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is a safetensors file but not a peft-metal prompt (no '{FORMAT_NAME}' metadata).")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} uses prompt format version {metadata.get('format_version')}; this peft-metal reads "
+                f"version {FORMAT_VERSION}. Regenerate the prompt or upgrade peft-metal."
+            )
+        unknown = set(tensors) - set(TENSOR_FIELDS)
+        if unknown:
+            raise ValueError(f"{path} holds unexpected tensors {sorted(unknown)}.")
+        try:
+            return cls(
+                design=metadata["design"],
+                num_tokens=int(metadata["num_tokens"]),
+                base_fingerprint=json.loads(metadata["base_fingerprint"]),
+                pgm_config=json.loads(metadata["pgm_config"]),
+                text=json.loads(metadata["text"]),
+                demonstrations_text=json.loads(metadata["demonstrations_text"]),
+                **tensors,
+            )
+        except (KeyError, json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path} has damaged prompt metadata ({error!r}).") from error
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

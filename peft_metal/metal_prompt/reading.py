@@ -1,0 +1,154 @@
+"""The frozen LM reading [prompt][demonstrations][query]: scoring (`forward_with_prompt`) and decoding
+(`generate_with_prompt`).
+
+Both put the prompt and the demonstrations (the "context") before every query of a batch. Queries may be left-padded:
+the padding then sits between the context and the query, masked out, and positions are counted over unmasked tokens
+only, so a padded query sees exactly what an unpadded one would.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import Cache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..designs import get_design
+from ..designs.base import expand_cache
+from .prompt import GeneratedPrompt
+
+
+def max_context_length(lm: PreTrainedModel) -> Optional[int]:
+    config = lm.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_fits(lm: PreTrainedModel, prompt: GeneratedPrompt, query_length: int, new_tokens: int = 0) -> None:
+    """Refuse inputs the LM cannot see whole, instead of letting positions overflow or truncating."""
+    limit = max_context_length(lm)
+    total = prompt.context_length + query_length + new_tokens
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"Prompt ({prompt.num_tokens} tokens) + demonstrations ({prompt.num_demonstration_tokens}) + query "
+            f"({query_length}) + new tokens ({new_tokens}) = {total} tokens, {total - limit} over the model's context "
+            f"of {limit}. Shorten the query, use fewer demonstrations or ask for fewer new tokens."
+        )
+
+
+def _context(lm: PreTrainedModel, prompt: GeneratedPrompt, batch_size: int) -> tuple[Optional[torch.Tensor], Optional[Cache]]:
+    """Embeddings for prompt + demonstrations (batch x C x hidden, or None) and the prefix cache (or None)."""
+    design = get_design(prompt.design)
+    embedding = lm.get_input_embeddings()
+    parts = []
+    prompt_embeds = design.context_embeds(prompt, lm)
+    if prompt_embeds is not None:
+        parts.append(prompt_embeds.to(embedding.weight.dtype))
+    if prompt.num_demonstration_tokens:
+        parts.append(embedding(prompt.demonstrations.to(embedding.weight.device)))
+    embeds = torch.cat(parts).unsqueeze(0).expand(batch_size, -1, -1) if parts else None
+    return embeds, design.context_cache(prompt, batch_size)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _keeps_logits(lm: PreTrainedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def forward_with_prompt(
+    lm: PreTrainedModel,
+    prompt: GeneratedPrompt,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> CausalLMOutputWithPast:
+    """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them.
+
+    Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
+    """
+    batch_size, query_length = input_ids.shape
+    check_fits(lm, prompt, query_length)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    context_embeds, cache = _context(lm, prompt, batch_size)
+    query_embeds = lm.get_input_embeddings()(input_ids)
+    inputs_embeds = query_embeds if context_embeds is None else torch.cat([context_embeds, query_embeds], dim=1)
+    full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
+    past_length = cache.get_seq_length() if cache is not None else 0
+    if _keeps_logits(lm):
+        kwargs["logits_to_keep"] = query_length
+    outputs = lm(
+        inputs_embeds=inputs_embeds,
+        attention_mask=full_mask,
+        position_ids=_positions(full_mask)[:, past_length:],
+        past_key_values=cache,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = outputs.logits[:, -query_length:]
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+    return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@torch.no_grad()
+def context_cache(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations: the state every query
+    of this prompt starts from, computed once per call instead of once per query."""
+    embeds, cache = _context(lm, prompt, batch_size=1)
+    if embeds is not None:
+        mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        cache = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=_positions(mask)[:, past_length:],
+            past_key_values=cache,
+            use_cache=True,
+        ).past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def generate_with_prompt(
+    lm: PreTrainedModel,
+    prompt: GeneratedPrompt,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    **generate_kwargs: Any,
+) -> Any:
+    """`lm.generate` for the queries alone, with the prompt and demonstrations read first.
+
+    Returns what `lm.generate(input_ids)` returns: the query ids followed by the new tokens. The context enters as a
+    ready cache; generate needs ids for the cached positions too, so they are filled with placeholders that are
+    never embedded and are cut from the output.
+    """
+    batch_size, query_length = input_ids.shape
+    max_new_tokens = generate_kwargs.get("max_new_tokens") or 0
+    check_fits(lm, prompt, query_length, max_new_tokens)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = expand_cache(context_cache(lm, prompt), batch_size)
+    context_length = prompt.context_length
+    placeholder_id = lm.generation_config.pad_token_id or lm.generation_config.eos_token_id or 0
+    if isinstance(placeholder_id, list):
+        placeholder_id = placeholder_id[0]
+    placeholders = input_ids.new_full((batch_size, context_length), placeholder_id)
+    outputs = lm.generate(
+        input_ids=torch.cat([placeholders, input_ids], dim=1),
+        attention_mask=torch.cat([attention_mask.new_ones(batch_size, context_length), attention_mask], dim=1),
+        past_key_values=cache,
+        **generate_kwargs,
+    )
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:, context_length:]
+    outputs.sequences = outputs.sequences[:, context_length:]
+    return outputs

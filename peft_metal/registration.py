@@ -1,0 +1,58 @@
+"""Registers MetaL-Prompt as a PEFT method.
+
+PEFT dispatches every entry point (`get_peft_model`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`,
+`AutoPeftModelForCausalLM`) on `PeftType`, a closed enum. `register_peft_method` asks plugins to add their member to
+that enum first; this module does exactly that, once, and then registers the config and tuner classes.
+"""
+
+from __future__ import annotations
+
+import peft
+from packaging.version import Version
+from peft.utils import PeftType, register_peft_method
+
+METHOD_NAME = "metal_prompt"
+PEFT_TYPE_NAME = METHOD_NAME.upper()
+SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
+
+
+def check_peft_version(version: str = peft.__version__) -> None:
+    """Fail early with the supported range instead of failing later inside PEFT's internals."""
+    low, high = SUPPORTED_PEFT
+    if not low <= Version(version) < high:
+        raise ImportError(
+            f"peft-metal supports peft>={low},<{high}, but peft {version} is installed. "
+            f"Install a supported version: pip install 'peft>={low},<{high}'"
+        )
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """Add `name` to the `PeftType` enum (a `str` enum) the way the enum machinery would have at class creation."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+def register() -> PeftType:
+    """Idempotently register MetaL-Prompt with PEFT and return its `PeftType`."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    from .metal_prompt.config import MetaLPromptConfig
+    from .metal_prompt.model import MetaLPromptModel
+
+    check_peft_version()
+    peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(
+            name=METHOD_NAME, config_cls=MetaLPromptConfig, model_cls=MetaLPromptModel, prefix=MetaLPromptModel.prefix
+        )
+    return peft_type
