@@ -1,0 +1,89 @@
+"""How much one prompt costs to make, against one plain LM forward over the same shots, and how big the PGM is.
+
+    python benchmarks/prompt_overhead.py [--model smollm2-135m] [--shots 16] [--repeats 5] [--output DIR]
+
+Writes `prompt_overhead.json` and `prompt_overhead.md` into DIR (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+import peft_metal  # noqa: F401
+from peft_metal import MetaLPromptConfig
+from peft_metal.base_models import load_base_model
+
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    lm, tokenizer = load_base_model(args.model)
+    shots = [(f"Review {i}: {'a fine, moving film' if i % 2 else 'a dull and empty film'}.", "positive" if i % 2 else "negative") for i in range(args.shots)]
+    rows = []
+    for design in ("discrete", "weighted_sum", "hidden_state", "prefix"):
+        model = get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM", prompt_design=design, num_prompt_tokens=16)).eval()
+        template = model.base_model.template
+        shot_ids = tokenizer(template.format_shots(shots), add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            prompt_s = median_seconds(lambda: model.generate_prompt(shots, tokenizer=tokenizer), args.repeats)
+            forward_s = median_seconds(lambda: lm(input_ids=shot_ids), args.repeats)
+        trainable, total = model.get_nb_trainable_parameters()
+        rows.append(
+            {
+                "design": design,
+                "shot_tokens": int(shot_ids.shape[1]),
+                "generate_prompt_s": prompt_s,
+                "plain_forward_s": forward_s,
+                "ratio": prompt_s / forward_s,
+                "trainable_params": trainable,
+                "total_params": total,
+            }
+        )
+        lm = model.unload()
+    machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}".strip()
+    args.output.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "shots": args.shots, "repeats": args.repeats, "machine": machine, "rows": rows}
+    (args.output / "prompt_overhead.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"`python benchmarks/prompt_overhead.py --model {args.model} --shots {args.shots}` on {machine}",
+        "",
+        "| design | shot tokens | generate_prompt (ms) | plain LM forward (ms) | ratio | trainable / total params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['design']} | {row['shot_tokens']} | {row['generate_prompt_s'] * 1000:.1f} | "
+            f"{row['plain_forward_s'] * 1000:.1f} | {row['ratio']:.2f} | {row['trainable_params']:,} / "
+            f"{row['total_params']:,} ({100 * row['trainable_params'] / row['total_params']:.2f}%) |"
+        )
+    (args.output / "prompt_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
