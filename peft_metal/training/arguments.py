@@ -1,0 +1,67 @@
+"""Everything a meta-training run is made of, in one JSON-serialisable dataclass (see examples/train_*.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class TrainingArguments:
+    """Meta-training settings. Episodes come from the split file's `train` families only."""
+
+    output_dir: str = "runs/metal"
+    model: str = "smollm2-135m"
+    prompt_design: str = "prefix"
+    num_prompt_tokens: int = 16
+    r: int = 8
+    lora_alpha: int = 16
+    padding_reparameterization: str = "lstm"
+    target_modules: Optional[list[str]] = None
+    max_steps: int = 1000
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    gradient_accumulation_steps: int = 4
+    max_grad_norm: float = 1.0
+    xp_range: tuple[int, int] = (2, 16)
+    xl_range: tuple[int, int] = (0, 4)
+    num_queries: int = 4
+    max_pgm_tokens: int = 1536
+    tasks: Optional[list[str]] = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 200
+    eval_episodes: int = 16
+    log_every: int = 10
+    distillation_weight: float = 0.0
+    mixed_precision: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.xp_range = tuple(self.xp_range)
+        self.xl_range = tuple(self.xl_range)
+        for name in ("max_steps", "gradient_accumulation_steps", "num_queries", "checkpoint_every", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.distillation_weight < 0:
+            raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}.")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}.")
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> "TrainingArguments":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {unknown}; known ones are {sorted(known)}.")
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["xp_range"], data["xl_range"] = list(self.xp_range), list(self.xl_range)
+        return data

@@ -1,0 +1,116 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder holds the PGM (`pgm/`, as `save_pretrained` writes it), the optimizer and RNG tensors
+(`state.safetensors`) and the rest (`state.json`: optimizer hyperparameters, scheduler, sampler position, step,
+Python RNG). It is written under a temporary name and renamed, so a killed run never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..metal_prompt.model import PADDING_ATTRIBUTE
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    directory: Path, step: int, model, optimizer, scheduler, sampler, extra: dict[str, Any] | None = None
+) -> Path:
+    target = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging / "pgm")
+    tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = state
+    save_file(tensors, staging / "state.safetensors")
+    meta = {
+        "step": step,
+        "optimizer": optimizer_meta,
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "python_rng": _python_rng_to_json(random.getstate()),
+        "extra": extra or {},
+    }
+    (staging / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler, sampler) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into live objects; returns the JSON metadata (with `step`)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "state.json").read_text())
+    tensors = load_file(directory / "state.safetensors")
+    weights = load_file(directory / "pgm" / "adapter_model.safetensors")
+    _load_pgm_weights(model, weights)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    sampler.load_state_dict(meta["sampler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_python_rng_from_json(meta["python_rng"]))
+    return meta
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    candidates = [p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+def _load_pgm_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, weights)
+    missing = [key for key in result.missing_keys if "lora_" in key or PADDING_ATTRIBUTE in key]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"Checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}."
+        )
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,92 @@
+"""The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its queries.
+
+It is an `nn.Module` so that `accelerate` can wrap it (for several GPUs the gradient sync of DDP is set up by the
+wrapper's forward, and the PGM's work happens inside this forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..data import Episode, Example
+from ..metal_prompt import ShotTemplate
+
+
+@dataclass
+class QueryBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def encode_queries(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
+) -> QueryBatch:
+    """Query + answer, left-padded; labels only on the answer tokens (query and answer tokenized apart, so the
+    boundary is exact)."""
+    rows, labels = [], []
+    for example in examples:
+        query = tokenizer(template.format_query(example.input), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(template.format_answer(example.output), add_special_tokens=False)["input_ids"]
+        rows.append(query + answer)
+        labels.append([-100] * len(query) + answer)
+    width = max(len(row) for row in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    label_ids = torch.tensor([[-100] * (width - len(row)) + row for row in labels], device=device)
+    return QueryBatch(input_ids, attention_mask, label_ids)
+
+
+class EpisodeLoss(nn.Module):
+    """Wraps the PEFT model; `forward(episode)` makes the prompt from XP in train mode and scores the queries."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, distillation_weight: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.distillation_weight = distillation_weight
+
+    @property
+    def template(self) -> ShotTemplate:
+        return self.model.base_model.template
+
+    def forward(self, episode: Episode) -> dict[str, torch.Tensor]:
+        shots = [example.as_shot() for example in episode.xp + episode.xl]
+        prompt = self.model.generate_prompt(shots, tokenizer=self.tokenizer, num_demonstrations=len(episode.xl))
+        device = self.model.get_base_model().get_input_embeddings().weight.device
+        batch = encode_queries(episode.queries, self.tokenizer, self.template, device)
+        outputs = self.model(
+            prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
+        losses = {"lm_loss": outputs.loss}
+        if self.distillation_weight > 0:
+            losses["distillation"] = self._distillation(episode, batch, outputs.logits)
+        losses["loss"] = losses["lm_loss"] + self.distillation_weight * losses.get("distillation", 0.0)
+        return losses
+
+    def _distillation(self, episode: Episode, batch: QueryBatch, student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) on the answer tokens, where the teacher is the LM given all k shots as plain
+        demonstrations (MEND's distillation): the prompt should tell the LM what the full context would have."""
+        context = self.tokenizer(
+            self.template.format_shots([example.as_shot() for example in episode.xp + episode.xl]),
+            add_special_tokens=False,
+            return_tensors="pt",
+        ).input_ids.to(batch.input_ids.device)
+        lm = self.model.get_base_model()
+        size = batch.input_ids.shape[0]
+        input_ids = torch.cat([context.expand(size, -1), batch.input_ids], dim=1)
+        mask = torch.cat([torch.ones_like(context).expand(size, -1), batch.attention_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), self.model.base_model._lora(False):
+            teacher_logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+        teacher_logits = teacher_logits[:, -batch.input_ids.shape[1] :]
+        answer = batch.labels[:, 1:] != -100
+        teacher = F.log_softmax(teacher_logits[:, :-1][answer].float(), dim=-1)
+        student = F.log_softmax(student_logits[:, :-1][answer].float(), dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

@@ -1,0 +1,182 @@
+"""Meta-training of a PGM over many tasks, on `accelerate`.
+
+One process on CPU or GPU by default; the same code runs under `accelerate launch` on several GPUs or nodes (each
+process draws its own episode stream). bf16 on GPU, gradient accumulation, warmup + cosine schedule, resumable
+checkpoints, periodic dev loss, a progress bar and a JSONL log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..base_models import load_base_model
+from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
+from ..metal_prompt import MetaLPromptConfig
+from .arguments import TrainingArguments
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .episode_loss import EpisodeLoss
+
+DEV_EVAL_SEED = 12345
+
+
+def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task]:
+    """The tasks of a split (or the named ones, each checked to belong to it)."""
+    names = names or tasks_for_split(split)
+    for name in names:
+        check_allowed(name, split)
+    return [load_bigbench_task(name) for name in names]
+
+
+def build_pgm(args: TrainingArguments):
+    lm, tokenizer = load_base_model(args.model)
+    config = MetaLPromptConfig(
+        task_type="CAUSAL_LM",
+        prompt_design=args.prompt_design,
+        num_prompt_tokens=args.num_prompt_tokens,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.target_modules,
+        padding_reparameterization=args.padding_reparameterization,
+    )
+    return get_peft_model(lm, config), tokenizer
+
+
+class MetaTrainer:
+    """Runs `TrainingArguments`; `train(resume=True)` continues from the newest checkpoint in `output_dir`."""
+
+    def __init__(self, args: TrainingArguments, model=None, tokenizer=None, train_tasks=None, dev_tasks=None) -> None:
+        self.args = args
+        mixed = args.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed)
+        torch.manual_seed(args.seed)
+        if model is None:
+            model, tokenizer = build_pgm(args)
+        self.model, self.tokenizer = model, tokenizer
+        self.output_dir = Path(args.output_dir)
+        train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)
+        self.sampler = EpisodeSampler(
+            train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index
+        )
+        self.dev_episodes = []
+        if dev_tasks is None:
+            dev_tasks = load_split_tasks("dev")
+        if dev_tasks:
+            dev_sampler = EpisodeSampler(dev_tasks, args.xp_range, args.xl_range, args.num_queries, seed=DEV_EVAL_SEED)
+            self.dev_episodes = [dev_sampler.episode(i) for i in range(args.eval_episodes)]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+        self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
+            EpisodeLoss(self.model, tokenizer, args.distillation_weight), optimizer, scheduler
+        )
+        self.step = 0
+        self.skipped_long = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / "log.jsonl"
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with self.log_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def _too_long(self, episode) -> bool:
+        text = self.model.base_model.template.format_shots([e.as_shot() for e in episode.xp])
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens
+
+    def _next_episode(self):
+        """The next episode whose XP fits `max_pgm_tokens`; skipped ones are counted and logged, not hidden."""
+        while True:
+            episode = next(self.sampler)
+            if not self._too_long(episode):
+                return episode
+            self.skipped_long += 1
+
+    def evaluate(self) -> float:
+        """Mean query loss over fixed dev episodes, prompts made as at serving (eval mode, no gradient)."""
+        self.model.eval()
+        losses = []
+        with torch.no_grad():
+            for episode in self.dev_episodes:
+                if not self._too_long(episode):
+                    losses.append(self.accelerator.unwrap_model(self.loss_module)(episode)["lm_loss"].item())
+        self.model.train()
+        return sum(losses) / max(len(losses), 1)
+
+    def train(self, resume: bool = False, stop_after: Optional[int] = None) -> dict[str, Any]:
+        """Train to `max_steps` (or stop early after `stop_after` optimizer steps, as a kill would)."""
+        args = self.args
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
+            meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
+            self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
+        self.model.train()
+        start_step, started = self.step, time.perf_counter()
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="meta-training", disable=not self.accelerator.is_local_main_process)
+        running: list[float] = []
+        while self.step < args.max_steps:
+            for _ in range(args.gradient_accumulation_steps):
+                with self.accelerator.accumulate(self.loss_module):
+                    losses = self.loss_module(self._next_episode())
+                    self.accelerator.backward(losses["loss"])
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                running.append(losses["loss"].item())
+            self.step += 1
+            episodes_per_s = (self.step - start_step) * args.gradient_accumulation_steps / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}", eps=f"{episodes_per_s:.2f}")
+            record: dict[str, Any] = {}
+            if self.step % args.log_every == 0:
+                record.update(loss=sum(running[-args.log_every * args.gradient_accumulation_steps :]) / len(running[-args.log_every * args.gradient_accumulation_steps :]), lr=self.scheduler.get_last_lr()[0], episodes_per_s=episodes_per_s, skipped_long=self.skipped_long)
+            if self.dev_episodes and (self.step % args.eval_every == 0 or self.step == args.max_steps):
+                record["dev_loss"] = self.evaluate()
+            if record:
+                self._log({"step": self.step, **record})
+            if self.step % args.checkpoint_every == 0 and self.accelerator.is_main_process:
+                save_checkpoint(self.output_dir, self.step, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer, self.scheduler, self.sampler, {"skipped_long": self.skipped_long})
+            if stop_after is not None and self.step - start_step >= stop_after:
+                break
+        bar.close()
+        summary = self._summary(running, time.perf_counter() - started)
+        if self.step >= args.max_steps and self.accelerator.is_main_process:
+            self.save_final(summary)
+        return summary
+
+    def _summary(self, running: list[float], seconds: float) -> dict[str, Any]:
+        tail = running[-50:] or [math.nan]
+        return {
+            "base_model": self.args.model,
+            "train_tasks": len(self.sampler.tasks),
+            "optimizer_steps": self.step,
+            "episodes": self.step * self.args.gradient_accumulation_steps,
+            "xp_range": list(self.args.xp_range),
+            "xl_range": list(self.args.xl_range),
+            "final_train_loss": round(sum(tail) / len(tail), 4),
+            "skipped_long_episodes": self.skipped_long,
+            "seconds_this_run": round(seconds, 1),
+        }
+
+    def save_final(self, summary: dict[str, Any]) -> Path:
+        model = self.accelerator.unwrap_model(self.loss_module).model
+        config = model.peft_config[model.active_adapter]
+        config.training_summary = {**summary, "settings": json.dumps(self.args.to_dict())}
+        target = self.output_dir / "pgm"
+        model.save_pretrained(target)
+        return target
