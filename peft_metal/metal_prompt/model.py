@@ -199,20 +199,13 @@ class MetaLPromptModel(LoraModel):
     # ------------------------------------------------------------------ save / load of the padding
 
     @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        marker = f"{PADDING_ATTRIBUTE}.{adapter_name}."
-        to_return.update({key: value for key, value in state_dict.items() if marker in key})
-        return to_return
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        marker = f"{PADDING_ATTRIBUTE}."
-        return {
-            (key.replace(marker, f"{marker}{adapter_name}.", 1) if marker in key else key): value
-            for key, value in remapped.items()
-        }
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """PEFT finds the padding (a per-adapter container on the tuner) by itself, but only strips the adapter name
+        from keys of tuner layers; without this the checkpoint keys would carry it and not load under another name."""
+        padding_key = f"{PADDING_ATTRIBUTE}.{adapter_name}."
+        if padding_key in key:
+            return key.replace(padding_key, f"{PADDING_ATTRIBUTE}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
 
 def _json_ready(value: Any) -> Any:

