@@ -51,11 +51,12 @@ class TrainablePadding(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The K x hidden padding embeddings; computed once and reused while nothing can change them."""
-        if self._cached is not None and not self.training and not torch.is_grad_enabled():
-            return self._cached
-        padding = self._reparameterize()
-        self._cached = padding.detach() if not self.training and not torch.is_grad_enabled() else None
-        return padding
+        if self.training or torch.is_grad_enabled():
+            self._cached = None
+            return self._reparameterize()
+        if self._cached is None:
+            self._cached = self._reparameterize().detach()
+        return self._cached
 
     def _reparameterize(self) -> torch.Tensor:
         raw = self.embedding

@@ -38,7 +38,17 @@ class MetaLPromptModel(LoraModel):
         if not hasattr(self, PADDING_ATTRIBUTE):
             self.metal_padding = nn.ModuleDict()
         self.metal_padding[adapter_name] = self._new_padding(self.peft_config[adapter_name])
+        self._set_padding_trainability()
         self._set_lora(False)
+
+    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
+        super().set_adapter(adapter_name, *args, **kwargs)
+        self._set_padding_trainability()
+
+    def _set_padding_trainability(self) -> None:
+        """Like PEFT does for LoRA weights: only the active adapter's padding trains, and none in inference mode."""
+        for name, padding in getattr(self, PADDING_ATTRIBUTE, {}).items():
+            padding.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -151,6 +161,11 @@ class MetaLPromptModel(LoraModel):
             )
 
     def _run_pgm(self, generation_ids: torch.Tensor, needs_cache: bool) -> PGMReadout:
+        if self.training and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError(
+                "Gradient checkpointing is not supported while meta-training a MetaL-Prompt PGM: its recomputation "
+                "would run the PGM with LoRA off. Disable it with model.get_base_model().gradient_checkpointing_disable()."
+            )
         embedding = self.model.get_input_embeddings()
         padding = self.metal_padding[self.active_adapters[0]]()
         inputs_embeds = torch.cat(

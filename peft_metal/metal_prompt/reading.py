@@ -132,11 +132,11 @@ def generate_with_prompt(
     never embedded and are cut from the output.
     """
     batch_size, query_length = input_ids.shape
-    max_new_tokens = generate_kwargs.get("max_new_tokens") or 0
-    check_fits(lm, prompt, query_length, max_new_tokens)
+    generate_kwargs["max_new_tokens"] = _new_token_budget(lm, query_length, generate_kwargs)
+    check_fits(lm, prompt, query_length, generate_kwargs["max_new_tokens"])
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = expand_cache(context_cache(lm, prompt), batch_size)
+    cache = expand_cache(context_cache(lm, prompt), batch_size * _expansion(lm, generate_kwargs))
     context_length = prompt.context_length
     placeholder_id = lm.generation_config.pad_token_id or lm.generation_config.eos_token_id or 0
     if isinstance(placeholder_id, list):
@@ -152,3 +152,28 @@ def generate_with_prompt(
         return outputs[:, context_length:]
     outputs.sequences = outputs.sequences[:, context_length:]
     return outputs
+
+
+def _new_token_budget(lm: PreTrainedModel, query_length: int, generate_kwargs: dict[str, Any]) -> int:
+    """`max_new_tokens`, also when the caller gave `max_length`: that counts the query and new tokens only, as for
+    `lm.generate` on the query alone, never the hidden context."""
+    max_length = generate_kwargs.pop("max_length", None)
+    if generate_kwargs.get("max_new_tokens") is not None:
+        return generate_kwargs["max_new_tokens"]
+    if max_length is None and lm.generation_config.max_new_tokens is not None:
+        return lm.generation_config.max_new_tokens
+    max_length = max_length if max_length is not None else lm.generation_config.max_length
+    if max_length <= query_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for new tokens after a query of {query_length} tokens; "
+            "pass max_new_tokens instead."
+        )
+    return max_length - query_length
+
+
+def _expansion(lm: PreTrainedModel, generate_kwargs: dict[str, Any]) -> int:
+    """How many rows generate makes of each query row: beams for beam search, else returned sequences."""
+    num_beams = generate_kwargs.get("num_beams") or lm.generation_config.num_beams or 1
+    if num_beams > 1:
+        return num_beams
+    return generate_kwargs.get("num_return_sequences") or lm.generation_config.num_return_sequences or 1

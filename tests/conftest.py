@@ -1,0 +1,215 @@
+"""Shared fixtures for the core tests: a tiny char-level tokenizer and tiny random causal LMs of four families.
+
+Everything here is built in memory (no network, no downloads). Models are seeded, so two calls of `make_lm` with the
+same arguments give bit-identical weights: one can be wrapped into a PGM while the other serves as the untouched
+reference LM.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from peft_metal import MetaLPromptConfig
+
+VOCAB_SIZE = 128
+MAX_POSITIONS = 256
+PAD_ID = 1
+FAMILIES = ("llama", "gpt2", "qwen2", "gemma")
+DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
+K = 4  # prompt tokens used by most tests
+
+SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]
+QUERIES = ["Input: nice\nOutput:", "Input: awful film\nOutput:"]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character: printable ASCII keeps its code point, newline is 127, <unk> 0, <pad> 1."""
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab["\n"] = 127
+    vocab["<unk>"] = 0
+    vocab["<pad>"] = PAD_ID
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """The core tests run models with 32-wide layers: one thread is faster than several and does not suffer when
+    the machine is shared. Other test files keep torch's default."""
+    if not request.module.__name__.startswith("test_core_"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def _config(family: str, max_positions: int, **overrides: Any):
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=PAD_ID,
+        bos_token_id=2,
+        eos_token_id=3,
+        initializer_range=0.1,
+    )
+    if family == "llama":
+        return LlamaForCausalLM, LlamaConfig(**{**common, **overrides})
+    if family == "qwen2":
+        return Qwen2ForCausalLM, Qwen2Config(**{**common, "use_sliding_window": False, **overrides})
+    if family == "gemma":
+        return GemmaForCausalLM, GemmaConfig(**{**common, "head_dim": 8, **overrides})
+    if family == "gpt2":
+        gpt2 = dict(
+            vocab_size=VOCAB_SIZE,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=max_positions,
+            pad_token_id=PAD_ID,
+            bos_token_id=2,
+            eos_token_id=3,
+            initializer_range=0.1,
+        )
+        return GPT2LMHeadModel, GPT2Config(**{**gpt2, **overrides})
+    raise ValueError(family)
+
+
+def make_lm(family: str, seed: int = 0, max_positions: int = MAX_POSITIONS, **overrides: Any):
+    """A tiny random causal LM in eval mode; same (family, seed, overrides) -> identical weights."""
+    model_cls, config = _config(family, max_positions, **overrides)
+    torch.manual_seed(seed)
+    lm = model_cls(config).eval()
+    # Never stop early: every generation test asks for an exact number of new tokens.
+    lm.generation_config.eos_token_id = None
+    lm.generation_config.pad_token_id = PAD_ID
+    return lm
+
+
+@pytest.fixture
+def lm_factory():
+    return make_lm
+
+
+def make_pgm(family: str, design: str, seed: int = 0, lm=None, **config_kwargs: Any):
+    """`get_peft_model` over a fresh tiny LM (eval mode); returns the PeftModel."""
+    lm = make_lm(family, seed=seed) if lm is None else lm
+    kwargs = dict(task_type="CAUSAL_LM", prompt_design=design, num_prompt_tokens=K, r=4, init_lora_weights=False)
+    kwargs.update(config_kwargs)
+    torch.manual_seed(1234)  # LoRA init
+    return get_peft_model(lm, MetaLPromptConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def pgm_factory():
+    return make_pgm
+
+
+@contextmanager
+def lora_enabled(model) -> Iterator[None]:
+    """Switch the LoRA layers on (as only the PGM pass does), without touching trainability."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, previous):
+            m._disable_adapters = flag
+
+
+def format_shots(shots) -> str:
+    """The default shot template, written out independently of the library."""
+    return "".join(f"Input: {x}\nOutput: {y}\n\n" for x, y in shots)
+
+
+def encode(tok, text: str) -> torch.Tensor:
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def left_padded(tok, texts):
+    return tok(texts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
+
+
+def padding_module(model):
+    """The active adapter's TrainablePadding."""
+    tuner = model.base_model
+    return tuner.metal_padding[tuner.active_adapters[0]]
+
+
+@torch.no_grad()
+def pgm_pass(model, tok, shots):
+    """Independent recomputation of the PGM forward: the base LM with LoRA on over [embed(XP); padding].
+
+    Returns the base model's output (logits over all positions, hidden states, cache).
+    """
+    base = model.get_base_model()
+    ids = encode(tok, format_shots(shots))
+    embeds = torch.cat([base.get_input_embeddings()(ids), padding_module(model)()]).unsqueeze(0)
+    with lora_enabled(model):
+        return base(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+
+
+def reference_inputs(lm, prompt, query_ids: torch.Tensor) -> dict[str, Any]:
+    """Keyword arguments for the plain base LM reading [prompt][demonstrations][query] (batch 1, 1-D query ids)."""
+    demos = prompt.demonstrations
+    if prompt.design == "discrete":
+        return {"input_ids": torch.cat([prompt.token_ids, demos, query_ids]).unsqueeze(0)}
+    if prompt.design == "prefix":
+        return {"input_ids": torch.cat([demos, query_ids]).unsqueeze(0), "prefix": True}
+    emb = lm.get_input_embeddings()
+    return {"inputs_embeds": torch.cat([prompt.embeds, emb(demos), emb(query_ids)]).unsqueeze(0)}
+
+
+@torch.no_grad()
+def reference_logits(lm, prompt, query_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the plain base LM at the query positions (query_length x vocab)."""
+    kwargs = reference_inputs(lm, prompt, query_ids)
+    if kwargs.pop("prefix", False):
+        kwargs["past_key_values"] = prompt.past_key_values
+    return lm(**kwargs).logits[0, -query_ids.shape[0] :]
+
+
+@torch.no_grad()
+def reference_greedy(lm, prompt, query_ids: torch.Tensor, n: int) -> list[int]:
+    """n tokens of greedy decoding by full recomputation (no cache reuse) on the base LM."""
+    new: list[int] = []
+    for _ in range(n):
+        ids = torch.cat([query_ids, torch.tensor(new, dtype=torch.long)])
+        new.append(int(reference_logits(lm, prompt, ids)[-1].argmax()))
+    return new

@@ -1,0 +1,131 @@
+"""Meta-training: a loss on the LM reading a train-mode prompt trains LoRA and the padding, never the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DESIGNS, FAMILIES, K, QUERIES, SHOTS, left_padded, make_pgm
+
+
+def is_adapter(name: str) -> bool:
+    return "lora_" in name or "metal_padding" in name
+
+
+def train_step(model, tok, num_demonstrations=0):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch = left_padded(tok, QUERIES)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=num_demonstrations)
+    loss = model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+    loss.backward()
+    return prompt, loss
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_lora_and_padding_only(family, design, tok):
+    model = make_pgm(family, design)
+    _, loss = train_step(model, tok, num_demonstrations=1)
+    assert torch.isfinite(loss)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    padding = {n: p for n, p in model.named_parameters() if "metal_padding" in n}
+    assert lora and padding
+    if design == "prefix":
+        # the prefix is the keys/values of every layer: the last layer's query projection cannot influence it
+        last = model.get_base_model().config.num_hidden_layers - 1 if family != "gpt2" else None
+        lora = {n: p for n, p in lora.items() if last is None or f"layers.{last}.self_attn.q_proj" not in n}
+    assert all(p.grad is not None for p in lora.values()), [n for n, p in lora.items() if p.grad is None]
+    assert all(p.grad is not None for p in padding.values()), [n for n, p in padding.items() if p.grad is None]
+    assert any(p.grad.abs().sum() > 0 for p in lora.values()), "all LoRA gradients are zero"
+    embedding_grad = next(p.grad for n, p in padding.items() if n.endswith("embedding"))
+    assert embedding_grad.abs().sum() > 0, "the padding embeddings got a zero gradient"
+    base = [(n, p) for n, p in model.named_parameters() if not is_adapter(n)]
+    assert base and all(p.grad is None for _, p in base), [n for n, p in base if p.grad is not None][:3]
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_default_lora_init_still_trains(design, tok):
+    """PEFT's default init (B = 0): lora_B still gets a gradient, so training can start."""
+    model = make_pgm("llama", design, init_lora_weights=True)
+    train_step(model, tok)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_discrete_train_prompt_is_straight_through(family, tok):
+    model = make_pgm(family, "discrete").train()
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    assert prompt.embeds is not None and prompt.embeds.requires_grad
+    table = model.get_base_model().get_input_embeddings().weight
+    # forward value: exactly the embeddings of the sampled tokens
+    torch.testing.assert_close(prompt.embeds.detach(), table[prompt.token_ids].detach(), atol=1e-6, rtol=0)
+    assert prompt.token_ids.shape == (K,)
+    # eval-mode prompts carry no embeds and no graph
+    model.eval()
+    eval_prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    assert eval_prompt.embeds is None
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_train_prompt_keeps_graph_and_detach_drops_it(design, tok):
+    model = make_pgm("qwen2", design).train()
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    tensor = prompt.keys if design == "prefix" else prompt.embeds
+    assert tensor.requires_grad
+    detached = prompt.detach()
+    assert not any(t.requires_grad for t in (detached.keys, detached.values, detached.embeds) if t is not None)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_eval_no_grad_prompt_has_no_graph(design, tok):
+    model = make_pgm("llama", design)
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    tensors = [t for t in (prompt.embeds, prompt.keys, prompt.values) if t is not None]
+    assert not any(t.requires_grad for t in tensors)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_training_step_lowers_the_loss(design, tok):
+    """Gradients point the right way: one small SGD step on the PGM lowers the same loss."""
+    model = make_pgm("llama", design, padding_reparameterization="none")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = left_padded(tok, QUERIES)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+
+    def loss_now():
+        torch.manual_seed(0)  # same Gumbel noise for the discrete design
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+        return model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    before = loss_now()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss_now()
+    if design == "discrete":
+        assert after <= before + 1e-6  # may not move if the sampled tokens do not change
+    else:
+        assert after < before
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_gradient_checkpointing_is_refused_clearly(design, tok):
+    """Checkpointing would recompute the PGM pass during backward, after LoRA was switched off again: refuse it with
+    a message that says how to turn it off, instead of training on wrong gradients."""
+    model = make_pgm("llama", design)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        model.generate_prompt(SHOTS, tokenizer=tok)
+    model.eval()
+    with torch.no_grad():
+        assert model.generate_prompt(SHOTS, tokenizer=tok).design == design
