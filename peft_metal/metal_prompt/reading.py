@@ -56,6 +56,24 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _run_after_cache(
+    lm: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Optional[Cache],
+    **kwargs: Any,
+) -> Any:
+    """The LM on `inputs_embeds` after whatever `cache` holds; `attention_mask` covers both, positions skip padding."""
+    past_length = cache.get_seq_length() if cache is not None else 0
+    return lm(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=_positions(attention_mask)[:, past_length:],
+        past_key_values=cache,
+        **kwargs,
+    )
+
+
 def _keeps_logits(lm: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
@@ -80,17 +98,9 @@ def forward_with_prompt(
     query_embeds = lm.get_input_embeddings()(input_ids)
     inputs_embeds = query_embeds if context_embeds is None else torch.cat([context_embeds, query_embeds], dim=1)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
-    past_length = cache.get_seq_length() if cache is not None else 0
     if _keeps_logits(lm):
         kwargs["logits_to_keep"] = query_length
-    outputs = lm(
-        inputs_embeds=inputs_embeds,
-        attention_mask=full_mask,
-        position_ids=_positions(full_mask)[:, past_length:],
-        past_key_values=cache,
-        use_cache=False,
-        **kwargs,
-    )
+    outputs = _run_after_cache(lm, inputs_embeds, full_mask, cache, use_cache=False, **kwargs)
     logits = outputs.logits[:, -query_length:]
     loss = None
     if labels is not None:
@@ -107,14 +117,7 @@ def context_cache(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[to
     embeds, cache = _context(lm, prompt, batch_size=1)
     if embeds is not None:
         mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        cache = lm(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=_positions(mask)[:, past_length:],
-            past_key_values=cache,
-            use_cache=True,
-        ).past_key_values
+        cache = _run_after_cache(lm, embeds, mask, cache, use_cache=True).past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
