@@ -15,6 +15,73 @@ def _train(args: argparse.Namespace) -> int:
     print(summary)
     return 0
 
+SHIPPED_PGMS = {"smollm2-135m": "smollm2-135m"}  # base model name -> folder under peft_metal/shipped
+
+
+def _shipped_pgm(model_name: str) -> Optional[str]:
+    from pathlib import Path
+
+    folder = SHIPPED_PGMS.get(model_name)
+    path = Path(__file__).parent / "shipped" / folder if folder else None
+    return str(path) if path is not None and (path / "adapter_config.json").is_file() else None
+
+
+def _load_pgm(args: argparse.Namespace):
+    """The base LM wrapped as a PGM: `--pgm`, else the PGM shipped for the base model, else a fresh untrained one."""
+    import warnings
+
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    from .base_models import load_base_model
+    from .metal_prompt import MetaLPromptConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    lm, tokenizer = load_base_model(args.model, device=device)
+    pgm = args.pgm or _shipped_pgm(args.model)
+    if pgm is not None:
+        return PeftModel.from_pretrained(lm, pgm).eval(), tokenizer, pgm
+    if any(method.strip().startswith("metal") for method in args.methods.split(",")):
+        warnings.warn(
+            f"No --pgm given and no PGM is shipped for {args.model!r}: using a fresh, untrained PGM. Its metal "
+            "scores say nothing about MetaL-Prompt; pass --pgm with a meta-trained one.",
+            UserWarning,
+            stacklevel=2,
+        )
+    torch.manual_seed(args.seed)
+    return get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM")).eval(), tokenizer, None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, load_eval_tasks, markdown_table, resolve_methods, write_results
+
+    try:
+        methods = resolve_methods(args.methods)
+        tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"peft-metal eval: error: {error}", file=sys.stderr)
+        return 2
+    model, tokenizer, pgm = _load_pgm(args)
+    metric = None if args.metric == "auto" else args.metric
+    try:
+        results = evaluate(
+            model, tokenizer, tasks, methods, args.shots, args.queries, args.seed,
+            progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
+            max_new_tokens=args.max_new_tokens, metric=metric,
+        )
+    except (ValueError, TypeError) as error:
+        print(f"peft-metal eval: error: {error}", file=sys.stderr)
+        return 2
+    settings = {
+        "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "methods": methods,
+        "shots": args.shots, "queries": args.queries, "seed": args.seed, "metric": args.metric,
+        "num_demonstrations": args.num_demonstrations, "max_new_tokens": args.max_new_tokens,
+    }
+    paths = write_results(results, args.output, settings=settings)
+    print(markdown_table(results))
+    print("Wrote " + ", ".join(str(path) for path in paths.values()))
+    return 1 if results and all("error" in record for record in results) else 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-metal", description="MetaL-Prompt: meta-learned prompt generation.")
@@ -25,6 +92,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="overrides the config's max_steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.set_defaults(run=_train)
+
+    evaluation = commands.add_parser(
+        "eval", help="compare zero-shot, in-context learning and MetaL-Prompt on the same seeded shots and queries"
+    )
+    evaluation.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a transformers model id or folder")
+    evaluation.add_argument(
+        "--pgm", help="a saved PGM (folder or Hub id); default: the one shipped for --model, else a fresh untrained one"
+    )
+    which = evaluation.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tasks", help="comma-separated task names (dev or train families; reserved ones are refused)")
+    which.add_argument("--split", choices=("dev", "train"), help="every task of a split of bigbench_splits.json")
+    evaluation.add_argument("--task-dir", help="a folder of BIG-bench JSON tasks to load from instead of the bigbench package")
+    evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")
+    evaluation.add_argument("--queries", type=int, default=50, help="queries per task (default 50)")
+    evaluation.add_argument(
+        "--methods", default="zero_shot,icl,metal", help="comma-separated: zero_shot, icl, metal, metal+demos"
+    )
+    evaluation.add_argument("--seed", type=int, default=0, help="seed of the shot/query draw (default 0)")
+    evaluation.add_argument(
+        "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos keeps as demonstrations (default 4)"
+    )
+    evaluation.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens for generative tasks (default 16)")
+    evaluation.add_argument(
+        "--metric", choices=("auto", "multiple_choice", "generative"), default="auto",
+        help="auto: multiple choice for tasks with options, generative otherwise",
+    )
+    evaluation.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
+    evaluation.add_argument("--output", default="results.json", help="results JSON; .md and .png are written beside it")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluation.set_defaults(run=_eval)
     return parser
 
 

@@ -74,7 +74,7 @@ def _run_after_cache(
     )
 
 
-def _keeps_logits(lm: PreTrainedModel) -> bool:
+def keeps_logits(lm: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
@@ -98,7 +98,7 @@ def forward_with_prompt(
     query_embeds = lm.get_input_embeddings()(input_ids)
     inputs_embeds = query_embeds if context_embeds is None else torch.cat([context_embeds, query_embeds], dim=1)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
-    if _keeps_logits(lm):
+    if keeps_logits(lm):
         kwargs["logits_to_keep"] = query_length
     outputs = _run_after_cache(lm, inputs_embeds, full_mask, cache, use_cache=False, **kwargs)
     logits = outputs.logits[:, -query_length:]

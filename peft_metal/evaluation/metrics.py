@@ -1,0 +1,67 @@
+"""Answer metrics: multiple-choice accuracy from option scores, exact match and token F1 for generated answers."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Iterable, Sequence
+
+from ..metal_prompt.template import ShotTemplate
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed.
+
+    An answer made only of punctuation (say "?") would normalize to nothing and then match any empty prediction, so
+    such an answer keeps its punctuation (it is only lower-cased and whitespace-collapsed).
+    """
+    lowered = " ".join(text.lower().split())
+    stripped = " ".join(_PUNCTUATION.sub(" ", lowered).split())
+    return stripped if stripped or not lowered else lowered
+
+
+def exact_match(prediction: str, answers: Iterable[str]) -> float:
+    """1.0 if the normalized prediction equals any normalized answer."""
+    predicted = normalize_answer(prediction)
+    return float(any(predicted == normalize_answer(answer) for answer in answers))
+
+
+def _f1(predicted: list[str], gold: list[str]) -> float:
+    if not predicted or not gold:
+        return float(predicted == gold)
+    common = sum((Counter(predicted) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: Iterable[str]) -> float:
+    """The best bag-of-words F1 (over normalized whitespace tokens) of the prediction against any answer."""
+    predicted = normalize_answer(prediction).split()
+    return max((_f1(predicted, normalize_answer(answer).split()) for answer in answers), default=0.0)
+
+
+def cut_generation(text: str, template: ShotTemplate) -> str:
+    """The answer part of generated text: up to the template's shot separator or the first newline, stripped.
+
+    The answer itself follows the query after the template's answer separator (a space), which is dropped first.
+    """
+    text = text.lstrip(" ")
+    stops = [stop for stop in (template.shot_separator, "\n") if stop]
+    end = min((text.find(stop) for stop in stops if stop in text), default=len(text))
+    return text[:end].strip()
+
+
+def has_stop(text: str, template: ShotTemplate) -> bool:
+    """Whether generated text already holds a full answer (a stop string after the leading space)."""
+    text = text.lstrip(" ")
+    return any(stop and stop in text for stop in (template.shot_separator, "\n"))
+
+
+def best_option(scores: Sequence[float]) -> int:
+    """Index of the highest score (the first one on ties)."""
+    return max(range(len(scores)), key=lambda index: (scores[index], -index))

@@ -1,0 +1,109 @@
+"""Writing evaluation records: `results.json`, a markdown table `results.md` and a bar plot `results.png` beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+def _methods(results: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(record["method"] for record in results))
+
+
+def _tasks(results: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(record["task"] for record in results))
+
+
+def _ok(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [record for record in results if "error" not in record]
+
+
+def mean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean score per method over the tasks where it ran (errors left out), in first-seen method order."""
+    means = {}
+    for method in _methods(results):
+        scores = [record["score"] for record in _ok(results) if record["method"] == method]
+        if scores:
+            means[method] = sum(scores) / len(scores)
+    return means
+
+
+def _mean(records: Sequence[dict[str, Any]], key: str) -> float:
+    values = [record[key] for record in records if key in record]
+    return sum(values) / len(values) if values else math.nan
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """Task x method scores (accuracy for multiple choice, exact match for generative), their means per method,
+    the cost of each method, and any errors."""
+    methods, tasks = _methods(results), _tasks(results)
+    by_key = {(record["task"], record["method"]): record for record in results}
+    lines = ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for task in tasks:
+        records = [by_key.get((task, method)) for method in methods]
+        metric = next((r["metric"] for r in records if r and "metric" in r), "-")
+        cells = []
+        for record in records:
+            if record is None:
+                cells.append("-")
+            elif "error" in record:
+                cells.append("error")
+            elif "token_f1" in record:
+                cells.append(f"{record['score']:.3f} (F1 {record['token_f1']:.3f})")
+            else:
+                cells.append(f"{record['score']:.3f}")
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    means = mean_scores(results)
+    lines.append("| **mean** | | " + " | ".join(f"**{means[m]:.3f}**" if m in means else "-" for m in methods) + " |")
+
+    lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
+    for method in methods:
+        records = [record for record in _ok(results) if record["method"] == method]
+        lines.append(
+            f"| {method} | {len(records)} | {_mean(records, 'prompt_seconds'):.3f} | "
+            f"{_mean(records, 'context_tokens'):.1f} | {_mean(records, 'eval_seconds'):.3f} |"
+        )
+    errors = [record for record in results if "error" in record]
+    if errors:
+        lines += ["", "Errors:", ""]
+        lines += [f"- {record['task']} / {record['method']}: {record['error']}" for record in errors]
+    return "\n".join(lines) + "\n"
+
+
+def plot_means(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """A bar plot of the mean score per method, drawn with the Agg canvas (no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    means = mean_scores(results)
+    figure = Figure(figsize=(max(4.0, 1.2 * len(means) + 2), 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    bars = axes.bar(list(means), list(means.values()), color="#4c72b0")
+    axes.bar_label(bars, fmt="%.3f")
+    axes.set_ylabel("mean score over tasks")
+    axes.set_ylim(0, max([1.0, *means.values()]) * 1.1)
+    axes.set_title(f"{len(_tasks(_ok(results)))} task(s)")
+    figure.tight_layout()
+    figure.savefig(os.fspath(path))
+
+
+def write_results(
+    results: Sequence[dict[str, Any]], path: str | os.PathLike, settings: Optional[dict[str, Any]] = None
+) -> dict[str, Path]:
+    """Write `{"results": [...]}` (plus `"settings"` when given) to `path`, and `.md`/`.png` with the same stem."""
+    path = Path(path)
+    if path.suffix.lower() in (".md", ".png"):
+        raise ValueError(f"{path}: give the JSON path (e.g. results.json); the .md and .png are written beside it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"results": list(results)}
+    if settings is not None:
+        payload["settings"] = settings
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    markdown, plot = path.with_suffix(".md"), path.with_suffix(".png")
+    markdown.write_text(markdown_table(results), encoding="utf-8")
+    plot_means(results, plot)
+    return {"json": path, "markdown": markdown, "plot": plot}

@@ -1,0 +1,243 @@
+"""`evaluate`: every method on every task, with the same seeded shots and queries, as one list of records.
+
+Multiple-choice tasks are scored by the log-likelihood of each option's continuation `template.format_answer(option)`
+after the query, and the option with the highest **mean log-probability per token** is the prediction. Options differ
+in length (in tokens), and the summed log-likelihood drops with every extra token, so summing favours short options
+whatever they say; the per-token mean takes that bias out. Accuracy by the sum is kept as `score_sum` alongside.
+
+Generative tasks are decoded greedily from the same cached context (up to `max_new_tokens`, cut at the template's shot
+separator or a newline) and scored by exact match (`score`) and token F1 (`token_f1`) against any of the example's
+answers, after lower-casing and removing punctuation and extra whitespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data import Example, Task
+from ..data.task import GENERATIVE, MULTIPLE_CHOICE
+from .methods import (
+    DEFAULT_NUM_DEMONSTRATIONS,
+    METAL_DEMOS,
+    PGM_METHODS,
+    ModelParts,
+    PreparedMethod,
+    _sync,
+    option_ids,
+    prepare_method,
+    query_context,
+    resolve_methods,
+)
+from .metrics import best_option, cut_generation, exact_match, has_stop, token_f1
+from .scoring import greedy_decode, score_continuations
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 16
+METRICS = (MULTIPLE_CHOICE, GENERATIVE)
+
+
+def _check_count(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def task_metric(task: Task, metric: Optional[str] = None) -> str:
+    """The metric to score `task` with: its own (`task.metric`) by default; multiple choice only if it has options."""
+    if metric is None:
+        return task.metric
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; expected one of {list(METRICS)} (or None for the task's own).")
+    if metric == MULTIPLE_CHOICE and task.metric != MULTIPLE_CHOICE:
+        missing = sum(example.options is None for example in task.examples)
+        raise ValueError(
+            f"Task {task.name!r} cannot be scored as multiple choice: {missing} of its {len(task.examples)} examples "
+            f"have no options. Score it as {GENERATIVE!r} instead."
+        )
+    return metric
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _eos_ids(parts: ModelParts, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = parts.lm.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _score_multiple_choice(parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]) -> dict[str, float]:
+    mean_hits = sum_hits = 0
+    for example in queries:
+        if example.options is None:
+            raise ValueError(f"Query {example.input!r} has no options to score as multiple choice.")
+        context = query_context(parts, tokenizer, prepared, example.input)
+        scores = score_continuations(parts.lm, context, option_ids(parts, tokenizer, example.options))
+        mean_hits += example.options[best_option([s.mean_logprob for s in scores])] in example.answers
+        sum_hits += example.options[best_option([s.sum_logprob for s in scores])] in example.answers
+    return {"score": mean_hits / len(queries), "score_sum": sum_hits / len(queries)}
+
+
+def _score_generative(
+    parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example], max_new_tokens: int
+) -> dict[str, float]:
+    eos = _eos_ids(parts, tokenizer)
+    template = parts.template
+
+    def stop(tokens: list[int]) -> bool:
+        return has_stop(tokenizer.decode(tokens), template)
+
+    matches = f1 = 0.0
+    for example in queries:
+        context = query_context(parts, tokenizer, prepared, example.input)
+        tokens = greedy_decode(parts.lm, context, max_new_tokens, eos_token_ids=eos, stop=stop)
+        answer = cut_generation(tokenizer.decode(tokens, skip_special_tokens=True), template)
+        matches += exact_match(answer, example.answers)
+        f1 += token_f1(answer, example.answers)
+    return {"score": matches / len(queries), "token_f1": f1 / len(queries)}
+
+
+def evaluate_method(
+    parts: ModelParts,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    method: str,
+    shots: Sequence[Example],
+    queries: Sequence[Example],
+    metric: str,
+    num_demonstrations: int = DEFAULT_NUM_DEMONSTRATIONS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict[str, Any]:
+    """One record: `method` on `task`'s queries, given its shots."""
+    device = parts.lm.get_input_embeddings().weight.device
+    start = time.perf_counter()
+    prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations)
+    if metric == MULTIPLE_CHOICE:
+        scores = _score_multiple_choice(parts, tokenizer, prepared, queries)
+    else:
+        scores = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
+    _sync(device)
+    seconds = time.perf_counter() - start - prepared.prompt_seconds
+    record = {
+        "task": task.name,
+        "method": method,
+        "metric": "accuracy" if metric == MULTIPLE_CHOICE else "exact_match",
+        "score": scores["score"],
+        "n": len(queries),
+        "prompt_seconds": prepared.prompt_seconds,
+        "context_tokens": prepared.context_tokens,
+        "eval_seconds": seconds,
+    }
+    record.update({key: value for key, value in scores.items() if key != "score"})
+    return record
+
+
+def _error_record(task_name: str, method: str, error: Exception) -> dict[str, Any]:
+    return {"task": task_name, "method": method, "error": f"{type(error).__name__}: {error}"}
+
+
+def evaluate(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    methods: Any,
+    shots: int,
+    queries: int,
+    seed: int,
+    progress: bool = True,
+    *,
+    num_demonstrations: int = DEFAULT_NUM_DEMONSTRATIONS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    metric: Optional[str] = None,
+    raise_errors: Optional[bool] = None,
+) -> list[dict[str, Any]]:
+    """Score every method on every task; every method sees the same `task.split(shots, queries, seed)`.
+
+    Multiple-choice tasks are scored by option log-likelihood (`score`: accuracy by the mean log-prob per token of
+    `template.format_answer(option)`; `score_sum`: by the summed log-prob), generative tasks by greedy decoding
+    (`score`: exact match, `token_f1`). `metric` forces one of `"multiple_choice"`/`"generative"` for all tasks.
+
+    Bad arguments raise at once. A task or method that fails is raised when `raise_errors` is true (the default for a
+    single task) and otherwise recorded as `{"task", "method", "error"}` while the run goes on (the default for
+    several tasks).
+    """
+    methods = resolve_methods(methods)
+    _check_count(shots, "shots", 0)
+    _check_count(queries, "queries", 1)
+    _check_count(max_new_tokens, "max_new_tokens", 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; expected one of {list(METRICS)} (or None for the task's own).")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"tokenizer must be the base model's tokenizer, got {type(tokenizer).__name__}.")
+    parts = ModelParts.from_model(model)
+    pgm_methods = [name for name in methods if name in PGM_METHODS]
+    if pgm_methods and parts.tuner is None:
+        raise TypeError(f"Methods {pgm_methods} need a MetaL-Prompt PGM; got a plain {type(model).__name__}.")
+    if pgm_methods and shots < 1:
+        raise ValueError(f"Methods {pgm_methods} generate a prompt from the shots: shots must be >= 1, got {shots}.")
+    if METAL_DEMOS in methods:
+        _check_count(num_demonstrations, "num_demonstrations", 1)
+        if num_demonstrations >= shots:
+            raise ValueError(
+                f"{METAL_DEMOS!r} keeps the last num_demonstrations={num_demonstrations} of the {shots} shots as "
+                f"demonstrations and gives the rest to the PGM: it needs shots > num_demonstrations."
+            )
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("No tasks to evaluate.")
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks must hold Task objects, got {type(task).__name__}.")
+    if raise_errors is None:
+        raise_errors = len(tasks) == 1
+
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(tasks) * len(methods), desc="eval", unit="run", disable=not progress)
+    with _eval_mode(model), parts.lora_off(), torch.no_grad(), bar:
+        for task in tasks:
+            try:
+                metric_name = task_metric(task, metric)
+                task_shots, task_queries = task.split(shots, queries, seed)
+            except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+                if raise_errors:
+                    raise
+                logger.warning("Task %s failed: %s", task.name, error)
+                results.extend(_error_record(task.name, method, error) for method in methods)
+                bar.update(len(methods))
+                continue
+            for method in methods:
+                bar.set_postfix_str(f"{task.name} / {method}", refresh=False)
+                try:
+                    record = evaluate_method(
+                        parts, tokenizer, task, method, task_shots, task_queries, metric_name,
+                        num_demonstrations=num_demonstrations, max_new_tokens=max_new_tokens,
+                    )
+                except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+                    if raise_errors:
+                        raise
+                    logger.warning("Task %s, method %s failed: %s", task.name, method, error)
+                    record = _error_record(task.name, method, error)
+                results.append(record)
+                bar.update(1)
+    return results

@@ -1,0 +1,116 @@
+"""`peft-metal eval` on a tiny model and PGM saved to disk, with tasks from a folder of BIG-bench JSON files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tokenizer, make_lm, make_pgm
+from peft_metal.cli import main
+from peft_metal.data import load_splits
+from peft_metal.data.bigbench import bigbench_root
+
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"]
+RECORD_KEYS = {"task", "method", "metric", "score", "n", "prompt_seconds", "context_tokens", "eval_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than on several competing ones (as in the core tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+def write_bigbench_task(root, name, examples):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps({"name": name, "examples": examples}))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    make_lm("llama").save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    make_pgm("llama", "prefix").save_pretrained(root / "pgm")
+    tasks = root / "tasks"
+    write_bigbench_task(tasks, "my_vowels", [
+        {"input": w, "target_scores": {"yes": int(w[0] in "aeio"), "no": int(w[0] not in "aeio")}} for w in WORDS
+    ])
+    write_bigbench_task(tasks, "my_upper", [{"input": w, "target": [w.upper(), w.upper() + "."]} for w in WORDS])
+    return root
+
+
+def test_cli_writes_json_markdown_and_plot(saved, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code = main([
+        "eval", "--model", str(saved / "model"), "--pgm", str(saved / "pgm"), "--task-dir", str(saved / "tasks"),
+        "--tasks", "my_vowels,my_upper", "--shots", "3", "--queries", "2", "--methods", "zero_shot,icl,metal",
+        "--seed", "0", "--max-new-tokens", "4", "--output", str(output), "--no-progress",
+    ])
+    assert code == 0
+    payload = json.loads(output.read_text())
+    records = payload["results"]
+    assert [(r["task"], r["method"]) for r in records] == [
+        (t, m) for t in ("my_vowels", "my_upper") for m in ("zero_shot", "icl", "metal")
+    ]
+    assert all(RECORD_KEYS <= set(r) for r in records)
+    assert payload["settings"]["pgm"] == str(saved / "pgm")
+    assert "| my_upper | exact_match |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Wrote" in capsys.readouterr().out
+
+
+def reserved_family() -> str:
+    """A BIG-bench family in neither split (reserved for acceptance testing)."""
+    splits = load_splits()
+    allowed = set(splits["train_families"]) | set(splits["dev_families"])
+    try:
+        families = sorted(path.name for path in bigbench_root().iterdir() if (path / "task.json").is_file())
+    except (ModuleNotFoundError, FileNotFoundError):
+        return "not_a_split_family"
+    return next(family for family in families if family not in allowed)
+
+
+@pytest.mark.parametrize("with_task_dir", [False, True])
+def test_cli_refuses_reserved_families_before_loading_anything(saved, tmp_path, capsys, with_task_dir):
+    family = reserved_family()
+    task_dir = ["--task-dir", str(saved / "tasks")] if with_task_dir else []
+    if with_task_dir and family == "not_a_split_family":
+        pytest.skip("without the bigbench package a user folder cannot be told from BIG-bench")
+    code = main(["eval", "--model", str(tmp_path / "missing"), "--tasks", f"{dev_task()},{family}", *task_dir,
+                 "--output", str(tmp_path / "r.json")])
+    assert code == 2
+    assert f"belongs to family {family!r}, which is reserved for acceptance testing" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def dev_task() -> str:
+    return load_splits()["dev_tasks"][0]
+
+
+def test_cli_suggests_allowed_tasks_for_typos(tmp_path, capsys):
+    typo = dev_task()[:-1] + "x"
+    code = main(["eval", "--model", str(tmp_path / "missing"), "--tasks", typo])
+    assert code == 2 and f"Did you mean: {dev_task()}" in capsys.readouterr().err
+
+
+def test_cli_without_pgm_warns_and_uses_a_fresh_one(saved, tmp_path):
+    output = tmp_path / "results.json"
+    with pytest.warns(UserWarning, match="fresh, untrained PGM"):
+        code = main(["eval", "--model", str(saved / "model"), "--task-dir", str(saved / "tasks"), "--tasks",
+                     "my_vowels", "--shots", "2", "--queries", "1", "--methods", "metal", "--output", str(output),
+                     "--no-progress"])
+    assert code == 0
+    record = json.loads(output.read_text())["results"][0]
+    assert record["method"] == "metal" and record["context_tokens"] == 16  # the default K
+
+
+def test_cli_suggests_method_names(tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--methods", "zero-shot"])
+    assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err

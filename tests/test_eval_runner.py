@@ -1,0 +1,109 @@
+"""The evaluation runner: records for every task and method, errors recorded or raised, and the results writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_pgm
+from peft_metal.data import Example, Task
+from peft_metal.evaluation import evaluate, markdown_table, resolve_methods, write_results
+
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"]
+METHODS = ["zero_shot", "icl", "metal", "metal+demos"]
+RECORD_KEYS = {"task", "method", "metric", "score", "n", "prompt_seconds", "context_tokens", "eval_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than on several competing ones (as in the core tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mc_task(name="vowel", size=len(WORDS)):
+    options = ("yes", "no way")
+    return Task(name, [Example(w, "yes" if w[0] in "aeio" else "no way", options=options) for w in WORDS[:size]])
+
+
+def gen_task(name="upper"):
+    return Task(name, [Example(w, w.upper(), alternatives=(w.upper() + "!",)) for w in WORDS])
+
+
+@pytest.fixture(scope="module")
+def pgm():
+    return make_pgm("llama", "prefix")
+
+
+def test_records_for_every_task_and_method(pgm, tok):
+    results = evaluate(pgm, tok, [mc_task(), gen_task()], METHODS, shots=3, queries=2, seed=0, progress=False,
+                       num_demonstrations=1, max_new_tokens=4)
+    assert [(r["task"], r["method"]) for r in results] == [(t, m) for t in ("vowel", "upper") for m in METHODS]
+    for record in results:
+        assert RECORD_KEYS <= set(record) and "error" not in record
+        assert record["n"] == 2 and 0.0 <= record["score"] <= 1.0 and record["eval_seconds"] > 0
+        assert (record["prompt_seconds"] > 0) == record["method"].startswith("metal")
+    by = {(r["task"], r["method"]): r for r in results}
+    assert by["vowel", "zero_shot"]["metric"] == "accuracy" and "score_sum" in by["vowel", "icl"]
+    assert by["upper", "icl"]["metric"] == "exact_match" and 0.0 <= by["upper", "icl"]["token_f1"] <= 1.0
+    assert by["vowel", "zero_shot"]["context_tokens"] == 0
+    assert by["vowel", "metal"]["context_tokens"] == 4  # K, no demonstrations
+    assert by["vowel", "metal+demos"]["context_tokens"] > 4
+    assert by["vowel", "icl"]["context_tokens"] > by["vowel", "metal+demos"]["context_tokens"] - 4
+    again = evaluate(pgm, tok, [mc_task()], ["icl"], shots=3, queries=2, seed=0, progress=False)
+    assert again[0]["score"] == by["vowel", "icl"]["score"]
+
+
+def test_failing_task_is_recorded_and_the_run_goes_on(pgm, tok):
+    tasks = [mc_task("tiny", size=3), gen_task(), mc_task()]
+    results = evaluate(pgm, tok, tasks, ["zero_shot", "metal"], shots=2, queries=2, seed=1, progress=False,
+                       metric="multiple_choice")
+    errors = {(r["task"], r["method"]): r["error"] for r in results if "error" in r}
+    assert set(errors) == {("tiny", "zero_shot"), ("tiny", "metal"), ("upper", "zero_shot"), ("upper", "metal")}
+    assert "has 3 examples" in errors["tiny", "metal"] and "no options" in errors["upper", "metal"]
+    assert all(set(r) == {"task", "method", "error"} for r in results if "error" in r)
+    assert [r["method"] for r in results if r["task"] == "vowel" and "error" not in r] == ["zero_shot", "metal"]
+    table = markdown_table(results)
+    assert "| tiny | - | error | error |" in table and "Errors:" in table
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"methods": ["zero_shot", "meta"]}, ValueError, "Did you mean 'metal'"),
+        ({"methods": "icl,zeroshot"}, ValueError, "Did you mean 'zero_shot'"),
+        ({"methods": ["metal+demos"], "num_demonstrations": 3}, ValueError, "shots > num_demonstrations"),
+        ({"metric": "mc"}, ValueError, "Unknown metric"),
+        ({"tasks": [mc_task("tiny", size=3)]}, ValueError, "has 3 examples"),  # one task: raised
+        ({"tasks": [gen_task()], "metric": "multiple_choice"}, ValueError, "no options"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pgm, tok, kwargs, error, message):
+    arguments = dict(tasks=[mc_task()], methods=["zero_shot"], shots=3, queries=2, seed=0, progress=False)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        evaluate(pgm, tok, **arguments)
+
+
+def test_resolve_methods():
+    assert resolve_methods("zero_shot, icl,metal+demos") == ["zero_shot", "icl", "metal+demos"]
+    with pytest.raises(ValueError, match="more than once"):
+        resolve_methods(["icl", "icl"])
+
+
+def test_write_results(tmp_path):
+    results = [
+        {"task": "a", "method": "icl", "metric": "accuracy", "score": 0.5, "n": 2, "prompt_seconds": 0.0,
+         "context_tokens": 10, "eval_seconds": 0.1},
+        {"task": "a", "method": "metal", "error": "ValueError: boom"},
+    ]
+    paths = write_results(results, tmp_path / "out" / "results.json")
+    assert json.loads(paths["json"].read_text()) == {"results": results}
+    assert "| a | accuracy | 0.500 | error |" in paths["markdown"].read_text()
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
