@@ -161,7 +161,7 @@ class MetaLPromptModel(LoraModel):
             )
 
     def _run_pgm(self, generation_ids: torch.Tensor, needs_cache: bool) -> PGMReadout:
-        if self.training and getattr(self.model, "is_gradient_checkpointing", False):
+        if self.training and _checkpointing(self.model):
             raise ValueError(
                 "Gradient checkpointing is not supported while meta-training a MetaL-Prompt PGM: its recomputation "
                 "would run the PGM with LoRA off. Disable it with model.get_base_model().gradient_checkpointing_disable()."
@@ -221,6 +221,12 @@ class MetaLPromptModel(LoraModel):
         if padding_key in key:
             return key.replace(padding_key, f"{PADDING_ATTRIBUTE}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _checkpointing(lm: PreTrainedModel) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers renamed the flag in v5."""
+    flag = getattr(type(lm), "is_activation_checkpointing", None)
+    return bool(lm.is_activation_checkpointing if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
 
 
 def _json_ready(value: Any) -> Any:
