@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 import torch
@@ -13,11 +14,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..designs import PGMReadout, get_design
+from .chunking import ChunkSize, chunk_shots
 from .config import MetaLPromptConfig
 from .fingerprint import base_model_fingerprint, check_same_base
 from .layer import TrainablePadding
 from .prompt import GeneratedPrompt
 from .reading import forward_with_prompt, generate_with_prompt, max_context_length
+from .refine import refine
 from .template import ShotTemplate, normalize_shots
 
 PADDING_ATTRIBUTE = "metal_padding"
@@ -109,11 +112,14 @@ class MetaLPromptModel(LoraModel):
         shots: Any,
         tokenizer: PreTrainedTokenizerBase,
         num_demonstrations: int = 0,
+        chunk_size: ChunkSize = None,
     ) -> GeneratedPrompt:
         """One PGM forward over the generation shots XP and the padding; the prompt is read at the padding.
 
         The last `num_demonstrations` shots are XL: they are not read by the PGM but kept, as tokens, between the
-        prompt and every query. In train mode the prompt keeps its autograd graph, so a loss on it trains the PGM.
+        prompt and every query. With `chunk_size` (an int, or "auto" for as many as fit) XP is folded in chunk by
+        chunk, each pass reading the previous prompt first. In train mode the prompt keeps its autograd graph, so a
+        loss on it trains the PGM (through every chunk).
         """
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
@@ -126,41 +132,64 @@ class MetaLPromptModel(LoraModel):
                 f"{len(shots)} shots at least one has to be left for the PGM to read."
             )
         config = self.metal_config
-        template = self.template
         split = len(shots) - num_demonstrations
-        generation_ids = tokenizer(template.format_shots(shots[:split]), add_special_tokens=False)["input_ids"]
-        demonstrations_text = template.format_shots(shots[split:])
+        chunks = chunk_shots(
+            shots[:split], tokenizer, self.template, config.num_prompt_tokens, max_context_length(self.model), chunk_size
+        )
+        demonstrations_text = self.template.format_shots(shots[split:])
         demonstrations = tokenizer(demonstrations_text, add_special_tokens=False)["input_ids"]
-        self._check_pgm_fits(len(generation_ids), split)
-
-        design = get_design(config.prompt_design)
-        readout = self._run_pgm(torch.tensor(generation_ids), design.needs_cache)
-        payload = design.make(readout, self.model, config.temperature, training=self.training)
-        text = tokenizer.decode(payload["token_ids"]) if "token_ids" in payload else None
         device = self.model.get_input_embeddings().weight.device
+
+        prompt = None
+        for chunk_ids in chunks:
+            prompt = self._prompt_from_chunk(torch.tensor(chunk_ids), prompt, tokenizer)
+        return replace(
+            prompt,
+            demonstrations=torch.tensor(demonstrations, dtype=torch.long, device=device),
+            demonstrations_text=demonstrations_text,
+        )
+
+    def refine_prompt(
+        self,
+        prompt: GeneratedPrompt,
+        shots: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        steps: int = 20,
+        lr: float = 1e-3,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> GeneratedPrompt:
+        """A new prompt: `prompt` tuned by `steps` gradient steps on `shots` (prompt tuning started from it).
+
+        Prefix prompts are tuned per layer (keys and values); weighted_sum and hidden_state prompts as embeddings;
+        a discrete prompt as the embeddings of its tokens, so the result is a soft prompt that keeps `token_ids` and
+        `text` only for reference. The PGM and the LM are left untouched.
+        """
+        prompt = self._check_prompt(prompt)
+        shots = normalize_shots(shots)
+        with self._lora(False):
+            return refine(self.model, prompt, shots, tokenizer, self.template, steps, lr, batch_size, seed)
+
+    def _prompt_from_chunk(
+        self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt], tokenizer: PreTrainedTokenizerBase
+    ) -> GeneratedPrompt:
+        config = self.metal_config
+        design = get_design(config.prompt_design)
+        readout = self._run_pgm(chunk_ids, design.needs_cache, previous)
+        payload = design.make(readout, self.model, config.temperature, training=self.training)
         return GeneratedPrompt(
             design=config.prompt_design,
             num_tokens=config.num_prompt_tokens,
             base_fingerprint=self.base_fingerprint(),
             pgm_config=_json_ready(config.to_dict()),
-            demonstrations=torch.tensor(demonstrations, dtype=torch.long, device=device),
-            text=text,
-            demonstrations_text=demonstrations_text,
+            text=tokenizer.decode(payload["token_ids"]) if "token_ids" in payload else None,
             **payload,
         )
 
-    def _check_pgm_fits(self, num_generation_tokens: int, num_generation_shots: int) -> None:
-        limit = max_context_length(self.model)
-        needed = num_generation_tokens + self.metal_config.num_prompt_tokens
-        if limit is not None and needed > limit:
-            raise ValueError(
-                f"The {num_generation_shots} generation shots take {num_generation_tokens} tokens; with "
-                f"K={self.metal_config.num_prompt_tokens} padding positions that is {needed}, "
-                f"{needed - limit} over the model's context of {limit}. Pass fewer or shorter shots, or keep some "
-                f"as demonstrations (num_demonstrations)."
-            )
-
-    def _run_pgm(self, generation_ids: torch.Tensor, needs_cache: bool) -> PGMReadout:
+    def _run_pgm(
+        self, chunk_ids: torch.Tensor, needs_cache: bool, previous: Optional[GeneratedPrompt] = None
+    ) -> PGMReadout:
+        """The PGM (LoRA on) over [previous prompt][chunk][padding], read at the padding."""
         if self.training and _checkpointing(self.model):
             raise ValueError(
                 "Gradient checkpointing is not supported while meta-training a MetaL-Prompt PGM: its recomputation "
@@ -168,11 +197,24 @@ class MetaLPromptModel(LoraModel):
             )
         embedding = self.model.get_input_embeddings()
         padding = self.metal_padding[self.active_adapters[0]]()
-        inputs_embeds = torch.cat(
-            [embedding(generation_ids.to(embedding.weight.device)), padding.to(embedding.weight.dtype)]
-        ).unsqueeze(0)
+        parts = [embedding(chunk_ids.to(embedding.weight.device)), padding.to(embedding.weight.dtype)]
+        cache = None
+        if previous is not None:
+            design = get_design(previous.design)
+            previous_embeds = design.context_embeds(previous, self.model)
+            if previous_embeds is not None:
+                parts.insert(0, previous_embeds.to(embedding.weight.dtype))
+            cache = design.context_cache(previous, batch_size=1)
+        inputs_embeds = torch.cat(parts).unsqueeze(0)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
         with self._lora(True):
-            outputs = self.model.base_model(inputs_embeds=inputs_embeds, use_cache=needs_cache)
+            outputs = self.model.base_model(
+                inputs_embeds=inputs_embeds,
+                position_ids=positions.unsqueeze(0),
+                past_key_values=cache,
+                use_cache=needs_cache,
+            )
         hidden_states = outputs.last_hidden_state[0, -padding.shape[0] :]
         return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
 

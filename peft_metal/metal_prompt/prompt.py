@@ -17,6 +17,7 @@ from ..designs import get_design
 FORMAT_NAME = "peft-metal-prompt"
 FORMAT_VERSION = "1"
 TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
+# Tensors each design must carry; a refined discrete prompt also carries tuned `embeds` (see refine.py).
 PAYLOAD_BY_DESIGN = {
     "discrete": ("token_ids",),
     "weighted_sum": ("embeds",),
@@ -92,6 +93,8 @@ class GeneratedPrompt:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write one safetensors file: the design's payload, the demonstrations and JSON metadata."""
         tensors = {name: self._tensors()[name] for name in PAYLOAD_BY_DESIGN[self.design]}
+        if self.design == "discrete" and self.embeds is not None:
+            tensors["embeds"] = self.embeds
         tensors["demonstrations"] = self.demonstrations
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         metadata = {

@@ -30,6 +30,7 @@ class TrainingArguments:
     xl_range: tuple[int, int] = (0, 4)
     num_queries: int = 4
     max_pgm_tokens: int = 1536
+    chunk_size: Optional[int] = None
     tasks: Optional[list[str]] = None
     seed: int = 0
     checkpoint_every: int = 200

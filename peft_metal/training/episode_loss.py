@@ -6,51 +6,33 @@ wrapper's forward, and the PGM's work happens inside this forward).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..data import Episode, Example
+from ..data import Episode
 from ..metal_prompt import ShotTemplate
-
-
-@dataclass
-class QueryBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-
-def encode_queries(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
-) -> QueryBatch:
-    """Query + answer, left-padded; labels only on the answer tokens (query and answer tokenized apart, so the
-    boundary is exact)."""
-    rows, labels = [], []
-    for example in examples:
-        query = tokenizer(template.format_query(example.input), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(template.format_answer(example.output), add_special_tokens=False)["input_ids"]
-        rows.append(query + answer)
-        labels.append([-100] * len(query) + answer)
-    width = max(len(row) for row in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-    label_ids = torch.tensor([[-100] * (width - len(row)) + row for row in labels], device=device)
-    return QueryBatch(input_ids, attention_mask, label_ids)
+from ..metal_prompt.queries import QueryBatch, encode_queries
 
 
 class EpisodeLoss(nn.Module):
     """Wraps the PEFT model; `forward(episode)` makes the prompt from XP in train mode and scores the queries."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, distillation_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        distillation_weight: float = 0.0,
+        chunk_size: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.distillation_weight = distillation_weight
+        self.chunk_size = chunk_size
 
     @property
     def template(self) -> ShotTemplate:
@@ -58,9 +40,11 @@ class EpisodeLoss(nn.Module):
 
     def forward(self, episode: Episode) -> dict[str, torch.Tensor]:
         shots = [example.as_shot() for example in episode.xp + episode.xl]
-        prompt = self.model.generate_prompt(shots, tokenizer=self.tokenizer, num_demonstrations=len(episode.xl))
+        prompt = self.model.generate_prompt(
+            shots, tokenizer=self.tokenizer, num_demonstrations=len(episode.xl), chunk_size=self.chunk_size
+        )
         device = self.model.get_base_model().get_input_embeddings().weight.device
-        batch = encode_queries(episode.queries, self.tokenizer, self.template, device)
+        batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
         outputs = self.model(
             prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
         )

@@ -1,0 +1,105 @@
+"""Gradient refinement of a generated prompt, and iterative generation over more shots than fit the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DESIGNS, K, SHOTS, make_pgm
+from peft_metal import GeneratedPrompt
+from peft_metal.metal_prompt.queries import encode_queries
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shot_loss(model, prompt, tok, shots) -> float:
+    batch = encode_queries(shots, tok, model.base_model.template, torch.device("cpu"))
+    with torch.no_grad():
+        return model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.item()
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_refinement_lowers_the_loss_and_leaves_the_models_alone(design, tok, tmp_path):
+    model = make_pgm("llama", design)
+    before_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+    refined = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=15, lr=5e-2)
+
+    assert isinstance(refined, GeneratedPrompt) and refined is not prompt
+    assert refined.design == design and refined.num_tokens == K
+    assert torch.equal(refined.demonstrations, prompt.demonstrations)
+    assert shot_loss(model, refined, tok, SHOTS) < shot_loss(model, prompt, tok, SHOTS) - 0.05
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before_weights[name]), name
+    if design == "discrete":  # a refined discrete prompt is a soft prompt that keeps its tokens for reference
+        assert torch.equal(refined.token_ids, prompt.token_ids) and refined.embeds is not None
+    refined.save(tmp_path / "refined.safetensors")
+    loaded = GeneratedPrompt.load(tmp_path / "refined.safetensors")
+    assert shot_loss(model, loaded, tok, SHOTS) == pytest.approx(shot_loss(model, refined, tok, SHOTS), abs=1e-5)
+
+
+def test_refinement_rejects_bad_settings(tok):
+    model = make_pgm("llama", "prefix")
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    with pytest.raises(ValueError, match="lr"):
+        model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2, lr=0)
+    with pytest.raises(ValueError, match="No shots"):
+        model.refine_prompt(prompt, [], tokenizer=tok)
+
+
+def many_shots(n: int) -> list[tuple[str, str]]:
+    return [(f"w{i % 10}{i % 7}", "even" if i % 2 == 0 else "odd") for i in range(n)]
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_two_hundred_shots_are_folded_in_chunks(design, tok):
+    model = make_pgm("llama", design)  # 256 positions: 200 shots (about 3000 tokens) never fit at once
+    shots = many_shots(200)
+    with pytest.raises(ValueError, match="chunk_size='auto'"):
+        model.generate_prompt(shots, tokenizer=tok)
+    with torch.no_grad():
+        prompt = model.generate_prompt(shots, tokenizer=tok, chunk_size="auto")
+        first_chunk_only = model.generate_prompt(shots[:10], tokenizer=tok)
+    assert prompt.num_tokens == K
+    payload = prompt.keys if design == "prefix" else (prompt.token_ids if design == "discrete" else prompt.embeds)
+    other = first_chunk_only.keys if design == "prefix" else (first_chunk_only.token_ids if design == "discrete" else first_chunk_only.embeds)
+    assert payload.shape == other.shape
+    assert design == "discrete" or not torch.allclose(payload, other)
+
+
+def test_explicit_chunks_read_the_previous_prompt(tok):
+    """Two chunks equal one PGM pass over chunk 2 that starts from the prompt of chunk 1 (checked by hand)."""
+    model = make_pgm("llama", "hidden_state")
+    shots = many_shots(6)
+    with torch.no_grad():
+        folded = model.generate_prompt(shots, tokenizer=tok, chunk_size=3)
+        first = model.generate_prompt(shots[:3], tokenizer=tok)
+        template = model.base_model.template
+        ids = torch.tensor(tok(template.format_shots(shots[3:]), add_special_tokens=False)["input_ids"])
+        by_hand = model.base_model._run_pgm(ids, False, previous=first).hidden_states
+    torch.testing.assert_close(folded.embeds, by_hand)
+
+
+def test_chunked_training_reaches_every_chunk(tok):
+    model = make_pgm("llama", "weighted_sum")
+    model.train()
+    prompt = model.generate_prompt(many_shots(6), tokenizer=tok, chunk_size=2)
+    batch = encode_queries(SHOTS, tok, model.base_model.template, torch.device("cpu"))
+    model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+    padding = model.base_model.metal_padding["default"]
+    assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0
+
+
+def test_bad_chunk_size(tok):
+    model = make_pgm("llama", "prefix")
+    for bad in (0, -1, "all", 1.5):
+        with pytest.raises(ValueError, match="chunk_size"):
+            model.generate_prompt(SHOTS, tokenizer=tok, chunk_size=bad)
