@@ -1,4 +1,4 @@
-"""The `peft-metal` command: `train`, `eval` and `demo`."""
+"""The `peft-metal` command: `train`, `eval`, `serve` and `demo`."""
 
 from __future__ import annotations
 
@@ -53,10 +53,25 @@ def _load_pgm(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, load_eval_tasks, markdown_table, resolve_methods, write_results
+    import dataclasses
+
+    from .evaluation import (
+        BaselineOptions,
+        evaluate,
+        load_eval_tasks,
+        markdown_table,
+        resolve_methods,
+        resolve_refine_steps,
+        write_results,
+    )
 
     try:
         methods = resolve_methods(args.methods)
+        refine_steps = resolve_refine_steps(args.refine_steps)
+        baseline_options = BaselineOptions(
+            steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,
+            prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
+        )
         tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
@@ -67,7 +82,8 @@ def _eval(args: argparse.Namespace) -> int:
         results = evaluate(
             model, tokenizer, tasks, methods, args.shots, args.queries, args.seed,
             progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
-            max_new_tokens=args.max_new_tokens, metric=metric,
+            max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
+            refine_steps=refine_steps, refine_lr=args.refine_lr,
         )
     except (ValueError, TypeError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
@@ -77,10 +93,48 @@ def _eval(args: argparse.Namespace) -> int:
         "shots": args.shots, "queries": args.queries, "seed": args.seed, "metric": args.metric,
         "num_demonstrations": args.num_demonstrations, "max_new_tokens": args.max_new_tokens,
     }
+    if "metal+refine" in methods:
+        settings.update(refine_steps=refine_steps, refine_lr=args.refine_lr)
+    if any(method in ("prompt_tuning", "p_tuning", "prefix_tuning") for method in methods):
+        settings["baseline"] = dataclasses.asdict(baseline_options)
     paths = write_results(results, args.output, settings=settings)
     print(markdown_table(results))
     print("Wrote " + ", ".join(str(path) for path in paths.values()))
     return 1 if results and all("error" in record for record in results) else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .serving.app import create_app
+        from .serving.store import PromptStore
+    except ModuleNotFoundError as error:
+        print(f"peft-metal serve: error: {error}. Serving needs fastapi and uvicorn (pip install fastapi uvicorn).", file=sys.stderr)
+        return 2
+    if args.max_batch < 1 or args.context_cache_size < 1 or args.batch_window_ms < 0:
+        print(
+            "peft-metal serve: error: --max-batch and --context-cache-size must be at least 1, --batch-window-ms not "
+            "negative.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        store = PromptStore(args.store)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"peft-metal serve: error: cannot open the prompt store {args.store}: {error}", file=sys.stderr)
+        return 2
+    model, tokenizer, pgm = _load_pgm(args)
+    app = create_app(
+        model, tokenizer, store, api_key=args.api_key or os.environ.get("PEFT_METAL_API_KEY") or None,
+        batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, context_cache_size=args.context_cache_size,
+        model_name=args.model,
+    )
+    print(f"Serving {args.model} (PGM: {pgm or 'fresh, untrained'}) with prompts in {args.store}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluation = commands.add_parser(
-        "eval", help="compare zero-shot, in-context learning and MetaL-Prompt on the same seeded shots and queries"
+        "eval", help="compare zero-shot, in-context learning, MetaL-Prompt and PEFT prompt-learning baselines on the "
+        "same seeded shots and queries"
     )
     evaluation.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a transformers model id or folder")
     evaluation.add_argument(
@@ -107,11 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")
     evaluation.add_argument("--queries", type=int, default=50, help="queries per task (default 50)")
     evaluation.add_argument(
-        "--methods", default="zero_shot,icl,metal", help="comma-separated: zero_shot, icl, metal, metal+demos"
+        "--methods", default="zero_shot,icl,metal",
+        help="comma-separated: zero_shot, icl, metal, metal+demos, metal+refine, prompt_tuning, p_tuning, prefix_tuning",
     )
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the shot/query draw (default 0)")
     evaluation.add_argument(
         "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos keeps as demonstrations (default 4)"
+    )
+    evaluation.add_argument(
+        "--refine-steps", default="10",
+        help="metal+refine: refinement steps, or a comma-separated list (e.g. 0,5,10,20: one record per count; 0 = metal)",
+    )
+    evaluation.add_argument("--refine-lr", type=float, default=1e-3, help="metal+refine: Adam learning rate (default 1e-3)")
+    evaluation.add_argument(
+        "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"
+    )
+    evaluation.add_argument(
+        "--baseline-lr", type=float,
+        help="baselines' Adam learning rate (default per method: prompt_tuning 3e-2, p_tuning 1e-3, prefix_tuning 1e-2)",
+    )
+    evaluation.add_argument(
+        "--num-virtual-tokens", type=int, help="baselines' virtual tokens (default: the PGM's num_prompt_tokens)"
+    )
+    evaluation.add_argument(
+        "--prompt-tuning-init", choices=("text", "random", "sample_vocab"), default="text",
+        help="prompt_tuning initialization (default text: a generic instruction, see evaluation/baselines.py)",
+    )
+    evaluation.add_argument(
+        "--p-tuning-encoder", choices=("MLP", "LSTM"), default="MLP", help="p_tuning reparameterization (default MLP)"
     )
     evaluation.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens for generative tasks (default 16)")
     evaluation.add_argument(
@@ -122,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output", default="results.json", help="results JSON; .md and .png are written beside it")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluation.set_defaults(run=_eval)
+
+    serve = commands.add_parser(
+        "serve", help="an HTTP service: prompts generated once and stored, completions read after them, batched"
+    )
+    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a transformers model id or folder")
+    serve.add_argument(
+        "--pgm", help="a saved PGM (folder or Hub id); default: the one shipped for --model, else a fresh untrained one"
+    )
+    serve.add_argument("--store", required=True, help="the prompt store folder (created if missing)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PEFT_METAL_API_KEY, else none)"
+    )
+    serve.add_argument(
+        "--batch-window-ms", type=float, default=5.0,
+        help="how long the first waiting input of a prompt waits for others to batch with (default 5)",
+    )
+    serve.add_argument("--max-batch", type=int, default=16, help="inputs per batched LM call at most (default 16)")
+    serve.add_argument("--context-cache-size", type=int, default=64, help="prompt contexts kept in memory (default 64)")
+    serve.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
+    serve.add_argument("--seed", type=int, default=0, help="seeds a fresh PGM when none is given (default 0)")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    serve.set_defaults(run=_serve, methods="metal")
     return parser
 
 

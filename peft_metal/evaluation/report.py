@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+def method_label(record: dict[str, Any]) -> str:
+    """The column a record goes in: its method, with the step count for metal+refine (`metal+refine@10`), so a
+    run over several step counts keeps one column per count."""
+    if "refine_steps" in record:
+        return f"{record['method']}@{record['refine_steps']}"
+    return record["method"]
+
+
 def _methods(results: Sequence[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(record["method"] for record in results))
+    return list(dict.fromkeys(method_label(record) for record in results))
 
 
 def _tasks(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -22,10 +30,10 @@ def _ok(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def mean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean score per method over the tasks where it ran (errors left out), in first-seen method order."""
+    """Mean score per method (`method_label`) over the tasks where it ran (errors left out), in first-seen order."""
     means = {}
     for method in _methods(results):
-        scores = [record["score"] for record in _ok(results) if record["method"] == method]
+        scores = [record["score"] for record in _ok(results) if method_label(record) == method]
         if scores:
             means[method] = sum(scores) / len(scores)
     return means
@@ -40,7 +48,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """Task x method scores (accuracy for multiple choice, exact match for generative), their means per method,
     the cost of each method, and any errors."""
     methods, tasks = _methods(results), _tasks(results)
-    by_key = {(record["task"], record["method"]): record for record in results}
+    by_key = {(record["task"], method_label(record)): record for record in results}
     lines = ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in tasks:
         records = [by_key.get((task, method)) for method in methods]
@@ -61,7 +69,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
     for method in methods:
-        records = [record for record in _ok(results) if record["method"] == method]
+        records = [record for record in _ok(results) if method_label(record) == method]
         lines.append(
             f"| {method} | {len(records)} | {_mean(records, 'prompt_seconds'):.3f} | "
             f"{_mean(records, 'context_tokens'):.1f} | {_mean(records, 'eval_seconds'):.3f} |"
@@ -69,7 +77,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     errors = [record for record in results if "error" in record]
     if errors:
         lines += ["", "Errors:", ""]
-        lines += [f"- {record['task']} / {record['method']}: {record['error']}" for record in errors]
+        lines += [f"- {record['task']} / {method_label(record)}: {record['error']}" for record in errors]
     return "\n".join(lines) + "\n"
 
 

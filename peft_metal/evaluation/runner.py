@@ -8,14 +8,18 @@ whatever they say; the per-token mean takes that bias out. Accuracy by the sum i
 Generative tasks are decoded greedily from the same cached context (up to `max_new_tokens`, cut at the template's shot
 separator or a newline) and scored by exact match (`score`) and token F1 (`token_f1`) against any of the example's
 answers, after lower-casing and removing punctuation and extra whitespace.
+
+`metal+refine` gives one record per refinement step count (`refine_steps` may be a list: accuracy against steps),
+each with a `refine_steps` field; the PEFT baselines add `train_steps` (and their first/last minibatch loss).
 """
 
 from __future__ import annotations
 
 import logging
+import dataclasses
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -23,9 +27,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import Example, Task
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
+from .baselines import BASELINE_METHODS, BaselineOptions
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
+    DEFAULT_REFINE_BATCH_SIZE,
+    DEFAULT_REFINE_LR,
+    DEFAULT_REFINE_STEPS,
     METAL_DEMOS,
+    METAL_REFINE,
     PGM_METHODS,
     ModelParts,
     PreparedMethod,
@@ -49,6 +58,23 @@ def _check_count(value: Any, name: str, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def resolve_refine_steps(refine_steps: Any) -> list[int]:
+    """Refinement step counts as a list of distinct ints >= 0 (an int, a sequence, or a string like "0,5,10")."""
+    if isinstance(refine_steps, str):
+        try:
+            refine_steps = [int(part) for part in refine_steps.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"refine_steps must be comma-separated ints, got {refine_steps!r}.") from None
+    steps = [refine_steps] if isinstance(refine_steps, int) and not isinstance(refine_steps, bool) else list(refine_steps)
+    if not steps:
+        raise ValueError("refine_steps is empty: give at least one step count.")
+    for value in steps:
+        _check_count(value, "refine_steps", 0)
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"refine_steps {steps} has repeated step counts.")
+    return steps
 
 
 def task_metric(task: Task, metric: Optional[str] = None) -> str:
@@ -126,11 +152,12 @@ def evaluate_method(
     metric: str,
     num_demonstrations: int = DEFAULT_NUM_DEMONSTRATIONS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    **method_options: Any,
 ) -> dict[str, Any]:
-    """One record: `method` on `task`'s queries, given its shots."""
+    """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`)."""
     device = parts.lm.get_input_embeddings().weight.device
     start = time.perf_counter()
-    prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations)
+    prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
     if metric == MULTIPLE_CHOICE:
         scores = _score_multiple_choice(parts, tokenizer, prepared, queries)
     else:
@@ -148,11 +175,12 @@ def evaluate_method(
         "eval_seconds": seconds,
     }
     record.update({key: value for key, value in scores.items() if key != "score"})
+    record.update(prepared.info or {})
     return record
 
 
-def _error_record(task_name: str, method: str, error: Exception) -> dict[str, Any]:
-    return {"task": task_name, "method": method, "error": f"{type(error).__name__}: {error}"}
+def _error_record(task_name: str, method: str, error: Exception, **fields: Any) -> dict[str, Any]:
+    return {"task": task_name, "method": method, **fields, "error": f"{type(error).__name__}: {error}"}
 
 
 def evaluate(
@@ -169,12 +197,22 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     metric: Optional[str] = None,
     raise_errors: Optional[bool] = None,
+    baseline_steps: Optional[int] = None,
+    baseline_options: Optional[BaselineOptions] = None,
+    refine_steps: Union[int, Sequence[int], str] = DEFAULT_REFINE_STEPS,
+    refine_lr: float = DEFAULT_REFINE_LR,
+    refine_batch_size: int = DEFAULT_REFINE_BATCH_SIZE,
 ) -> list[dict[str, Any]]:
     """Score every method on every task; every method sees the same `task.split(shots, queries, seed)`.
 
     Multiple-choice tasks are scored by option log-likelihood (`score`: accuracy by the mean log-prob per token of
     `template.format_answer(option)`; `score_sum`: by the summed log-prob), generative tasks by greedy decoding
     (`score`: exact match, `token_f1`). `metric` forces one of `"multiple_choice"`/`"generative"` for all tasks.
+
+    `metal+refine` runs once per count in `refine_steps` (Adam steps of `model.refine_prompt`, lr `refine_lr`), each
+    record carrying `refine_steps` (0 steps: the metal prompt). The PEFT baselines (prompt_tuning, p_tuning,
+    prefix_tuning) train `baseline_steps` steps (default `baseline_options.steps`, 50) with `baseline_options`.
+    Training is seeded by `seed`.
 
     Bad arguments raise at once. A task or method that fails is raised when `raise_errors` is true (the default for a
     single task) and otherwise recorded as `{"task", "method", "error"}` while the run goes on (the default for
@@ -196,6 +234,25 @@ def evaluate(
         raise TypeError(f"Methods {pgm_methods} need a MetaL-Prompt PGM; got a plain {type(model).__name__}.")
     if pgm_methods and shots < 1:
         raise ValueError(f"Methods {pgm_methods} generate a prompt from the shots: shots must be >= 1, got {shots}.")
+    baseline_methods = [name for name in methods if name in BASELINE_METHODS]
+    if baseline_methods and shots < 1:
+        raise ValueError(f"Methods {baseline_methods} train on the shots: shots must be >= 1, got {shots}.")
+    baseline_options = baseline_options if baseline_options is not None else BaselineOptions()
+    if not isinstance(baseline_options, BaselineOptions):
+        raise TypeError(f"baseline_options must be a BaselineOptions, got {type(baseline_options).__name__}.")
+    if baseline_steps is not None:
+        baseline_options = dataclasses.replace(baseline_options, steps=baseline_steps)  # validated by the options
+    steps_list = resolve_refine_steps(refine_steps)
+    _check_count(refine_batch_size, "refine_batch_size", 1)
+    if not isinstance(refine_lr, (int, float)) or isinstance(refine_lr, bool) or not refine_lr > 0:
+        raise ValueError(f"refine_lr must be a number > 0, got {refine_lr!r}.")
+    # One run per method, metal+refine once per step count.
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for name in methods:
+        if name == METAL_REFINE:
+            runs.extend((name, {"refine_steps": n}) for n in steps_list)
+        else:
+            runs.append((name, {}))
     if METAL_DEMOS in methods:
         _check_count(num_demonstrations, "num_demonstrations", 1)
         if num_demonstrations >= shots:
@@ -213,7 +270,8 @@ def evaluate(
         raise_errors = len(tasks) == 1
 
     results: list[dict[str, Any]] = []
-    bar = tqdm(total=len(tasks) * len(methods), desc="eval", unit="run", disable=not progress)
+    options = dict(baseline=baseline_options, refine_lr=refine_lr, refine_batch_size=refine_batch_size, seed=seed)
+    bar = tqdm(total=len(tasks) * len(runs), desc="eval", unit="run", disable=not progress)
     with _eval_mode(model), parts.lora_off(), torch.no_grad(), bar:
         for task in tasks:
             try:
@@ -223,21 +281,21 @@ def evaluate(
                 if raise_errors:
                     raise
                 logger.warning("Task %s failed: %s", task.name, error)
-                results.extend(_error_record(task.name, method, error) for method in methods)
-                bar.update(len(methods))
+                results.extend(_error_record(task.name, method, error, **fields) for method, fields in runs)
+                bar.update(len(runs))
                 continue
-            for method in methods:
+            for method, fields in runs:
                 bar.set_postfix_str(f"{task.name} / {method}", refresh=False)
                 try:
                     record = evaluate_method(
                         parts, tokenizer, task, method, task_shots, task_queries, metric_name,
-                        num_demonstrations=num_demonstrations, max_new_tokens=max_new_tokens,
+                        num_demonstrations=num_demonstrations, max_new_tokens=max_new_tokens, **options, **fields,
                     )
                 except Exception as error:  # noqa: BLE001 - recorded, the run goes on
                     if raise_errors:
                         raise
                     logger.warning("Task %s, method %s failed: %s", task.name, method, error)
-                    record = _error_record(task.name, method, error)
+                    record = _error_record(task.name, method, error, **fields)
                 results.append(record)
                 bar.update(1)
     return results
