@@ -103,3 +103,26 @@ def test_bad_chunk_size(tok):
     for bad in (0, -1, "all", 1.5):
         with pytest.raises(ValueError, match="chunk_size"):
             model.generate_prompt(SHOTS, tokenizer=tok, chunk_size=bad)
+
+
+@pytest.mark.parametrize("reparameterization", ["lstm", "mlp"])
+def test_baked_padding_makes_the_same_prompts_and_a_smaller_adapter(reparameterization, tok, tmp_path):
+    from peft import PeftModel
+
+    from conftest import make_lm
+
+    model = make_pgm("llama", "hidden_state", padding_reparameterization=reparameterization)
+    with torch.no_grad():
+        for parameter in model.base_model.metal_padding.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        expected = model.generate_prompt(SHOTS, tokenizer=tok)
+    model.save_pretrained(tmp_path / "full")
+    model.base_model.bake_padding()
+    model.save_pretrained(tmp_path / "baked")
+    loaded = PeftModel.from_pretrained(make_lm("llama"), tmp_path / "baked").eval()
+    with torch.no_grad():
+        actual = loaded.generate_prompt(SHOTS, tokenizer=tok)
+    torch.testing.assert_close(actual.embeds, expected.embeds)
+    assert loaded.peft_config["default"].padding_reparameterization == "none"
+    full_size = (tmp_path / "full" / "adapter_model.safetensors").stat().st_size
+    assert (tmp_path / "baked" / "adapter_model.safetensors").stat().st_size < full_size / 2

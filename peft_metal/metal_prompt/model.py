@@ -57,6 +57,20 @@ class MetaLPromptModel(LoraModel):
         super().delete_adapter(adapter_name)
         del self.metal_padding[adapter_name]
 
+    def bake_padding(self) -> None:
+        """Replace each adapter's reparameterized padding by the embeddings it produces (reparameterization "none").
+
+        The LSTM/MLP only helps optimization; once training is done its output is all the PGM uses, so a PGM for
+        serving or sharing is smaller (K x hidden instead of the whole LSTM) and makes exactly the same prompts.
+        """
+        for name, padding in self.metal_padding.items():
+            with torch.no_grad():
+                baked = padding._reparameterize().detach()
+            self.metal_padding[name] = TrainablePadding(padding.num_tokens, baked, "none").to(baked.device)
+            self.peft_config[name].padding_reparameterization = "none"
+            self.peft_config[name].padding_hidden_size = None
+        self._set_padding_trainability()
+
     def _new_padding(self, config: MetaLPromptConfig) -> TrainablePadding:
         """Padding initialized from the embeddings of random (but seeded, hence reproducible) vocabulary tokens."""
         embedding = self.model.get_input_embeddings().weight
