@@ -73,6 +73,8 @@ def test_log_checkpoint_and_final_pgm(tmp_path):
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
     assert config["training_summary"]["optimizer_steps"] == 4
     assert "Meta-training" in (tmp_path / "pgm" / "README.md").read_text()
+    assert config["padding_reparameterization"] == "none"  # baked for shipping
+    assert [r["step"] for r in json.loads((tmp_path / "pgm" / "training_log.json").read_text())] == [1, 2, 3, 4]
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
         assert {p.name for p in (tmp_path / checkpoint).iterdir()} == {"pgm", "state.json", "state.safetensors"}
 

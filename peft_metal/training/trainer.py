@@ -175,8 +175,16 @@ class MetaTrainer:
 
     def save_final(self, summary: dict[str, Any]) -> Path:
         model = self.accelerator.unwrap_model(self.loss_module).model
-        config = model.peft_config[model.active_adapter]
-        config.training_summary = {**summary, "settings": json.dumps(self.args.to_dict())}
-        target = self.output_dir / "pgm"
-        model.save_pretrained(target)
-        return target
+        return export_pgm(model, self.output_dir / "pgm", summary, self.log_path, self.args)
+
+
+def export_pgm(model, target: Path, summary: dict[str, Any], log_path: Path, args: TrainingArguments) -> Path:
+    """The shippable PGM: padding baked into plain embeddings (same prompts, small file), the training facts in its
+    config and model card, and `training_log.json` (the run's JSONL log as one list) beside it."""
+    model.base_model.bake_padding()
+    config = model.peft_config[model.active_adapter]
+    config.training_summary = {**summary, "settings": json.dumps(args.to_dict())}
+    model.save_pretrained(target)
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
+    (Path(target) / "training_log.json").write_text(json.dumps(records, indent=1))
+    return Path(target)
