@@ -1,0 +1,393 @@
+"""Load test of the HTTP service: a stored MetaL-Prompt against in-context learning (ICL-16) and zero-shot, and
+batched against unbatched serving.
+
+    python benchmarks/serving_load.py [--model smollm2-135m|tiny] [--pgm DIR] [--task NAME] [--clients 16]
+                                      [--requests 24] [--max-seconds 60] [--output DIR]
+
+Starts the real server in a subprocess on 127.0.0.1 (an ephemeral port; `peft-metal serve` for a real model, a tiny
+random PGM with a character tokenizer for `--model tiny`, a fast dry run), stores one prompt made from 16 shots of a
+dev BIG-bench task, then runs C concurrent clients (asyncio + httpx, loopback only, bounded by count and time) for
+
+* `metal`: completions after the stored prompt (`prompt_id`);
+* `icl`: the same inputs with all 16 shots sent along in every request (`prompt_id: null` + `shots`), the same
+  service path with the shots re-read each time;
+* `zero_shot`: the same inputs, plain LM (`prompt_id: null`),
+
+and reports throughput and p50/p99 latency of each, first with batching (`--batch-window-ms`, `--max-batch`), then
+with a server restarted unbatched (`--batch-window-ms 0 --max-batch 1`) at 16 clients. Multiple-choice tasks are
+scored by options (one forward per batch), others generated greedily (`--max-new-tokens`).
+
+Writes `serving_load.json` and `serving_load.md` into DIR (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+
+DEFAULT_TASK = "similarities_abstraction"
+HOST = "127.0.0.1"  # loopback only
+COMPARE_CLIENTS = 16
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+
+def _tiny_server(args: argparse.Namespace) -> None:
+    """Child process for `--model tiny`: a random 2-layer Llama PGM with a one-char-per-token tokenizer."""
+    import torch
+    import uvicorn
+    from peft import get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import peft_metal  # noqa: F401
+    from peft_metal import MetaLPromptConfig
+    from peft_metal.serving.app import create_app
+    from peft_metal.serving.store import PromptStore
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"\n": 127, "<unk>": 0, "<pad>": 1})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+    )
+    lm = LlamaForCausalLM(config).eval()
+    model = get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM", r=4)).eval()
+    app = create_app(
+        model, tokenizer, PromptStore(args.store), batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+        model_name="tiny",
+    )
+    uvicorn.run(app, host=HOST, port=args.port, log_level="warning")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """The service in a subprocess; `stop()` terminates it (only this process, by its own handle)."""
+
+    def __init__(self, args: argparse.Namespace, store: Path, window_ms: float, max_batch: int, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        common = ["--store", str(store), "--port", str(self.port), "--batch-window-ms", str(window_ms), "--max-batch", str(max_batch)]
+        if args.model == "tiny":
+            command = [sys.executable, __file__, "--child-tiny-server", *common]
+        else:
+            command = [sys.executable, "-m", "peft_metal.cli", "serve", "--model", args.model, "--host", HOST, "--log-level", "warning", *common]
+            if args.pgm:
+                command += ["--pgm", args.pgm]
+        self.log = log
+        self._log_file = log.open("ab")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"The server exited with {self.process.returncode}; see {self.log}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"The server did not answer /healthz within {timeout:.0f} s; see {self.log}.")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+# ------------------------------------------------------------------------------------------------------- the load
+
+
+def _percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))  # nearest rank
+    return ordered[rank - 1]
+
+
+def _batch_stats(metrics: str) -> dict[str, float]:
+    """Sum and count of the batch-size histogram (all kinds) from /metrics."""
+    stats = {"sum": 0.0, "count": 0.0}
+    for line in metrics.splitlines():
+        match = re.match(r"^peft_metal_batch_size_(sum|count)\{[^}]*\} (\S+)$", line)
+        if match:
+            stats[match.group(1)] += float(match.group(2))
+    return stats
+
+
+async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[str, ...]], clients: int, max_seconds: float) -> dict[str, Any]:
+    """C clients take the next request until all are sent or time is up; one warm-up request first (not timed)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+        warm = await client.post("/v1/completions", json=bodies[0])
+        warm.raise_for_status()
+        before = _batch_stats((await client.get("/metrics")).text)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        correct = scored = 0
+        position = 0
+        start = time.perf_counter()
+        deadline = start + max_seconds
+
+        async def worker() -> None:
+            nonlocal position, correct, scored
+            while position < len(bodies) and time.perf_counter() < deadline:
+                index = position
+                position += 1
+                sent = time.perf_counter()
+                try:
+                    response = await client.post("/v1/completions", json=bodies[index])
+                except httpx.HTTPError as error:
+                    errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+                    continue
+                if response.status_code != 200:
+                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                choice = response.json()["choices"][0]
+                prediction = choice.get("option", choice.get("text"))
+                scored += 1
+                correct += _normalize(prediction) in {_normalize(a) for a in answers[index]}
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        after = _batch_stats((await client.get("/metrics")).text)
+    calls = after["count"] - before["count"]
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
+        "p50_ms": None if not latencies else 1000 * _percentile(latencies, 50),
+        "p99_ms": None if not latencies else 1000 * _percentile(latencies, 99),
+        "mean_batch": (after["sum"] - before["sum"]) / calls if calls else None,
+        "accuracy": correct / scored if scored else None,
+    }
+
+
+def _normalize(text: Optional[str]) -> str:
+    return " ".join((text or "").lower().split())
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+
+
+def _task_requests(args: argparse.Namespace) -> tuple[str, list[dict[str, str]], list[dict[str, Any]], list[tuple[str, ...]], str]:
+    from peft_metal.data import load_bigbench_task, tasks_for_split
+
+    if args.task not in tasks_for_split("dev"):
+        raise SystemExit(f"{args.task!r} is not a dev task; choose one of: {', '.join(tasks_for_split('dev'))}")
+    task = load_bigbench_task(args.task)
+    examples = list(task.examples)
+    random.Random(args.seed).shuffle(examples)
+    shots = [{"input": e.input, "output": e.output} for e in examples[: args.shots]]
+    pool = examples[args.shots :]
+    queries = [pool[i % len(pool)] for i in range(args.requests)]
+    mode = args.mode
+    if mode == "auto":
+        mode = "options" if all(e.options for e in queries) else "generate"
+    bodies, answers = [], []
+    for example in queries:
+        body: dict[str, Any] = {"input": example.input}
+        if mode == "options":
+            body["options"] = list(example.options)
+        else:
+            body["max_new_tokens"] = args.max_new_tokens
+        bodies.append(body)
+        answers.append(example.answers)
+    return task.name, shots, bodies, answers, mode
+
+
+def _scenario_bodies(name: str, bodies: list[dict[str, Any]], prompt_id: str, shots: list[dict[str, str]]) -> list[dict[str, Any]]:
+    if name == "metal":
+        return [{**body, "prompt_id": prompt_id} for body in bodies]
+    if name == "icl":
+        return [{**body, "prompt_id": None, "shots": shots} for body in bodies]
+    return [{**body, "prompt_id": None} for body in bodies]
+
+
+def _create_prompt(url: str, task: str, shots: list[dict[str, str]]) -> dict[str, Any]:
+    body = {"task": task, "shots": shots, "num_demonstrations": 0}
+    timings = {}
+    for label in ("first", "again"):
+        start = time.perf_counter()
+        response = httpx.post(f"{url}/v1/prompts", json=body, timeout=600.0)
+        timings[label] = (response.status_code, time.perf_counter() - start, response.json())
+        if response.status_code not in (200, 201):
+            raise RuntimeError(f"POST /v1/prompts failed: {response.status_code} {response.text}")
+    created = timings["again"][2]
+    info = httpx.get(f"{url}/v1/prompts/{created['prompt_id']}", timeout=60.0).json()
+    return {
+        "prompt_id": created["prompt_id"],
+        "design": created["design"],
+        "num_tokens": created["num_tokens"],
+        "first_status": timings["first"][0],
+        "first_ms": 1000 * timings["first"][1],
+        "again_status": timings["again"][0],
+        "again_ms": 1000 * timings["again"][1],
+        "hits": info.get("hits"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (or any model `peft-metal serve` takes), or tiny")
+    parser.add_argument("--pgm", help="a saved PGM for the server (default: shipped or fresh, as `peft-metal serve`)")
+    parser.add_argument("--task", default=DEFAULT_TASK, help=f"a dev BIG-bench task (default {DEFAULT_TASK})")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients per scenario (default 16)")
+    parser.add_argument("--requests", type=int, default=24, help="requests per scenario (default 24)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=60.0, help="stop sending after this long per scenario (default 60)"
+    )
+    parser.add_argument("--mode", choices=("auto", "options", "generate"), default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="for generate mode (default 8)")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--scenarios", default="metal,icl,zero_shot")
+    parser.add_argument("--skip-unbatched", action="store_true", help="no unbatched comparison")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
+    # Internal: the tiny model's server process.
+    parser.add_argument("--child-tiny-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_tiny_server:
+        _tiny_server(args)
+        return
+
+    task_name, shots, bodies, answers, mode = _task_requests(args)
+    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = set(scenarios) - {"metal", "icl", "zero_shot"}
+    if unknown:
+        raise SystemExit(f"Unknown scenarios {sorted(unknown)}; choose from metal, icl, zero_shot.")
+    started = time.perf_counter()
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # other work sharing the CPUs
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="peft-metal-serving-load-") as workdir:
+        store, log = Path(workdir) / "store", Path(workdir) / "server.log"
+        configs = [("batched", args.batch_window_ms, args.max_batch, args.clients)]
+        if not args.skip_unbatched:
+            configs.append(("unbatched", 0.0, 1, COMPARE_CLIENTS))
+        if args.clients != COMPARE_CLIENTS and not args.skip_unbatched:
+            configs.insert(1, ("batched", args.batch_window_ms, args.max_batch, COMPARE_CLIENTS))
+        prompt = None
+        for label, window_ms, max_batch, clients in configs:
+            server = Server(args, store, window_ms, max_batch, log)
+            try:
+                load_start = time.perf_counter()
+                server.wait_ready()
+                print(f"[{label}] server up in {time.perf_counter() - load_start:.1f} s at {server.url}", file=sys.stderr)
+                created = _create_prompt(server.url, task_name, shots)
+                prompt = prompt or created
+                for name in scenarios:
+                    result = asyncio.run(
+                        run_load(server.url, _scenario_bodies(name, bodies, created["prompt_id"], shots), answers, clients, args.max_seconds)
+                    )
+                    row = {"scenario": name, "server": label, "batch_window_ms": window_ms, "max_batch": max_batch, **result}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+            finally:
+                server.stop()
+    total_s = time.perf_counter() - started
+
+    import torch
+
+    machine = " ".join(filter(None, (platform.machine(), platform.processor()))) + f", {os.cpu_count()} CPUs, torch {torch.__version__}"
+    settings = {
+        "model": args.model, "pgm": args.pgm, "task": task_name, "shots": args.shots, "mode": mode,
+        "clients": args.clients, "requests": args.requests, "max_seconds": args.max_seconds,
+        "max_new_tokens": args.max_new_tokens if mode == "generate" else None,
+        "batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch, "seed": args.seed,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    report = {
+        "settings": settings, "machine": machine, "load_average_at_start": load_at_start, "total_s": total_s,
+        "prompt": prompt, "rows": rows,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "serving_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = _markdown(report)
+    (args.output / "serving_load.md").write_text(markdown)
+    print(markdown)
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    s, prompt = report["settings"], report["prompt"]
+    command = f"python benchmarks/serving_load.py --model {s['model']} --task {s['task']} --clients {s['clients']} --requests {s['requests']}"
+    lines = [
+        f"`{command}` on {report['machine']} (OMP_NUM_THREADS={s['omp_num_threads']}); {s['shots']} shots, "
+        f"mode {s['mode']}, total {report['total_s']:.0f} s; load average at start "
+        f"{_fmt(report['load_average_at_start'][0] if report['load_average_at_start'] else None, 2)} "
+        "(other processes sharing the CPUs make these timings noisy).",
+        "",
+        f"Stored prompt: {prompt['design']}, {prompt['num_tokens']} tokens; made in {prompt['first_ms']:.0f} ms "
+        f"(HTTP {prompt['first_status']}), found again in {prompt['again_ms']:.0f} ms (HTTP {prompt['again_status']}).",
+        "",
+        "| scenario | server | clients | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        errors = sum(row["errors"].values())
+        lines.append(
+            f"| {row['scenario']} | {row['server']} (window {row['batch_window_ms']:g} ms, max {row['max_batch']}) | "
+            f"{row['clients']} | {row['requests']} | {errors} | {_fmt(row['throughput_rps'], 2)} | {_fmt(row['p50_ms'], 0)} | "
+            f"{_fmt(row['p99_ms'], 0)} | {_fmt(row['mean_batch'], 1)} | {_fmt(row['accuracy'], 2)} |"
+        )
+    batched = {r["scenario"]: r for r in report["rows"] if r["server"] == "batched" and r["clients"] == COMPARE_CLIENTS}
+    unbatched = {r["scenario"]: r for r in report["rows"] if r["server"] == "unbatched"}
+    speedups = [
+        f"{name} {batched[name]['throughput_rps'] / unbatched[name]['throughput_rps']:.2f}x"
+        for name in batched
+        if name in unbatched and unbatched[name]["throughput_rps"]
+    ]
+    if speedups:
+        lines += ["", f"Batched / unbatched throughput at {COMPARE_CLIENTS} clients: " + ", ".join(speedups) + "."]
+    lines += [
+        "",
+        "Accuracy is over the requests answered, with an untrained PGM unless --pgm was given: it checks that answers "
+        "come back, not the method.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

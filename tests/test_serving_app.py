@@ -1,0 +1,475 @@
+"""The HTTP service with tiny models: prompts made once and reused, completions equal to the evaluation path,
+micro-batching, errors, auth and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from conftest import K, MAX_POSITIONS, build_tokenizer, make_pgm
+from peft_metal.evaluation.metrics import cut_generation, has_stop
+from peft_metal.evaluation.scoring import (
+    empty_context,
+    extend_context,
+    greedy_decode,
+    prompt_context,
+    score_continuations,
+)
+from peft_metal.serving.app import create_app
+from peft_metal.serving.engine import generate_batch, score_options_batch
+from peft_metal.serving.store import PromptStore
+
+SHOTS = [
+    {"input": "good movie", "output": "positive"},
+    {"input": "bad film", "output": "negative"},
+    {"input": "great", "output": "positive"},
+    {"input": "awful", "output": "negative"},
+]
+INPUTS = ["nice", "a dull film", "wonderful acting", "x", "so bad", "fine", "the worst movie ever", "ok"]
+OPTIONS = ["positive", "negative", "neutral"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _app(tmp_path: Path, tok, design: str = "discrete", **kwargs):
+    model = make_pgm("llama", design)
+    store = PromptStore(tmp_path / f"store-{design}")
+    return create_app(model, tok, store, **kwargs), model, store
+
+
+@pytest.fixture
+def served(tmp_path, tok):
+    app, model, store = _app(tmp_path, tok)
+    with TestClient(app) as client:
+        yield client, model, store
+
+
+def _create(client, shots=SHOTS, task="sentiment", num_demonstrations=0, **kwargs):
+    return client.post(
+        "/v1/prompts", json={"task": task, "shots": shots, "num_demonstrations": num_demonstrations}, **kwargs
+    )
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = "^" + re.escape(name + ("{" + label_text + "}" if labels else "")) + r" (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"{name} {labels} not in metrics:\n{text}"
+    return float(match.group(1))
+
+
+def _count_calls(model) -> list[int]:
+    calls = []
+    original = model.base_model.generate_prompt
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.base_model.generate_prompt = counting
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+def test_create_then_reuse(served):
+    client, model, store = served
+    calls = _count_calls(model)
+    first = _create(client)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["cached"] is False and body["design"] == "discrete" and body["num_tokens"] == K
+    assert isinstance(body["text"], str) and body["num_demonstrations"] == 0
+    again = _create(client)
+    assert again.status_code == 200
+    assert again.json()["prompt_id"] == body["prompt_id"] and again.json()["cached"] is True
+    assert again.json()["text"] == body["text"]
+    assert len(calls) == 1
+    other = _create(client, num_demonstrations=1)  # another split is another prompt
+    assert other.status_code == 201 and other.json()["prompt_id"] != body["prompt_id"]
+    metrics = client.get("/metrics").text
+    assert _metric(metrics, "peft_metal_prompt_store_requests_total", result="miss") == 2
+    assert _metric(metrics, "peft_metal_prompt_store_requests_total", result="hit") == 1
+
+
+def test_concurrent_creates_generate_once(tmp_path, tok):
+    app, model, _ = _app(tmp_path, tok)
+    calls = _count_calls(model)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            body = {"task": "sentiment", "shots": SHOTS, "num_demonstrations": 0}
+            return await asyncio.gather(*(client.post("/v1/prompts", json=body) for _ in range(4)))
+
+    responses = asyncio.run(main())
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["prompt_id"] for r in responses}) == 1
+    assert len(calls) == 1
+
+
+def test_non_discrete_prompt_has_no_text(tmp_path, tok):
+    app, _, _ = _app(tmp_path, tok, design="prefix")
+    with TestClient(app) as client:
+        response = _create(client)
+        assert response.status_code == 201
+        assert "text" not in response.json() and response.json()["design"] == "prefix"
+
+
+def test_get_and_delete(served):
+    client, _, _ = served
+    prompt_id = _create(client, num_demonstrations=1).json()["prompt_id"]
+    info = client.get(f"/v1/prompts/{prompt_id}")
+    assert info.status_code == 200
+    row = info.json()
+    assert row["task"] == "sentiment" and row["design"] == "discrete" and row["num_tokens"] == K
+    assert row["num_demonstrations"] == 1 and "created_at" in row and "hits" in row
+    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 200
+    assert client.delete(f"/v1/prompts/{prompt_id}").status_code == 204
+    assert client.get(f"/v1/prompts/{prompt_id}").status_code == 404
+    assert client.delete(f"/v1/prompts/{prompt_id}").status_code == 404
+    # The cached context went with it: the prompt is no longer served.
+    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 404
+    for unknown in ("0" * 32, "not-an-id", "..%2F..%2Fetc"):
+        assert client.get(f"/v1/prompts/{unknown}").status_code == 404
+        assert client.post("/v1/completions", json={"prompt_id": unknown, "input": "ok"}).status_code == 404
+
+
+# -------------------------------------------------------------------------------------------------- completions
+
+
+def _reference_generation(model, tok, context, text: str, max_new_tokens: int) -> str:
+    """What evaluation would answer: greedy decoding from the cached context, cut at the template's stop strings."""
+    lm, template = model.base_model.model, model.base_model.template
+    query = extend_context(lm, context, tok(template.format_query(text), add_special_tokens=False)["input_ids"])
+    tokens = greedy_decode(lm, query, max_new_tokens, stop=lambda t: has_stop(tok.decode(t), template))
+    return cut_generation(tok.decode(tokens, skip_special_tokens=True), template)
+
+
+def _reference_scores(model, tok, context, text: str, options):
+    lm, template = model.base_model.model, model.base_model.template
+    query = extend_context(lm, context, tok(template.format_query(text), add_special_tokens=False)["input_ids"])
+    ids = [tok(template.format_answer(option), add_special_tokens=False)["input_ids"] for option in options]
+    return score_continuations(lm, query, ids)
+
+
+@pytest.mark.parametrize("design", ["discrete", "prefix"])
+def test_completions_match_evaluation(tmp_path, tok, design):
+    app, model, store = _app(tmp_path, tok, design=design)
+    with TestClient(app) as client:
+        prompt_id = _create(client, num_demonstrations=1).json()["prompt_id"]
+        context = prompt_context(model.base_model.model, store.get(prompt_id))
+        response = client.post(
+            "/v1/completions", json={"prompt_id": prompt_id, "input": INPUTS[:3], "max_new_tokens": 6}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["mode"] == "generate" and [c["input"] for c in body["choices"]] == INPUTS[:3]
+        for choice in body["choices"]:
+            assert choice["text"] == _reference_generation(model, tok, context, choice["input"], 6)
+            assert choice["finish_reason"] in ("stop", "length") and 1 <= choice["num_tokens"] <= 6
+        single = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "nice", "max_new_tokens": 6})
+        assert single.json()["choices"][0]["text"] == body["choices"][0]["text"]
+
+        scored = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": INPUTS[:2], "options": OPTIONS})
+        assert scored.status_code == 200, scored.text
+        assert scored.json()["mode"] == "options"
+        for choice in scored.json()["choices"]:
+            reference = _reference_scores(model, tok, context, choice["input"], OPTIONS)
+            got = [s["mean_logprob"] for s in choice["scores"]]
+            assert got == pytest.approx([s.mean_logprob for s in reference], abs=1e-4)
+            assert [s["option"] for s in choice["scores"]] == OPTIONS
+            assert [s["num_tokens"] for s in choice["scores"]] == [s.num_tokens for s in reference]
+            assert choice["option"] == OPTIONS[max(range(3), key=lambda i: reference[i].mean_logprob)]
+
+
+def test_plain_route_is_zero_shot_or_icl(served, tok):
+    client, model, _ = served
+    lm, template = model.base_model.model, model.base_model.template
+    zero = client.post("/v1/completions", json={"prompt_id": None, "input": "nice", "max_new_tokens": 5})
+    assert zero.status_code == 200
+    assert zero.json()["choices"][0]["text"] == _reference_generation(model, tok, empty_context(), "nice", 5)
+    icl = client.post("/v1/completions", json={"input": "nice", "max_new_tokens": 5, "shots": SHOTS})
+    assert icl.status_code == 200
+    pairs = [(s["input"], s["output"]) for s in SHOTS]
+    demos = extend_context(lm, empty_context(), tok(template.format_shots(pairs), add_special_tokens=False)["input_ids"])
+    assert icl.json()["choices"][0]["text"] == _reference_generation(model, tok, demos, "nice", 5)
+    scored = client.post("/v1/completions", json={"input": "nice", "options": OPTIONS, "shots": SHOTS})
+    reference = _reference_scores(model, tok, demos, "nice", OPTIONS)
+    got = [s["mean_logprob"] for s in scored.json()["choices"][0]["scores"]]
+    assert got == pytest.approx([s.mean_logprob for s in reference], abs=1e-4)
+
+
+def test_sampling_is_seeded(served):
+    client, _, _ = served
+    prompt_id = _create(client).json()["prompt_id"]
+    body = {"prompt_id": prompt_id, "input": ["nice", "bad"], "max_new_tokens": 8, "temperature": 1.5, "seed": 7}
+    first = client.post("/v1/completions", json=body)
+    assert first.status_code == 200
+    assert client.post("/v1/completions", json=body).json() == first.json()
+
+
+# ----------------------------------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("family,design", [("llama", "discrete"), ("gpt2", "prefix"), ("qwen2", "hidden_state")])
+def test_batched_engine_equals_one_query_at_a_time(tok, family, design):
+    """Left-padded batches (ragged queries, ragged options, after a prompt or after nothing) give what the
+    evaluation path gives each query alone."""
+    model = make_pgm(family, design)
+    lm = model.base_model.model
+    prompt = model.base_model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+
+    def encode(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    queries = [encode(f"Input: {text}\nOutput:") for text in INPUTS[:4]]
+    options = [[encode(" positive"), encode(" negative")], [encode(" a")], [encode(" b"), encode(" a longer one"), encode(" c")], [encode(" yes")]]
+    for context in (prompt_context(lm, prompt), empty_context()):
+        generations = generate_batch(lm, context, queries, [6, 3, 6, 1], [0.0] * 4, [None] * 4, pad_id=1)
+        scores = score_options_batch(lm, context, queries, options, pad_id=1)
+        for query, n, generation, query_options, got in zip(queries, [6, 3, 6, 1], generations, options, scores):
+            alone = extend_context(lm, context, query)
+            assert generation.tokens == greedy_decode(lm, alone, n) and generation.finish_reason == "length"
+            expected = score_continuations(lm, alone, query_options)
+            assert [s.sum_logprob for s in got] == pytest.approx([s.sum_logprob for s in expected], abs=1e-4)
+            assert [s.num_tokens for s in got] == [s.num_tokens for s in expected]
+
+
+def test_concurrent_requests_are_batched(tmp_path, tok):
+    app, _, _ = _app(tmp_path, tok, batch_window_ms=50, max_batch=16)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            prompt_id = (await client.post("/v1/prompts", json={"task": "t", "shots": SHOTS})).json()["prompt_id"]
+
+            def body(text, **extra):
+                return {"prompt_id": prompt_id, "input": text, "max_new_tokens": 6, **extra}
+
+            # Unbatched: one request at a time, each a batch of one.
+            alone = [(await client.post("/v1/completions", json=body(text))).json() for text in INPUTS]
+            alone_scores = [(await client.post("/v1/completions", json=body(t, options=OPTIONS))).json() for t in INPUTS]
+            metrics_before = (await client.get("/metrics")).text
+            together = await asyncio.gather(*(client.post("/v1/completions", json=body(text)) for text in INPUTS))
+            together_scores = await asyncio.gather(
+                *(client.post("/v1/completions", json=body(t, options=OPTIONS)) for t in INPUTS)
+            )
+            metrics_after = (await client.get("/metrics")).text
+            return alone, alone_scores, metrics_before, together, together_scores, metrics_after
+
+    alone, alone_scores, before, together, together_scores, after = asyncio.run(main())
+    assert _metric(before, "peft_metal_batch_size_max") == 1
+    assert _metric(after, "peft_metal_batch_size_max") > 1
+    # Sixteen sequential single-input calls, then the concurrent ones in fewer calls than requests.
+    calls = _metric(after, "peft_metal_batch_size_count", kind="generate")
+    assert calls < 2 * len(INPUTS)
+    singles = _metric(after, "peft_metal_batch_size_bucket", kind="generate", le="1")
+    assert calls - singles >= 1  # at least one generate call held more than one input
+    assert [r.status_code for r in together] == [200] * len(INPUTS)
+    assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
+    for got, expected in zip(together_scores, alone_scores):
+        assert got.json()["choices"][0]["option"] == expected["choices"][0]["option"]
+        assert [s["mean_logprob"] for s in got.json()["choices"][0]["scores"]] == pytest.approx(
+            [s["mean_logprob"] for s in expected["choices"][0]["scores"]], abs=1e-4
+        )
+
+
+def test_max_batch_one_never_batches(tmp_path, tok):
+    app, _, _ = _app(tmp_path, tok, batch_window_ms=0, max_batch=1)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            await asyncio.gather(
+                *(client.post("/v1/completions", json={"input": t, "max_new_tokens": 2}) for t in INPUTS[:4])
+            )
+            return (await client.get("/metrics")).text
+
+    metrics = asyncio.run(main())
+    assert _metric(metrics, "peft_metal_batch_size_max") == 1
+    assert _metric(metrics, "peft_metal_batch_size_count", kind="generate") == 4
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+def test_too_long_is_413(served):
+    client, _, _ = served
+    prompt_id = _create(client).json()["prompt_id"]
+    long_input = "a" * MAX_POSITIONS
+    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": long_input}).status_code == 413
+    response = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 250})
+    assert response.status_code == 413 and "context" in response.json()["detail"]
+    assert client.post("/v1/completions", json={"input": ["ok", long_input]}).status_code == 413
+    assert client.post("/v1/completions", json={"input": "ok", "shots": [{"input": long_input, "output": "y"}]}).status_code == 413
+    long_shots = [{"input": "word " * 30, "output": "y"}] * 4
+    assert _create(client, shots=long_shots).status_code == 413
+    # Within the limit still works afterwards.
+    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 4}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task": "t", "shots": "good -> positive"},
+        {"task": "t", "shots": []},
+        {"task": "t", "shots": [{"input": "a"}]},
+        {"task": "t", "shots": [{"input": "a", "output": 3}]},
+        {"task": "t", "shots": [["a", "b", "c"]]},
+        {"task": "t", "shots": SHOTS, "num_demonstrations": 4},
+        {"task": "t", "shots": SHOTS, "num_demonstrations": -1},
+        {"task": "t", "shots": SHOTS, "num_demonstrations": "1"},
+        {"task": "", "shots": SHOTS},
+        {"shots": SHOTS},
+        {"task": "t", "shots": SHOTS, "unexpected": 1},
+    ],
+)
+def test_malformed_prompt_requests_are_422(served, body):
+    client, _, _ = served
+    response = client.post("/v1/prompts", json=body)
+    assert response.status_code == 422, response.text
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": []},
+        {"input": 3},
+        {"input": ["ok", 3]},
+        {},
+        {"input": "ok", "max_new_tokens": 0},
+        {"input": "ok", "temperature": -1},
+        {"input": "ok", "options": []},
+        {"input": "ok", "options": ["a", "a"]},
+        {"input": "ok", "options": [""]},
+        {"input": "ok", "shots": [{"input": "a"}]},
+        {"input": "ok", "shots": SHOTS, "prompt_id": "0" * 32},
+        {"input": ["ok"] * 65},
+    ],
+)
+def test_malformed_completion_requests_are_422(served, body):
+    client, _, _ = served
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}).status_code == 200
+
+
+def test_invalid_json_is_422(served):
+    client, _, _ = served
+    response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_api_key(tmp_path, tok):
+    app, _, _ = _app(tmp_path, tok, api_key="s3cret")
+    with TestClient(app) as client:
+        assert _create(client).status_code == 401
+        assert _create(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert _create(client, headers={"Authorization": "s3cret"}).status_code == 401
+        response = client.post("/v1/completions", json={"input": "ok"})
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert client.get(f"/v1/prompts/{'0' * 32}").status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert _create(client, headers=good).status_code == 201
+        assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}, headers=good).status_code == 200
+        assert client.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_damaged_prompt_is_never_served(served):
+    client, _, store = served
+    prompt_id = _create(client).json()["prompt_id"]
+    path = store.prompts_dir / f"{prompt_id}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    response = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"})
+    assert response.status_code == 409 and "damaged" in response.json()["detail"]
+    assert client.get("/healthz").status_code == 200
+    # Asking for the prompt again makes it anew (the store replaces the damaged file); then it is served.
+    assert _create(client).json()["prompt_id"] == prompt_id
+    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 2}).status_code == 200
+
+
+def test_bug_is_500_and_service_stays_up(served, monkeypatch):
+    client, _, _ = served
+    service = client.app.state.service
+
+    def broken(entry, jobs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service.batcher, "run_batch", broken)
+    with TestClient(client.app, raise_server_exceptions=False) as failing:
+        response = failing.post("/v1/completions", json={"input": "ok"})
+    assert response.status_code == 500 and "boom" not in response.text
+    monkeypatch.undo()
+    assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- health, metrics
+
+
+def test_healthz(served):
+    client, _, _ = served
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["design"] == "discrete" and body["max_context"] == MAX_POSITIONS
+
+
+def test_metrics(served):
+    client, _, _ = served
+    prompt_id = _create(client).json()["prompt_id"]
+    _create(client)
+    client.post("/v1/completions", json={"prompt_id": prompt_id, "input": ["a", "b"], "max_new_tokens": 2})
+    client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "a", "options": OPTIONS})
+    client.post("/v1/completions", json={"input": []})
+    client.get("/nowhere")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    requests = "peft_metal_http_requests_total"
+    assert _metric(text, requests, route="/v1/prompts", method="POST", status="201") == 1
+    assert _metric(text, requests, route="/v1/prompts", method="POST", status="200") == 1
+    assert _metric(text, requests, route="/v1/completions", method="POST", status="200") == 2
+    assert _metric(text, requests, route="/v1/completions", method="POST", status="422") == 1
+    assert _metric(text, requests, route="unmatched", method="GET", status="404") == 1
+    assert "# TYPE peft_metal_http_request_duration_seconds histogram" in text
+    assert _metric(text, "peft_metal_http_request_duration_seconds_count", route="/v1/completions", method="POST") == 3
+    assert _metric(
+        text, "peft_metal_http_request_duration_seconds_bucket", route="/v1/completions", method="POST", le="+Inf"
+    ) == 3
+    assert _metric(text, "peft_metal_prompt_store_requests_total", result="hit") == 1
+    assert _metric(text, "peft_metal_prompt_store_requests_total", result="miss") == 1
+    assert _metric(text, "peft_metal_context_cache_requests_total", result="miss") == 1
+    assert _metric(text, "peft_metal_context_cache_requests_total", result="hit") == 1
+    assert _metric(text, "peft_metal_batch_size_sum", kind="generate") == 2
+    assert _metric(text, "peft_metal_batch_size_count", kind="options") == 1
+    assert _metric(text, "peft_metal_completion_rows_total", kind="generate") == 2
+    for line in text.splitlines():  # every sample line is `name{labels} value`
+        assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? [0-9.e+-]+$", line), line
+
+
+def test_serve_command_arguments(tmp_path):
+    from peft_metal.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--store", str(tmp_path / "store")])
+    assert (args.model, args.host, args.port, args.api_key) == ("smollm2-135m", "127.0.0.1", 8000, None)
+    assert (args.batch_window_ms, args.max_batch) == (5.0, 16)
+    assert main(["serve", "--store", str(tmp_path / "store"), "--max-batch", "0"]) == 2  # refused before loading
