@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/peft-metal demo
 
 clean:
 	rm -rf $(VENV)

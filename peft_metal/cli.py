@@ -15,41 +15,21 @@ def _train(args: argparse.Namespace) -> int:
     print(summary)
     return 0
 
-SHIPPED_PGMS = {"smollm2-135m": "smollm2-135m"}  # base model name -> folder under peft_metal/shipped
-
-
-def _shipped_pgm(model_name: str) -> Optional[str]:
-    from pathlib import Path
-
-    folder = SHIPPED_PGMS.get(model_name)
-    path = Path(__file__).parent / "shipped" / folder if folder else None
-    return str(path) if path is not None and (path / "adapter_config.json").is_file() else None
-
-
 def _load_pgm(args: argparse.Namespace):
-    """The base LM wrapped as a PGM: `--pgm`, else the PGM shipped for the base model, else a fresh untrained one."""
-    import warnings
+    from .pgm import load_pgm
 
-    import torch
-    from peft import PeftModel, get_peft_model
+    methods = getattr(args, "methods", "metal")
+    warn = any(method.strip().startswith("metal") for method in methods.split(","))
+    return load_pgm(args.model, args.pgm, args.device, args.seed, warn_untrained=warn)
 
-    from .base_models import load_base_model
-    from .metal_prompt import MetaLPromptConfig
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    lm, tokenizer = load_base_model(args.model, device=device)
-    pgm = args.pgm or _shipped_pgm(args.model)
-    if pgm is not None:
-        return PeftModel.from_pretrained(lm, pgm).eval(), tokenizer, pgm
-    if any(method.strip().startswith("metal") for method in args.methods.split(",")):
-        warnings.warn(
-            f"No --pgm given and no PGM is shipped for {args.model!r}: using a fresh, untrained PGM. Its metal "
-            "scores say nothing about MetaL-Prompt; pass --pgm with a meta-trained one.",
-            UserWarning,
-            stacklevel=2,
-        )
-    torch.manual_seed(args.seed)
-    return get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM")).eval(), tokenizer, None
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .pgm import load_pgm
+
+    model, tokenizer, source = load_pgm(args.model, args.pgm, args.device, args.seed)
+    run_demo(model, tokenizer, source or "fresh, untrained PGM", shots=args.shots, queries=args.queries, seed=args.seed, output=args.output)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -224,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seeds a fresh PGM when none is given (default 0)")
     serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     serve.set_defaults(run=_serve, methods="metal")
+    demo = commands.add_parser("demo", help="the main job: SmolLM2-135M and its PGM against zero-shot and ICL on dev tasks")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--pgm", default=None, help="a PGM folder or Hub id (default: the shipped one)")
+    demo.add_argument("--shots", type=int, default=16)
+    demo.add_argument("--queries", type=int, default=24)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--output", default="demo_results/results.json")
+    demo.set_defaults(run=_demo)
     return parser
 
 
