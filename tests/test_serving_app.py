@@ -318,8 +318,11 @@ def test_too_long_is_413(served):
     assert response.status_code == 413 and "context" in response.json()["detail"]
     assert client.post("/v1/completions", json={"input": ["ok", long_input]}).status_code == 413
     assert client.post("/v1/completions", json={"input": "ok", "shots": [{"input": long_input, "output": "y"}]}).status_code == 413
-    long_shots = [{"input": "word " * 30, "output": "y"}] * 4
-    assert _create(client, shots=long_shots).status_code == 413
+    many_long_shots = [{"input": f"word {i} " * 25, "output": "y"} for i in range(4)]  # folded in chunk by chunk
+    assert _create(client, shots=many_long_shots).status_code == 201
+    one_shot_too_long = [{"input": "word " * 60, "output": "y"}]  # no chunk can hold it
+    response = _create(client, shots=one_shot_too_long)
+    assert response.status_code == 413 and "over" in response.json()["detail"]
     # Within the limit still works afterwards.
     assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 4}).status_code == 200
 

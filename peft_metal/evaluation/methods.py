@@ -145,7 +145,7 @@ def prepare_method(
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=demos)
+            prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=demos, chunk_size="auto")
         info = None
         if name == METAL_REFINE:
             with torch.enable_grad():

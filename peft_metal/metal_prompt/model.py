@@ -195,7 +195,7 @@ class MetaLPromptModel(LoraModel):
             design=config.prompt_design,
             num_tokens=config.num_prompt_tokens,
             base_fingerprint=self.base_fingerprint(),
-            pgm_config=_json_ready(config.to_dict()),
+            pgm_config=json_ready(config.to_dict()),
             text=tokenizer.decode(payload["token_ids"]) if "token_ids" in payload else None,
             **payload,
         )
@@ -285,6 +285,6 @@ def _checkpointing(lm: PreTrainedModel) -> bool:
     return bool(lm.is_activation_checkpointing if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """The config as plain JSON values (sets sorted, enums by value), as stored in a prompt's metadata."""
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))

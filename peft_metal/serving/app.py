@@ -40,8 +40,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ..evaluation.metrics import best_option, cut_generation, has_stop
 from ..evaluation.methods import ModelParts
 from ..evaluation.scoring import empty_context, prompt_context
+from ..metal_prompt.chunking import chunk_shots
 from ..metal_prompt.fingerprint import check_same_base
-from ..metal_prompt.model import PADDING_ATTRIBUTE, _json_ready
+from ..metal_prompt.model import PADDING_ATTRIBUTE, json_ready
 from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.reading import max_context_length
 from ..metal_prompt.template import ShotTemplate, normalize_shots
@@ -125,7 +126,7 @@ class Service:
         self._creating: dict[str, asyncio.Future] = {}
         if self.tuner is not None:
             self.base_fingerprint = self.tuner.base_fingerprint()
-            self.pgm_config = {**_json_ready(self.tuner.metal_config.to_dict()), "pgm_weights": pgm_weights_digest(self.tuner)}
+            self.pgm_config = {**json_ready(self.tuner.metal_config.to_dict()), "pgm_weights": pgm_weights_digest(self.tuner)}
         else:
             self.base_fingerprint, self.pgm_config = None, None
 
@@ -197,7 +198,9 @@ class Service:
     async def _get_or_create(self, task: str, shots: list[tuple[str, str]], num_demonstrations: int):
         def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
             return self.runner.call(
-                lambda: self.tuner.generate_prompt(shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations)
+                lambda: self.tuner.generate_prompt(
+                    shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto"
+                )
             )
 
         try:
@@ -210,19 +213,14 @@ class Service:
             raise _error(422, str(error)) from None
 
     def _check_pgm_fits(self, shots: list[tuple[str, str]], num_demonstrations: int) -> None:
-        if self.limit is None:
-            return
-        template = self.template
+        """413 only for shots that cannot be read even chunk by chunk; more shots than fit at once are folded in."""
         split = len(shots) - num_demonstrations
-        generation = len(self.encode(template.format_shots(shots[:split])))
-        needed = generation + self.tuner.metal_config.num_prompt_tokens
-        if needed > self.limit:
-            raise _error(
-                413,
-                f"The {split} generation shots take {generation} tokens; with the PGM's "
-                f"{self.tuner.metal_config.num_prompt_tokens} prompt positions that is {needed}, over the model's context "
-                f"of {self.limit}. Send fewer or shorter shots, or keep some as demonstrations.",
+        try:
+            chunk_shots(
+                shots[:split], self.tokenizer, self.template, self.tuner.metal_config.num_prompt_tokens, self.limit, "auto"
             )
+        except ValueError as error:
+            raise _error(413, str(error)) from None
 
     async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
         try:
