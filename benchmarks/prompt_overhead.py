@@ -65,7 +65,7 @@ def main() -> None:
             }
         )
         lm = model.unload()
-    machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}".strip()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     args.output.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "shots": args.shots, "repeats": args.repeats, "machine": machine, "rows": rows}
     (args.output / "prompt_overhead.json").write_text(json.dumps(report, indent=2))
