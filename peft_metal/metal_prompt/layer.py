@@ -53,12 +53,12 @@ class TrainablePadding(nn.Module):
         """The K x hidden padding embeddings; computed once and reused while nothing can change them."""
         if self.training or torch.is_grad_enabled():
             self._cached = None
-            return self._reparameterize()
+            return self.reparameterize()
         if self._cached is None:
-            self._cached = self._reparameterize().detach()
+            self._cached = self.reparameterize().detach()
         return self._cached
 
-    def _reparameterize(self) -> torch.Tensor:
+    def reparameterize(self) -> torch.Tensor:
         raw = self.embedding
         if self.reparameterization == "none":
             return raw

@@ -65,7 +65,7 @@ class MetaLPromptModel(LoraModel):
         """
         for name, padding in self.metal_padding.items():
             with torch.no_grad():
-                baked = padding._reparameterize().detach()
+                baked = padding.reparameterize().detach()
             self.metal_padding[name] = TrainablePadding(padding.num_tokens, baked, "none").to(baked.device)
             self.peft_config[name].padding_reparameterization = "none"
             self.peft_config[name].padding_hidden_size = None
