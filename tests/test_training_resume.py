@@ -92,3 +92,21 @@ def test_training_lowers_the_loss(tmp_path):
     before = mean_loss()
     trainer.train()
     assert mean_loss() < before - 0.1
+
+
+def test_distillation_term_is_a_kl_that_trains_the_pgm(tmp_path):
+    """MEND-style distillation: KL between the LM given all shots as demonstrations (teacher, no gradient) and the LM
+    given the generated prompt (student); zero weight leaves it out of the loss."""
+    from peft_metal.training import EpisodeLoss
+
+    trainer = make_trainer(tmp_path, "weighted_sum")
+    episode = trainer.sampler.episode(0)
+    module = EpisodeLoss(trainer.model, trainer.tokenizer, distillation_weight=0.5)
+    trainer.model.train()
+    losses = module(episode)
+    assert torch.isfinite(losses["distillation"]) and losses["distillation"] >= 0
+    torch.testing.assert_close(losses["loss"], losses["lm_loss"] + 0.5 * losses["distillation"])
+    losses["distillation"].backward()
+    padding = trainer.model.base_model.metal_padding["default"]
+    assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0
+    assert "distillation" not in EpisodeLoss(trainer.model, trainer.tokenizer)(episode)
