@@ -197,11 +197,13 @@ class Service:
 
     async def _get_or_create(self, task: str, shots: list[tuple[str, str]], num_demonstrations: int):
         def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
-            return self.runner.call(
-                lambda: self.tuner.generate_prompt(
-                    shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto"
-                )
-            )
+            def generate() -> GeneratedPrompt:
+                with self.tokenizer_lock:  # generate_prompt tokenizes; the loop thread may be tokenizing too
+                    return self.tuner.generate_prompt(
+                        shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto"
+                    )
+
+            return self.runner.call(generate)
 
         try:
             return await self.in_store(
@@ -216,9 +218,10 @@ class Service:
         """413 only for shots that cannot be read even chunk by chunk; more shots than fit at once are folded in."""
         split = len(shots) - num_demonstrations
         try:
-            chunk_shots(
-                shots[:split], self.tokenizer, self.template, self.tuner.metal_config.num_prompt_tokens, self.limit, "auto"
-            )
+            with self.tokenizer_lock:
+                chunk_shots(
+                    shots[:split], self.tokenizer, self.template, self.tuner.metal_config.num_prompt_tokens, self.limit, "auto"
+                )
         except ValueError as error:
             raise _error(413, str(error)) from None
 
