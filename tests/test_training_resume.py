@@ -67,14 +67,14 @@ def test_log_checkpoint_and_final_pgm(tmp_path):
     trainer = make_trainer(tmp_path, "hidden_state", max_steps=4)
     summary = trainer.train()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert all("dev_loss" in r for r in records if r["step"] % 2 == 0)
     assert summary["optimizer_steps"] == 4 and summary["episodes"] == 8
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
     assert config["training_summary"]["optimizer_steps"] == 4
     assert "Meta-training" in (tmp_path / "pgm" / "README.md").read_text()
     assert config["padding_reparameterization"] == "none"  # baked for shipping
-    assert [r["step"] for r in json.loads((tmp_path / "pgm" / "training_log.json").read_text())] == [1, 2, 3, 4]
+    assert [r["step"] for r in json.loads((tmp_path / "pgm" / "training_log.json").read_text())] == [0, 1, 2, 3, 4]
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
         assert {p.name for p in (tmp_path / checkpoint).iterdir()} == {"pgm", "state.json", "state.safetensors"}
 

@@ -123,6 +123,8 @@ class MetaTrainer:
         if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
             meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
+        if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
+            self._log({"step": 0, "dev_loss": self.evaluate()})
         self.model.train()
         start_step, started = self.step, time.perf_counter()
         bar = tqdm(total=args.max_steps, initial=self.step, desc="meta-training", disable=not self.accelerator.is_local_main_process)
