@@ -67,3 +67,27 @@ def test_sentiment_prompt_and_generation(smollm2, design, tmp_path):
             assert torch.equal(reference[0, context.numel() :], output[1, width - query.shape[1] :][: reference.shape[1] - context.numel()])
     finally:
         model.unload()
+
+
+def test_shipped_pgm_loads_and_makes_prompts(smollm2):
+    """The PGM committed under peft_metal/shipped loads with PEFT's own from_pretrained and serves SmolLM2-135M."""
+    from peft import PeftModel
+
+    from peft_metal.pgm import shipped_pgm
+
+    lm, tokenizer = smollm2
+    folder = shipped_pgm("smollm2-135m")
+    assert folder is not None
+    model = PeftModel.from_pretrained(lm, folder).eval()
+    try:
+        config = model.peft_config["default"]
+        assert config.prompt_design == "prefix" and config.padding_reparameterization == "none"
+        assert config.training_summary["optimizer_steps"] > 0
+        assert not any(p.requires_grad for p in model.parameters())  # loaded for inference
+        with torch.no_grad():
+            prompt = model.generate_prompt(SHOTS, tokenizer=tokenizer)
+            query = tokenizer([model.base_model.template.format_query(QUERIES[0])], return_tensors="pt", add_special_tokens=False)
+            output = model.generate(prompt=prompt, input_ids=query.input_ids, max_new_tokens=2, do_sample=False)
+        assert prompt.keys.shape == (30, 3, 16, 64) and output.shape[1] == query.input_ids.shape[1] + 2
+    finally:
+        model.unload()
