@@ -52,7 +52,8 @@ def _context(lm: PreTrainedModel, prompt: GeneratedPrompt, batch_size: int) -> t
     return embeds, design.context_cache(prompt, batch_size)
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count unmasked tokens only, so left padding does not shift a query."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -68,7 +69,7 @@ def _run_after_cache(
     return lm(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        position_ids=_positions(attention_mask)[:, past_length:],
+        position_ids=positions_from_mask(attention_mask)[:, past_length:],
         past_key_values=cache,
         **kwargs,
     )

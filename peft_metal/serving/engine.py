@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..designs.base import expand_cache
 from ..evaluation.scoring import Context, ContinuationScore
-from ..metal_prompt.reading import keeps_logits
+from ..metal_prompt.reading import keeps_logits, positions_from_mask
 
 @dataclass(frozen=True)
 class Generation:
@@ -63,7 +63,7 @@ def read_queries(
     batch = len(queries)
     ids, query_mask = _left_pad(queries, pad_id, device)
     mask = torch.cat([torch.ones(batch, context.length, dtype=torch.long, device=device), query_mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, context.length :]
+    positions = positions_from_mask(mask)[:, context.length :]
     kwargs = {"logits_to_keep": 1} if keeps_logits(lm) else {}
     outputs = lm(
         input_ids=ids,

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data import Episode
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.queries import QueryBatch, encode_queries
+from ..metal_prompt.reading import positions_from_mask
 
 
 class EpisodeLoss(nn.Module):
@@ -66,7 +67,7 @@ class EpisodeLoss(nn.Module):
         size = batch.input_ids.shape[0]
         input_ids = torch.cat([context.expand(size, -1), batch.input_ids], dim=1)
         mask = torch.cat([torch.ones_like(context).expand(size, -1), batch.attention_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask)
         with torch.no_grad(), self.model.base_model._lora(False):
             teacher_logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
         teacher_logits = teacher_logits[:, -batch.input_ids.shape[1] :]
