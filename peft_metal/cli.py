@@ -10,7 +10,9 @@ from typing import Optional, Sequence
 def _train(args: argparse.Namespace) -> int:
     from .training import MetaTrainer, TrainingArguments
 
-    training_args = TrainingArguments.from_json(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
+    training_args = TrainingArguments.from_json(
+        args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
+    )
     summary = MetaTrainer(training_args).train(resume=args.resume)
     print(summary)
     return 0
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="overrides the config's output_dir")
     train.add_argument("--max-steps", type=int, help="overrides the config's max_steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument(
+        "--init-from", help="start from a saved PGM's weights (continued meta-training; overrides the config's init_from)"
+    )
     train.set_defaults(run=_train)
 
     evaluation = commands.add_parser(

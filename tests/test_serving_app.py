@@ -251,6 +251,10 @@ def test_batched_engine_equals_one_query_at_a_time(tok, family, design):
             expected = score_continuations(lm, alone, query_options)
             assert [s.sum_logprob for s in got] == pytest.approx([s.sum_logprob for s in expected], abs=1e-4)
             assert [s.num_tokens for s in got] == [s.num_tokens for s in expected]
+        # A cache budget of one byte reads one option row per forward: the same scores.
+        one_row_at_a_time = score_options_batch(lm, context, queries, options, pad_id=1, cache_budget_bytes=1)
+        for together, apart in zip(scores, one_row_at_a_time):
+            assert [s.sum_logprob for s in apart] == pytest.approx([s.sum_logprob for s in together], abs=1e-4)
 
 
 def test_concurrent_requests_are_batched(tmp_path, tok):

@@ -110,3 +110,32 @@ def test_distillation_term_is_a_kl_that_trains_the_pgm(tmp_path):
     padding = trainer.model.base_model.metal_padding["default"]
     assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0
     assert "distillation" not in EpisodeLoss(trainer.model, trainer.tokenizer)(episode)
+
+
+def test_continued_training_starts_from_a_saved_pgm(tmp_path):
+    """`init_from` starts a new run from a saved PGM's weights, all of them trainable again; a PGM shaped otherwise
+    is refused with the differing settings named."""
+    from conftest import K, make_lm
+    from peft_metal.training.trainer import _saved_pgm
+
+    first = make_trainer(tmp_path / "first", "prefix", max_steps=4)
+    first.train(stop_after=2)  # a finished run bakes its padding; stopped at a checkpoint, the LSTM/MLP is still there
+    saved = tmp_path / "first" / "checkpoint-2" / "pgm"
+    trained = pgm_state(first)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "second"), prompt_design="prefix", num_prompt_tokens=K, r=4,
+        padding_reparameterization="mlp", init_from=str(saved),
+    )
+    continued = _saved_pgm(make_lm("llama"), args)
+    state = {n: p.detach() for n, p in continued.named_parameters() if p.requires_grad}
+    assert state.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(state[name], trained[name], rtol=0, atol=0, msg=name)
+
+    wrong = TrainingArguments(
+        output_dir=str(tmp_path / "third"), prompt_design="discrete", num_prompt_tokens=K, r=4,
+        padding_reparameterization="mlp", init_from=str(saved),
+    )
+    with pytest.raises(ValueError, match="prompt_design: saved 'prefix', settings 'discrete'"):
+        _saved_pgm(make_lm("llama"), wrong)

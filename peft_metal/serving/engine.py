@@ -8,8 +8,8 @@ never copied or mutated); padding is masked and positions skip it, so every row 
 * `generate_batch`: greedy or sampled decoding, each row stopping on its own (end of sequence, the template's stop
   strings, its own `max_new_tokens`); finished rows leave the batch.
 * `score_options_batch`: log-likelihood (summed and length-normalized) of each query's options, as
-  `scoring.score_continuations` computes them for one query: the queries in one forward, then one forward per option
-  position (the j-th options of all queries together).
+  `scoring.score_continuations` computes them for one query: the queries in one forward, then all their options in
+  another (each option a row over its query's cache).
 
 Everything here runs in the server's single model thread; nothing is concurrent with the PGM.
 """
@@ -136,6 +136,15 @@ def generate_batch(
     return [Generation(row_tokens, reason or "length") for row_tokens, reason in zip(tokens, reasons)]
 
 
+# Option rows read in one forward carry a gathered copy of their query's cache; this bounds that copy.
+OPTION_CACHE_BUDGET_BYTES = 512 * 2**20
+
+
+def _rows_per_forward(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], budget_bytes: int) -> int:
+    row_bytes = sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in layers)
+    return max(1, budget_bytes // max(1, row_bytes))
+
+
 @torch.no_grad()
 def score_options_batch(
     lm: PreTrainedModel,
@@ -143,10 +152,13 @@ def score_options_batch(
     queries: Sequence[Sequence[int]],
     options: Sequence[Sequence[Sequence[int]]],
     pad_id: int = 0,
+    cache_budget_bytes: int = OPTION_CACHE_BUDGET_BYTES,
 ) -> list[list[ContinuationScore]]:
     """Log P(option | context, query) for every option of every query (as `scoring.score_continuations` does for
-    one query): the queries are read in one batch, then the j-th options of all queries in one right-padded forward
-    per j, over the queries' cache (shared, not copied per option)."""
+    one query), in two forwards rather than one per option: the queries in one batch, then every option of every
+    query as one row over its query's cache (more forwards only when those copies would exceed
+    `cache_budget_bytes`). On a small model the cost of a forward is mostly reading the weights, so fewer, wider
+    forwards are what makes batching pay."""
     if any(not option for query_options in options for option in query_options):
         raise ValueError("An empty option has no likelihood to score; every option must have at least one token.")
     last_logits, cache, mask = read_queries(lm, context, queries, pad_id)
@@ -154,26 +166,26 @@ def score_options_batch(
     first_logprobs = F.log_softmax(last_logits, dim=-1)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     scores: list[list[Optional[ContinuationScore]]] = [[None] * len(query_options) for query_options in options]
-    for j in range(max(len(query_options) for query_options in options)):
-        owners = [query for query, query_options in enumerate(options) if len(query_options) > j]
-        chunk = [list(options[query][j]) for query in owners]
-        owner = torch.tensor(owners, dtype=torch.long, device=device)
-        width = max(len(option) for option in chunk)
-        ids = torch.tensor([option + [pad_id] * (width - len(option)) for option in chunk], device=device)
+    rows = [(query, j) for query, query_options in enumerate(options) for j in range(len(query_options))]
+    step = _rows_per_forward(layers, cache_budget_bytes)
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        tokens = [list(options[query][j]) for query, j in chunk]
+        owner = torch.tensor([query for query, _ in chunk], dtype=torch.long, device=device)
+        width = max(len(option) for option in tokens)
+        ids = torch.tensor([option + [pad_id] * (width - len(option)) for option in tokens], device=device)
         option_mask = torch.tensor(
-            [[1] * len(option) + [0] * (width - len(option)) for option in chunk], dtype=torch.long, device=device
+            [[1] * len(option) + [0] * (width - len(option)) for option in tokens], dtype=torch.long, device=device
         )
         first = first_logprobs[owner].gather(-1, ids[:, :1]).squeeze(-1)
         if width > 1:
             # Right padding after every real token: causal attention keeps it from changing any scored logit.
-            every_query = len(owners) == len(queries)
-            row_mask = mask if every_query else mask[owner]
-            row_layers = layers if every_query else [(k[owner], v[owner]) for k, v in layers]
+            row_mask = mask[owner]
             outputs = lm(
                 input_ids=ids[:, :-1],
                 attention_mask=torch.cat([row_mask, option_mask[:, :-1]], dim=1),
                 position_ids=row_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device),
-                past_key_values=DynamicCache(ddp_cache_data=row_layers),  # a fresh wrapper: the layers are only read
+                past_key_values=DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in layers]),
                 use_cache=False,
             )
             rest = F.log_softmax(outputs.logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -181,6 +193,6 @@ def score_options_batch(
         else:
             token_logprobs = first.unsqueeze(1)
         sums, lengths = token_logprobs.sum(dim=1), option_mask.sum(dim=1)
-        for query, s, n in zip(owners, sums.tolist(), lengths.tolist()):
+        for (query, j), s, n in zip(chunk, sums.tolist(), lengths.tolist()):
             scores[query][j] = ContinuationScore(float(s), float(s / n), int(n))
     return scores  # type: ignore[return-value]

@@ -39,6 +39,7 @@ class TrainingArguments:
     log_every: int = 10
     distillation_weight: float = 0.0
     mixed_precision: str = "auto"
+    init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from peft import get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -37,8 +37,15 @@ def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task
     return [load_bigbench_task(name) for name in names]
 
 
+# Settings a PGM's weights are shaped by: a run started from a saved PGM must agree with it on all of them.
+SHAPE_SETTINGS = ("prompt_design", "num_prompt_tokens", "r", "padding_reparameterization")
+
+
 def build_pgm(args: TrainingArguments):
+    """A fresh PGM for `args`, or, with `init_from`, the saved one (trainable) after checking it is shaped as `args`."""
     lm, tokenizer = load_base_model(args.model)
+    if args.init_from is not None:
+        return _saved_pgm(lm, args), tokenizer
     config = MetaLPromptConfig(
         task_type="CAUSAL_LM",
         prompt_design=args.prompt_design,
@@ -49,6 +56,20 @@ def build_pgm(args: TrainingArguments):
         padding_reparameterization=args.padding_reparameterization,
     )
     return get_peft_model(lm, config), tokenizer
+
+
+def _saved_pgm(lm, args: TrainingArguments):
+    saved = PeftConfig.from_pretrained(args.init_from)
+    if not isinstance(saved, MetaLPromptConfig):
+        raise ValueError(f"init_from={args.init_from!r} holds a {type(saved).__name__}, not a MetaL-Prompt PGM.")
+    differ = {name: (getattr(saved, name), getattr(args, name)) for name in SHAPE_SETTINGS if getattr(saved, name) != getattr(args, name)}
+    if differ:
+        listed = ", ".join(f"{name}: saved {was!r}, settings {now!r}" for name, (was, now) in differ.items())
+        raise ValueError(
+            f"init_from={args.init_from!r} does not match this run's settings ({listed}). Set them as the saved PGM "
+            "has them (a baked PGM has padding_reparameterization 'none'), or start from a fresh PGM."
+        )
+    return PeftModel.from_pretrained(lm, args.init_from, is_trainable=True)
 
 
 class MetaTrainer:
