@@ -58,6 +58,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.template import Shot, ShotTemplate
 from .scoring import Context, check_length
+from .timing import synchronize
 
 PROMPT_TUNING = "prompt_tuning"
 P_TUNING = "p_tuning"
@@ -185,11 +186,6 @@ def right_padded(batch: QueryBatch) -> QueryBatch:
     return QueryBatch(*rows)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_baseline(
     method: str,
     lm: PreTrainedModel,
@@ -221,7 +217,7 @@ def train_baseline(
             tokenizer.save_pretrained(folder)  # PEFT loads the tokenizer by path to tokenize the init text
             tokenizer_path = folder
         config = peft_config_for(method, options, tokens, tokenizer_path)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -235,7 +231,7 @@ def train_baseline(
         finally:
             for parameter, flag in flags:
                 parameter.requires_grad_(flag)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     model.prompt_encoder.requires_grad_(False)  # trained: only read from now on
     return TrainedBaseline(method, model, tokens, losses, seconds)

@@ -27,6 +27,7 @@ from ..data import Example
 from ..metal_prompt import MetaLPromptModel, ShotTemplate
 from .baselines import BASELINE_METHODS, BaselineOptions, baseline_context, train_baseline
 from .scoring import Context, empty_context, extend_context, prompt_context
+from .timing import synchronize
 
 ZERO_SHOT = "zero_shot"
 ICL = "icl"
@@ -103,11 +104,6 @@ class PreparedMethod:
     info: Optional[dict[str, Any]] = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids without special tokens: texts are tokenized apart and concatenated, as in meta-training."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -142,7 +138,7 @@ def prepare_method(
             raise TypeError(f"Method {name!r} needs a MetaL-Prompt PGM (a PeftModel from get_peft_model/from_pretrained).")
         demos = num_demonstrations if name == METAL_DEMOS else 0
         device = parts.lm.get_input_embeddings().weight.device
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
             prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=demos, chunk_size="auto")
@@ -153,7 +149,7 @@ def prepare_method(
                     prompt, pairs, tokenizer, steps=refine_steps, lr=refine_lr, batch_size=refine_batch_size, seed=seed
                 )
             info = {"refine_steps": refine_steps}
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         return PreparedMethod(name, prompt_context(parts.lm, prompt), seconds, prompt.context_length, info=info)
     if name in BASELINE_METHODS:

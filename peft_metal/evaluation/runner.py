@@ -27,7 +27,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import Example, Task
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
+from ..metal_prompt.reading import eos_token_ids
 from .baselines import BASELINE_METHODS, BaselineOptions
+from .timing import synchronize
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     DEFAULT_REFINE_BATCH_SIZE,
@@ -38,7 +40,6 @@ from .methods import (
     PGM_METHODS,
     ModelParts,
     PreparedMethod,
-    _sync,
     option_ids,
     prepare_method,
     query_context,
@@ -102,15 +103,6 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _eos_ids(parts: ModelParts, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    eos = parts.lm.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
 def _score_multiple_choice(parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]) -> dict[str, float]:
     mean_hits = sum_hits = 0
     for example in queries:
@@ -126,7 +118,7 @@ def _score_multiple_choice(parts, tokenizer, prepared: PreparedMethod, queries: 
 def _score_generative(
     parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example], max_new_tokens: int
 ) -> dict[str, float]:
-    eos = _eos_ids(parts, tokenizer)
+    eos = eos_token_ids(parts.lm, tokenizer)
     template = parts.template
 
     def stop(tokens: list[int]) -> bool:
@@ -162,7 +154,7 @@ def evaluate_method(
         scores = _score_multiple_choice(parts, tokenizer, prepared, queries)
     else:
         scores = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start - prepared.prompt_seconds
     record = {
         "task": task.name,

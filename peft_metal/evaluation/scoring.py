@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from ..designs.base import expand_cache
 from ..metal_prompt.prompt import GeneratedPrompt
-from ..metal_prompt.reading import context_cache, keeps_logits, max_context_length
+from ..metal_prompt.reading import context_cache, keeps_logits, max_context_length, model_device
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,10 +53,6 @@ def prompt_context(lm: PreTrainedModel, prompt: GeneratedPrompt) -> Context:
     return Context(layers=context_cache(lm, prompt), length=prompt.context_length)
 
 
-def _device(lm: PreTrainedModel) -> torch.device:
-    return lm.get_input_embeddings().weight.device
-
-
 def check_length(lm: PreTrainedModel, context: Context, more: int, what: str) -> None:
     """Refuse inputs the LM cannot see whole (positions would overflow)."""
     limit = max_context_length(lm)
@@ -74,7 +70,7 @@ def extend_context(lm: PreTrainedModel, context: Context, token_ids: Sequence[in
     if not token_ids:
         return context
     check_length(lm, context, len(token_ids), "new tokens")
-    device = _device(lm)
+    device = model_device(lm)
     n = len(token_ids)
     kwargs = {"logits_to_keep": 1} if keeps_logits(lm) else {}
     outputs = lm(
@@ -106,7 +102,7 @@ def score_continuations(
         raise ValueError("An empty continuation has no likelihood to score; every option must have at least one token.")
     if context.last_logits is None:
         raise ValueError("The context has no next-token logits: extend it with the query before scoring.")
-    device = _device(lm)
+    device = model_device(lm)
     batch, width = len(continuations), max(len(c) for c in continuations)
     check_length(lm, context, width, "longest continuation")
     ids = torch.tensor([c + [0] * (width - len(c)) for c in continuations], dtype=torch.long, device=device)

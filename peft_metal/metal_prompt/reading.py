@@ -21,6 +21,21 @@ from ..designs.base import expand_cache
 from .prompt import GeneratedPrompt
 
 
+
+def model_device(lm: PreTrainedModel) -> torch.device:
+    """Where the LM's weights are (inputs are built there)."""
+    return lm.get_input_embeddings().weight.device
+
+
+def eos_token_ids(lm: PreTrainedModel, tokenizer: Any) -> list[int]:
+    """The ids that end a generation: the LM's generation config's, else the tokenizer's (none when neither has one)."""
+    eos = lm.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
 def max_context_length(lm: PreTrainedModel) -> Optional[int]:
     config = lm.config.get_text_config(decoder=True)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

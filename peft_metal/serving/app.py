@@ -44,7 +44,7 @@ from ..metal_prompt.chunking import chunk_shots
 from ..metal_prompt.fingerprint import check_same_base
 from ..metal_prompt.model import PADDING_ATTRIBUTE, json_ready
 from ..metal_prompt.prompt import GeneratedPrompt
-from ..metal_prompt.reading import max_context_length
+from ..metal_prompt.reading import eos_token_ids, max_context_length
 from ..metal_prompt.template import ShotTemplate, normalize_shots
 from .batching import GENERATE, OPTIONS, Batcher, ContextCache, Job, ModelRunner, PromptEntry
 from .engine import generate_batch, score_options_batch
@@ -121,7 +121,7 @@ class Service:
         self.contexts = ContextCache(context_cache_size, self.metrics)
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared by the loop and the model thread
         self.pad_id = self._pad_id()
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_token_ids(self.lm, self.tokenizer)
         self.plain = PromptEntry(key=None, context=empty_context(), template=self.template)
         self._creating: dict[str, asyncio.Future] = {}
         if self.tuner is not None:
@@ -135,14 +135,6 @@ class Service:
             if isinstance(candidate, int):
                 return candidate
         return 0
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.lm.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
     def encode(self, text: str) -> list[int]:
         if not text:

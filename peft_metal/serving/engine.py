@@ -25,16 +25,12 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..designs.base import expand_cache
 from ..evaluation.scoring import Context, ContinuationScore
-from ..metal_prompt.reading import keeps_logits, positions_from_mask
+from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
 
 @dataclass(frozen=True)
 class Generation:
     tokens: list[int]
     finish_reason: str  # "stop" (a stop string), "eos" or "length"
-
-
-def _device(lm: PreTrainedModel) -> torch.device:
-    return lm.get_input_embeddings().weight.device
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +55,7 @@ def read_queries(
     """
     if any(not query for query in queries):
         raise ValueError("Every query must have at least one token.")
-    device = _device(lm)
+    device = model_device(lm)
     batch = len(queries)
     ids, query_mask = _left_pad(queries, pad_id, device)
     mask = torch.cat([torch.ones(batch, context.length, dtype=torch.long, device=device), query_mask], dim=1)
