@@ -86,7 +86,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """The service in a subprocess; `stop()` terminates it (only this process, by its own handle)."""
+    """The service in a subprocess; `stop()` terminates it, `kill()` SIGKILLs it (only this process, by its handle)."""
 
     def __init__(self, args: argparse.Namespace, store: Path, window_ms: float, max_batch: int, log: Path) -> None:
         self.port = _free_port()
@@ -114,6 +114,13 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"The server did not answer /healthz within {timeout:.0f} s; see {self.log}.")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown handlers run."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -352,7 +359,8 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 
 def _markdown(report: dict[str, Any]) -> str:
     s, prompt = report["settings"], report["prompt"]
-    command = f"python benchmarks/serving_load.py --model {s['model']} --task {s['task']} --clients {s['clients']} --requests {s['requests']}"
+    command = f"python benchmarks/serving_load.py --model {s['model']}" + (f" --pgm {s['pgm']}" if s["pgm"] else "")
+    command += f" --task {s['task']} --clients {s['clients']} --requests {s['requests']}"
     lines = [
         f"`{command}` on {report['machine']} (OMP_NUM_THREADS={s['omp_num_threads']}); {s['shots']} shots, "
         f"mode {s['mode']}, total {report['total_s']:.0f} s; load average at start "
