@@ -13,7 +13,6 @@ query already runs the model near that rate, batching has little left to gain. W
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ from peft_metal.evaluation.methods import ModelParts
 from peft_metal.evaluation.scoring import empty_context, prompt_context
 from peft_metal.pgm import load_pgm
 from peft_metal.serving.engine import score_options_batch
+
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 
 def matmul_gflops(repeats: int = 50) -> float:
@@ -84,8 +85,6 @@ def main() -> None:
         "command": command, "machine": machine, "pgm": source, "task": args.task, "prompt_design": prompt.design,
         "matmul_gflops": matmul_gflops(), "rows": rows,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "option_scoring.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"`{command}` on {machine}; a {prompt.design} prompt from 16 shots, each query with its own options; "
         f"median of {args.repeats}. Reference: a 1024x576 by 576x1536 fp32 matmul runs at {report['matmul_gflops']:.0f} GFLOP/s.",
@@ -94,8 +93,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {r['context']} | {r['batch']} | {r['seconds']:.3f} | {r['queries_per_s']:.2f} | {r['vs_batch_1']:.2f}x |" for r in rows]
-    (args.output / "option_scoring.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.output, "option_scoring", report, lines)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writes `prompt_overhead.json` and `prompt_overhead.md` into DIR (default benchma
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,8 @@ from peft import get_peft_model
 import peft_metal  # noqa: F401
 from peft_metal import MetaLPromptConfig
 from peft_metal.base_models import load_base_model
+
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 
 
@@ -66,9 +67,7 @@ def main() -> None:
         )
         lm = model.unload()
     machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    args.output.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "shots": args.shots, "repeats": args.repeats, "machine": machine, "rows": rows}
-    (args.output / "prompt_overhead.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"`python benchmarks/prompt_overhead.py --model {args.model} --shots {args.shots}` on {machine}",
         "",
@@ -81,8 +80,7 @@ def main() -> None:
             f"{row['plain_forward_s'] * 1000:.1f} | {row['ratio']:.2f} | {row['trainable_params']:,} / "
             f"{row['total_params']:,} ({100 * row['trainable_params'] / row['total_params']:.2f}%) |"
         )
-    (args.output / "prompt_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.output, "prompt_overhead", report, lines)
 
 
 if __name__ == "__main__":

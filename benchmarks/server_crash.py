@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 from serving_load import Server  # the same server process the load benchmark starts
 
 TASK = "crash"
@@ -164,8 +162,6 @@ def main() -> None:
     machine = ", ".join(part for part in (platform.machine(), f"{os.cpu_count()} CPUs", f"Python {platform.python_version()}") if part)
     command = " ".join(["python", "benchmarks/server_crash.py", *sys.argv[1:]])
     report = {"command": command, "machine": machine, "model": args.model, "pgm": args.pgm, "summary": summary, "rounds": rounds}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "server_crash.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"`{command}` on {machine}; model {args.model}, {args.clients} clients storing prompts over HTTP, the server "
         f"SIGKILLed uniformly in [0.2, {args.max_delay}] s after it is up, then restarted on the same store.",
@@ -175,8 +171,7 @@ def main() -> None:
         f"| {summary['rounds']} | {summary['acknowledged_prompts']} | {summary['acknowledged_deletes']} | {summary['prompts_in_store']} | "
         f"{summary['prompts_verified']} | {summary['lost']} | {summary['undeleted']} | {summary['damaged']} |",
     ]
-    (args.output / "server_crash.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.output, "server_crash", report, lines)
     if summary["lost"] or summary["undeleted"] or summary["damaged"]:
         sys.exit(1)
 

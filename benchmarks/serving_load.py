@@ -39,6 +39,8 @@ from typing import Any, Optional
 
 import httpx
 
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+
 DEFAULT_TASK = "similarities_abstraction"
 HOST = "127.0.0.1"  # loopback only
 COMPARE_CLIENTS = 16
@@ -346,11 +348,7 @@ def main() -> None:
         "settings": settings, "machine": machine, "load_average_at_start": load_at_start, "total_s": total_s,
         "prompt": prompt, "rows": rows,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "serving_load.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = _markdown(report)
-    (args.output / "serving_load.md").write_text(markdown)
-    print(markdown)
+    write_report(args.output, "serving_load", report, _markdown(report).splitlines())
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import random
@@ -32,7 +31,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 REPO = Path(__file__).resolve().parent.parent
 DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
@@ -268,8 +269,6 @@ def main() -> None:
         "summary": summary,
         "rounds": rounds,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "store_crash.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"`{report['command']}` on {machine}, store on {report['filesystem']}",
         "",
@@ -290,8 +289,7 @@ def main() -> None:
             f"{row['deletes']} | {row['leftovers']} | {row['prompts_in_store']} | {len(row['damaged'])} | {len(row['lost'])} | "
             f"{len(row['undeleted'])} |"
         )
-    (args.output / "store_crash.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.output, "store_crash", report, lines)
     if summary["lost"] or summary["damaged"] or summary["undeleted"]:
         sys.exit(1)
 

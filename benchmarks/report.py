@@ -1,0 +1,16 @@
+"""How every benchmark leaves its figures: `<name>.json` (everything measured) and `<name>.md` (the table quoted in
+docs/results.md) side by side, the markdown also printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_report(output: Path, name: str, report: dict[str, Any], markdown_lines: list[str]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = "\n".join(markdown_lines) + "\n"
+    (output / f"{name}.md").write_text(markdown)
+    print(markdown, end="")
