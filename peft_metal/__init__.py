@@ -15,5 +15,7 @@ register()
 
 from peft import get_peft_model  # noqa: E402  (re-exported: works once registered)
 
+from .hub import push_pgm_to_hub  # noqa: E402
+
 __version__ = "0.1.0"
-__all__ = ["GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "ShotTemplate", "get_peft_model"]
+__all__ = ["GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "ShotTemplate", "get_peft_model", "push_pgm_to_hub"]

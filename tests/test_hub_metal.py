@@ -3,6 +3,7 @@ the loopback Hub stand-in (tests/hub_stub.py), with huggingface_hub, transformer
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftConfig, PeftModel
 
@@ -36,3 +37,19 @@ def test_push_to_hub_and_load_back_identical_prompts(hub, tok):
     actual = loaded.generate_prompt(SHOTS, tokenizer=tok)
     assert torch.allclose(actual.keys, expected.keys, atol=1e-6)
     assert torch.allclose(actual.values, expected.values, atol=1e-6)
+
+
+def test_push_pgm_to_hub_keeps_the_metal_prompt_model_card(hub, tok):
+    """`model.push_to_hub` ends with transformers' card; `push_pgm_to_hub` uploads the card save_pretrained wrote."""
+    from peft_metal import push_pgm_to_hub
+
+    model = make_pgm("llama", "discrete").eval()
+    expected = model.generate_prompt(SHOTS, tokenizer=tok)
+    push_pgm_to_hub(model, "user/metal-card")
+    card = hub.files("user/metal-card")["README.md"].decode()
+    assert "MetaL-Prompt" in card and "discrete" in card and "metal-prompt" in card  # the section and its tag
+    loaded = PeftModel.from_pretrained(make_lm("llama"), "user/metal-card").eval()
+    assert loaded.generate_prompt(SHOTS, tokenizer=tok).token_ids.tolist() == expected.token_ids.tolist()
+
+    with pytest.raises(TypeError, match="MetaL-Prompt PGMs"):
+        push_pgm_to_hub(make_lm("llama"), "user/not-a-pgm")
