@@ -372,18 +372,10 @@ class Service:
         self.batcher.cancel()
 
 
-def create_app(
-    model: Any,
-    tokenizer: Any,
-    store: Union[PromptStore, str, os.PathLike],
-    api_key: Optional[str] = None,
-    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    context_cache_size: int = DEFAULT_CONTEXT_CACHE_SIZE,
-    model_name: Optional[str] = None,
-) -> FastAPI:
-    """The FastAPI app serving `model` (a MetaL-Prompt PeftModel; a plain LM serves `prompt_id: null` only)."""
-    service = Service(model, tokenizer, store, api_key, batch_window_ms, max_batch, context_cache_size, model_name)
+def create_app(model: Any, tokenizer: Any, store: Union[PromptStore, str, os.PathLike], **settings: Any) -> FastAPI:
+    """The FastAPI app serving `model` (a MetaL-Prompt PeftModel; a plain LM serves `prompt_id: null` only).
+    `settings` are `Service`'s keyword arguments: api_key, batch_window_ms, max_batch, context_cache_size, model_name."""
+    service = Service(model, tokenizer, store, **settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
