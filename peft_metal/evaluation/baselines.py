@@ -56,6 +56,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..metal_prompt.queries import QueryBatch, encode_queries
+from ..metal_prompt.reading import model_device
 from ..metal_prompt.template import Shot, ShotTemplate
 from .scoring import Context, check_length
 from .timing import synchronize
@@ -209,7 +210,7 @@ def train_baseline(
     if not shots:
         raise ValueError(f"Baseline {method!r} trains on the shots: it needs at least one.")
     tokens = num_virtual_tokens_for(options, pgm_tokens)
-    device = lm.get_input_embeddings().weight.device
+    device = model_device(lm)
     flags = [(parameter, parameter.requires_grad) for parameter in lm.parameters()]
     with tempfile.TemporaryDirectory(prefix="peft-metal-tokenizer-") as folder:
         tokenizer_path = None
@@ -272,7 +273,7 @@ def baseline_context(baseline: TrainedBaseline, token_ids: Sequence[int]) -> Con
         raise ValueError("The PEFT model needs at least one token to read after its virtual tokens.")
     lm = baseline.model.get_base_model()
     check_length(lm, Context(length=baseline.num_virtual_tokens), len(token_ids), "query")
-    device = lm.get_input_embeddings().weight.device
+    device = model_device(lm)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     outputs = baseline.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
     layers = [(layer.keys, layer.values) for layer in outputs.past_key_values.layers]

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
 from ..metal_prompt import MetaLPromptModel, ShotTemplate
+from ..metal_prompt.reading import model_device
 from .baselines import BASELINE_METHODS, BaselineOptions, baseline_context, train_baseline
 from .scoring import Context, empty_context, extend_context, prompt_context
 from .timing import synchronize
@@ -137,7 +138,7 @@ def prepare_method(
         if parts.tuner is None:
             raise TypeError(f"Method {name!r} needs a MetaL-Prompt PGM (a PeftModel from get_peft_model/from_pretrained).")
         demos = num_demonstrations if name == METAL_DEMOS else 0
-        device = parts.lm.get_input_embeddings().weight.device
+        device = model_device(parts.lm)
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():

@@ -27,9 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import Example, Task
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
-from ..metal_prompt.reading import eos_token_ids
+from ..metal_prompt.reading import eos_token_ids, model_device
 from .baselines import BASELINE_METHODS, BaselineOptions
-from .timing import synchronize
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     DEFAULT_REFINE_BATCH_SIZE,
@@ -47,6 +46,7 @@ from .methods import (
 )
 from .metrics import best_option, cut_generation, exact_match, has_stop, token_f1
 from .scoring import greedy_decode, score_continuations
+from .timing import synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def evaluate_method(
     **method_options: Any,
 ) -> dict[str, Any]:
     """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`)."""
-    device = parts.lm.get_input_embeddings().weight.device
+    device = model_device(parts.lm)
     start = time.perf_counter()
     prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
     if metric == MULTIPLE_CHOICE:

@@ -19,7 +19,7 @@ from .config import MetaLPromptConfig
 from .fingerprint import base_model_fingerprint, check_same_base
 from .layer import TrainablePadding
 from .prompt import GeneratedPrompt
-from .reading import forward_with_prompt, generate_with_prompt, max_context_length
+from .reading import forward_with_prompt, generate_with_prompt, max_context_length, model_device
 from .refine import refine
 from .template import ShotTemplate, normalize_shots
 
@@ -152,7 +152,7 @@ class MetaLPromptModel(LoraModel):
         )
         demonstrations_text = self.template.format_shots(shots[split:])
         demonstrations = tokenizer(demonstrations_text, add_special_tokens=False)["input_ids"]
-        device = self.model.get_input_embeddings().weight.device
+        device = model_device(self.model)
 
         prompt = None
         for chunk_ids in chunks:

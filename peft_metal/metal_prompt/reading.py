@@ -21,7 +21,6 @@ from ..designs.base import expand_cache
 from .prompt import GeneratedPrompt
 
 
-
 def model_device(lm: PreTrainedModel) -> torch.device:
     """Where the LM's weights are (inputs are built there)."""
     return lm.get_input_embeddings().weight.device
@@ -35,6 +34,7 @@ def eos_token_ids(lm: PreTrainedModel, tokenizer: Any) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
 
 def max_context_length(lm: PreTrainedModel) -> Optional[int]:
     config = lm.config.get_text_config(decoder=True)

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .prompt import GeneratedPrompt
 from .queries import encode_queries
-from .reading import forward_with_prompt
+from .reading import forward_with_prompt, model_device
 from .template import Shot, ShotTemplate
 
 
@@ -54,7 +54,7 @@ def refine(
     dtypes = {name: tensor.dtype for name, tensor in start.items()}
     parameters = {name: nn.Parameter(tensor.detach().float().clone()) for name, tensor in start.items()}
     optimizer = torch.optim.Adam(parameters.values(), lr=lr)
-    device = lm.get_input_embeddings().weight.device
+    device = model_device(lm)
     order = random.Random(seed)
     for step in range(steps):
         batch_shots = order.sample(shots, min(batch_size, len(shots)))

@@ -44,7 +44,7 @@ from ..metal_prompt.chunking import chunk_shots
 from ..metal_prompt.fingerprint import check_same_base
 from ..metal_prompt.model import PADDING_ATTRIBUTE, json_ready
 from ..metal_prompt.prompt import GeneratedPrompt
-from ..metal_prompt.reading import eos_token_ids, max_context_length
+from ..metal_prompt.reading import eos_token_ids, max_context_length, model_device
 from ..metal_prompt.template import ShotTemplate, normalize_shots
 from .batching import GENERATE, OPTIONS, Batcher, ContextCache, Job, ModelRunner, PromptEntry
 from .engine import generate_batch, score_options_batch
@@ -249,7 +249,7 @@ class Service:
 
         def read() -> PromptEntry:
             with self.parts.lora_off():
-                device = self.lm.get_input_embeddings().weight.device
+                device = model_device(self.lm)
                 context = prompt_context(self.lm, prompt.to(device))
             return PromptEntry(key=prompt_id, context=context, design=prompt.design, template=_template_of(prompt, self.template))
 

@@ -173,7 +173,7 @@ def score_options_batch(
         option_mask = torch.tensor(
             [[1] * len(option) + [0] * (width - len(option)) for option in tokens], dtype=torch.long, device=device
         )
-        first = first_logprobs[owner].gather(-1, ids[:, :1]).squeeze(-1)
+        first = first_logprobs[owner, ids[:, 0]]
         if width > 1:
             # Right padding after every real token: causal attention keeps it from changing any scored logit.
             row_mask = mask[owner]

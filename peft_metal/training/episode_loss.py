@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data import Episode
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.queries import QueryBatch, encode_queries
-from ..metal_prompt.reading import positions_from_mask
+from ..metal_prompt.reading import model_device, positions_from_mask
 
 
 class EpisodeLoss(nn.Module):
@@ -44,7 +44,7 @@ class EpisodeLoss(nn.Module):
         prompt = self.model.generate_prompt(
             shots, tokenizer=self.tokenizer, num_demonstrations=len(episode.xl), chunk_size=self.chunk_size
         )
-        device = self.model.get_base_model().get_input_embeddings().weight.device
+        device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
         outputs = self.model(
             prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
