@@ -28,7 +28,7 @@ from peft_metal.evaluation import evaluate, load_eval_tasks
 from peft_metal.pgm import load_pgm
 from peft_metal.training import MetaTrainer, TrainingArguments
 
-from report import write_report
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 DEV_TASKS = "phrase_relatedness,similarities_abstraction,cause_and_effect/one_sentence,snarks,swahili_english_proverbs,code_line_description"
 
@@ -56,17 +56,18 @@ def sweep_run(args: argparse.Namespace, design: str, distillation_weight: float,
         checkpoint_every=max(1, args.max_steps // 4), init_from=None,
     )
     record = dict(done.get(name, {}), run=name, design=design, distillation_weight=distillation_weight)
-    trainer = MetaTrainer(training_args)
     evaluation = dict(shots=args.shots, queries=args.queries, seed=args.seed, progress=False)
-    if "untrained" not in record:  # the fresh PGM the run starts from (built by the trainer with the run's seed)
-        trainer.model.eval()
-        record["untrained"] = evaluate(trainer.model, trainer.tokenizer, tasks, ["metal"], **evaluation)
-    if not (output_dir / "pgm" / "adapter_config.json").exists():
-        started = time.perf_counter()
-        summary = trainer.train(resume=True)
-        record["train_seconds_last_session"] = round(time.perf_counter() - started, 1)
-        record["summary"] = summary
-    del trainer
+    needs_training = not (output_dir / "pgm" / "adapter_config.json").exists()
+    if "untrained" not in record or needs_training:
+        trainer = MetaTrainer(training_args)
+        if "untrained" not in record:  # the fresh PGM the run starts from (built by the trainer with the run's seed)
+            trainer.model.eval()
+            record["untrained"] = evaluate(trainer.model, trainer.tokenizer, tasks, ["metal"], **evaluation)
+        if needs_training:
+            started = time.perf_counter()
+            record["summary"] = trainer.train(resume=True)
+            record["train_seconds_last_session"] = round(time.perf_counter() - started, 1)
+        del trainer
     if "trained" not in record:
         lm, tokenizer = load_base_model(args.model)
         model = PeftModel.from_pretrained(lm, str(output_dir / "pgm")).eval()
@@ -131,14 +132,16 @@ def main() -> None:
     for design, weight in plan:
         record = sweep_run(args, design, weight, tasks, done)
         record["max_steps"] = args.max_steps
+        record.setdefault("machine", machine)  # where it was measured (a resumed sweep keeps earlier runs' machine)
         report["runs"] = [run for run in report["runs"] if run["run"] != record["run"]] + [record]
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
 
     runs = report["runs"]
+    report["machine"] = "; ".join(dict.fromkeys(run["machine"] for run in runs))
     names = [task.name for task in tasks]
     lines = [
-        f"`python benchmarks/design_sweep.py --config {args.config} --max-steps {args.max_steps}` on {machine}; "
+        f"`python benchmarks/design_sweep.py --config {args.config} --max-steps {args.max_steps}` on {report['machine']}; "
         f"`metal` (no demonstrations) on {len(tasks)} dev tasks, {args.shots} shots, {args.queries} queries, seed {args.seed}. "
         f"References: zero-shot {report['references']['zero_shot']:.3f}, ICL-{args.shots} {report['references']['icl']:.3f}.",
         "",
