@@ -3,8 +3,8 @@ config, then scores it with `metal` on dev tasks, untrained (step 0, same seed) 
 
     python benchmarks/design_sweep.py [--config examples/train_smollm2_prefix.json] [--max-steps 40]
         [--designs discrete,weighted_sum,hidden_state,prefix] [--distill discrete] [--distillation-weight 1.0]
-        [--tasks a,b | default: the dev MC tasks] [--shots 16] [--queries 30] [--runs-dir runs/design_sweep]
-        [--output benchmarks/results/design_sweep.json]
+        [--num-prompt-tokens K | default: the config's] [--tasks a,b | default: the dev MC tasks] [--shots 16]
+        [--queries 30] [--runs-dir runs/design_sweep] [--output benchmarks/results/design_sweep.json]
 
 Runs are resumable (each has its own `output_dir`; a finished one is not trained again) and the JSON is rewritten after
 every run, so a long sweep can be stopped and continued. Writes JSON, a markdown table and a PNG beside it.
@@ -17,7 +17,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
@@ -38,8 +38,9 @@ def mean_score(records: list[dict[str, Any]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def run_name(design: str, distillation_weight: float) -> str:
-    return design if distillation_weight == 0 else f"{design}+distill{distillation_weight:g}"
+def run_name(design: str, distillation_weight: float, num_prompt_tokens: Optional[int]) -> str:
+    name = design if num_prompt_tokens is None else f"{design}-K{num_prompt_tokens}"
+    return name if distillation_weight == 0 else f"{name}+distill{distillation_weight:g}"
 
 
 def read_log(output_dir: Path) -> list[dict[str, Any]]:
@@ -48,11 +49,12 @@ def read_log(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def sweep_run(args: argparse.Namespace, design: str, distillation_weight: float, tasks, done: dict[str, Any]) -> dict[str, Any]:
-    name = run_name(design, distillation_weight)
+    name = run_name(design, distillation_weight, args.num_prompt_tokens)
     output_dir = args.runs_dir / name
     training_args = TrainingArguments.from_json(
         args.config, output_dir=str(output_dir), prompt_design=design, distillation_weight=distillation_weight,
-        max_steps=args.max_steps, warmup_steps=max(1, args.max_steps // 8), eval_every=args.max_steps,
+        num_prompt_tokens=args.num_prompt_tokens, max_steps=args.max_steps, warmup_steps=max(1, args.max_steps // 8),
+        eval_every=args.max_steps,
         checkpoint_every=max(1, args.max_steps // 4), init_from=None,
     )
     record = dict(done.get(name, {}), run=name, design=design, distillation_weight=distillation_weight)
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--designs", default="discrete,weighted_sum,hidden_state,prefix")
     parser.add_argument("--distill", default="discrete", help="designs also run with the distillation term ('' for none)")
     parser.add_argument("--distillation-weight", type=float, default=1.0)
+    parser.add_argument("--num-prompt-tokens", type=int, default=None, help="K for every run (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--tasks", default=DEV_TASKS)
     parser.add_argument("--shots", type=int, default=16)
@@ -122,7 +125,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}"
     plan = [(design, 0.0) for design in args.designs.split(",")]
     plan += [(design, args.distillation_weight) for design in args.distill.split(",") if design]
-    report: dict[str, Any] = {"config": args.config, "machine": machine, "tasks": [task.name for task in tasks], "runs": []}
+    report: dict[str, Any] = {"config": args.config, "machine": machine, "tasks": [task.name for task in tasks], "runs": list(done.values())}
     if "references" not in previous:
         model, tokenizer, _ = load_pgm(args.model, warn_untrained=False)  # zero_shot and icl run with LoRA off
         records = evaluate(model, tokenizer, tasks, ["zero_shot", "icl"], args.shots, args.queries, args.seed, progress=False)
