@@ -1,7 +1,7 @@
 """Which prompt design (and does distillation help)? Each run meta-trains a fresh PGM for the same budget from one base
 config, then scores it with `metal` on dev tasks, untrained (step 0, same seed) and trained.
 
-    python benchmarks/design_sweep.py [--config examples/train_smollm2_prefix.json] [--max-steps 40]
+    python benchmarks/design_sweep.py [--config examples/train_smollm2_prefix.json] [--max-steps 30]
         [--designs discrete,weighted_sum,hidden_state,prefix] [--distill discrete] [--distillation-weight 1.0]
         [--num-prompt-tokens K | default: the config's] [--tasks a,b | default: the dev MC tasks] [--shots 16]
         [--queries 30] [--runs-dir runs/design_sweep] [--output benchmarks/results/design_sweep.json]
@@ -54,8 +54,7 @@ def sweep_run(args: argparse.Namespace, design: str, distillation_weight: float,
     training_args = TrainingArguments.from_json(
         args.config, output_dir=str(output_dir), prompt_design=design, distillation_weight=distillation_weight,
         num_prompt_tokens=args.num_prompt_tokens, max_steps=args.max_steps, warmup_steps=max(1, args.max_steps // 8),
-        eval_every=args.max_steps,
-        checkpoint_every=max(1, args.max_steps // 4), init_from=None,
+        eval_every=args.max_steps, checkpoint_every=max(1, args.max_steps // 4), init_from=None,
     )
     record = dict(done.get(name, {}), run=name, design=design, distillation_weight=distillation_weight)
     evaluation = dict(shots=args.shots, queries=args.queries, seed=args.seed, progress=False)
@@ -109,7 +108,7 @@ def main() -> None:
     parser.add_argument("--distill", default="discrete", help="designs also run with the distillation term ('' for none)")
     parser.add_argument("--distillation-weight", type=float, default=1.0)
     parser.add_argument("--num-prompt-tokens", type=int, default=None, help="K for every run (default: the config's)")
-    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--tasks", default=DEV_TASKS)
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--queries", type=int, default=30)
@@ -136,7 +135,11 @@ def main() -> None:
         record = sweep_run(args, design, weight, tasks, done)
         record["max_steps"] = args.max_steps
         record.setdefault("machine", machine)  # where it was measured (a resumed sweep keeps earlier runs' machine)
-        report["runs"] = [run for run in report["runs"] if run["run"] != record["run"]] + [record]
+        run_names = [run["run"] for run in report["runs"]]
+        if record["run"] in run_names:  # keep the table's row order across resumed and re-rendered sweeps
+            report["runs"][run_names.index(record["run"])] = record
+        else:
+            report["runs"].append(record)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
 
