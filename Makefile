@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -21,14 +21,13 @@ from typing import Any, Optional
 
 import torch
 from peft import PeftModel
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import evaluate, load_eval_tasks
 from peft_metal.pgm import load_pgm
 from peft_metal.training import MetaTrainer, TrainingArguments
-
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 DEV_TASKS = "phrase_relatedness,similarities_abstraction,cause_and_effect/one_sentence,snarks,swahili_english_proverbs,code_line_description"
 

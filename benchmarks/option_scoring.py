@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.data import load_bigbench_task
 from peft_metal.evaluation.methods import ModelParts
 from peft_metal.evaluation.scoring import empty_context, prompt_context
 from peft_metal.pgm import load_pgm
 from peft_metal.serving.engine import score_options_batch
-
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 
 def matmul_gflops(repeats: int = 50) -> float:

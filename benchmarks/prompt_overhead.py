@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal import MetaLPromptConfig
 from peft_metal.base_models import load_base_model
-
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
-
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import httpx
-
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 from serving_load import Server  # the same server process the load benchmark starts
 

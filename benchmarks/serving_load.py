@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
-
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 DEFAULT_TASK = "similarities_abstraction"

@@ -17,12 +17,12 @@ def _train(args: argparse.Namespace) -> int:
     print(summary)
     return 0
 
-def _load_pgm(args: argparse.Namespace):
+def _load_pgm(args: argparse.Namespace, seed: Optional[int] = None):
     from .pgm import load_pgm
 
     methods = getattr(args, "methods", "metal")
     warn = any(method.strip().startswith("metal") for method in methods.split(","))
-    return load_pgm(args.model, args.pgm, args.device, args.seed, warn_untrained=warn)
+    return load_pgm(args.model, args.pgm, args.device, args.seed if seed is None else seed, warn_untrained=warn)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,6 +46,9 @@ def _eval(args: argparse.Namespace) -> int:
         resolve_refine_steps,
         write_results,
     )
+    from .evaluation.panels import PANELS, get_panel
+    from .evaluation.report import merge_seeds
+    from .precision import cast_frozen_weights
 
     try:
         methods = resolve_methods(args.methods)
@@ -54,26 +57,39 @@ def _eval(args: argparse.Namespace) -> int:
             steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,
             prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
         )
-        tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
+        panel = get_panel(args.split) if args.split in PANELS else None
+        if panel is not None:
+            tasks = load_eval_tasks(names=list(panel.tasks), task_dir=args.task_dir)
+        else:
+            tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
+        seeds = _seeds(args.seed, panel.seeds if panel else (0,))
+        queries = args.queries if args.queries is not None else (panel.queries if panel else 50)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
-    model, tokenizer, pgm = _load_pgm(args)
+    model, tokenizer, pgm = _load_pgm(args, seed=seeds[0])
+    precision = cast_frozen_weights(model, args.precision)
     metric = None if args.metric == "auto" else args.metric
+    results = []
     try:
-        results = evaluate(
-            model, tokenizer, tasks, methods, args.shots, args.queries, args.seed,
-            progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
-            max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
-            refine_steps=refine_steps, refine_lr=args.refine_lr,
-        )
+        for seed in seeds:
+            records = evaluate(
+                model, tokenizer, tasks, methods, args.shots, queries, seed,
+                progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
+                max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
+                refine_steps=refine_steps, refine_lr=args.refine_lr,
+            )
+            results += [dict(record, seed=seed) for record in records]
     except (ValueError, TypeError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
+    if len(seeds) > 1:
+        results = merge_seeds(results)
     settings = {
         "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "methods": methods,
-        "shots": args.shots, "queries": args.queries, "seed": args.seed, "metric": args.metric,
-        "num_demonstrations": args.num_demonstrations, "max_new_tokens": args.max_new_tokens,
+        "shots": args.shots, "queries": queries, "seeds": list(seeds), "metric": args.metric,
+        "num_demonstrations": args.num_demonstrations, "max_new_tokens": args.max_new_tokens, "precision": precision,
+        "panel": panel.name if panel else None,
     }
     if "metal+refine" in methods:
         settings.update(refine_steps=refine_steps, refine_lr=args.refine_lr)
@@ -85,12 +101,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 1 if results and all("error" in record for record in results) else 0
 
 
+def _seeds(text: Optional[str], default: tuple[int, ...]) -> tuple[int, ...]:
+    if text is None:
+        return default
+    try:
+        seeds = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--seed must be an int or comma-separated ints, got {text!r}.") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seed {text!r} repeats a seed.")
+    return seeds
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
     try:
         import uvicorn
 
+        from .precision import cast_frozen_weights
         from .serving.app import create_app
         from .serving.store import PromptStore
     except ModuleNotFoundError as error:
@@ -109,12 +138,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"peft-metal serve: error: cannot open the prompt store {args.store}: {error}", file=sys.stderr)
         return 2
     model, tokenizer, pgm = _load_pgm(args)
+    precision = cast_frozen_weights(model, args.precision)
     app = create_app(
         model, tokenizer, store, api_key=args.api_key or os.environ.get("PEFT_METAL_API_KEY") or None,
         batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, context_cache_size=args.context_cache_size,
         model_name=args.model,
     )
-    print(f"Serving {args.model} (PGM: {pgm or 'fresh, untrained'}) with prompts in {args.store}", file=sys.stderr)
+    print(
+        f"Serving {args.model} ({precision} weights; PGM: {pgm or 'fresh, untrained'}) with prompts in {args.store}",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -142,15 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = evaluation.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", help="comma-separated task names (dev or train families; reserved ones are refused)")
-    which.add_argument("--split", choices=("dev", "train"), help="every task of a split of bigbench_splits.json")
+    which.add_argument(
+        "--split", choices=("dev", "train", "dev-panel"),
+        help="every task of a split of bigbench_splits.json, or dev-panel: the named dev panel (14 multiple-choice "
+        "tasks, 25 queries, seeds 0 and 1; see evaluation/panels.py)",
+    )
     evaluation.add_argument("--task-dir", help="a folder of BIG-bench JSON tasks to load from instead of the bigbench package")
     evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")
-    evaluation.add_argument("--queries", type=int, default=50, help="queries per task (default 50)")
+    evaluation.add_argument("--queries", type=int, help="queries per task and seed (default 50; dev-panel: 25)")
     evaluation.add_argument(
         "--methods", default="zero_shot,icl,metal",
         help="comma-separated: zero_shot, icl, metal, metal+demos, metal+refine, prompt_tuning, p_tuning, prefix_tuning",
     )
-    evaluation.add_argument("--seed", type=int, default=0, help="seed of the shot/query draw (default 0)")
+    evaluation.add_argument(
+        "--seed", default=None,
+        help="seed of the shot/query draw, or comma-separated seeds whose records are merged (default 0; dev-panel: 0,1)",
+    )
+    evaluation.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="weights of the frozen LM: auto = bf16 on a CPU with AMX / AVX512-BF16 or a bf16 GPU, else fp32",
+    )
     evaluation.add_argument(
         "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos keeps as demonstrations (default 4)"
     )
@@ -206,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="inputs per batched LM call at most (default 16)")
     serve.add_argument("--context-cache-size", type=int, default=64, help="prompt contexts kept in memory (default 64)")
     serve.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
+    serve.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="weights of the frozen LM: auto = bf16 on a CPU with AMX / AVX512-BF16 or a bf16 GPU, else fp32",
+    )
     serve.add_argument("--seed", type=int, default=0, help="seeds a fresh PGM when none is given (default 0)")
     serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     serve.set_defaults(run=_serve, methods="metal")

@@ -12,8 +12,6 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-
-import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -29,6 +27,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig
 
 VOCAB_SIZE = 128
@@ -36,6 +35,7 @@ MAX_POSITIONS = 256
 PAD_ID = 1
 FAMILIES = ("llama", "gpt2", "qwen2", "gemma")
 DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
+SCOPES = ("all", "padding")
 K = 4  # prompt tokens used by most tests
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]
@@ -174,15 +174,32 @@ def padding_module(model):
 
 @torch.no_grad()
 def pgm_pass(model, tok, shots):
-    """Independent recomputation of the PGM forward: the base LM with LoRA on over [embed(XP); padding].
+    """Independent recomputation of the PGM forward over [embed(XP); padding].
 
-    Returns the base model's output (logits over all positions, hidden states, cache).
+    `lora_scope="all"`: the base LM with LoRA on over everything. `"padding"`: the base LM with LoRA off over the
+    shots, then with LoRA on over the padding after their cache. On rotary models the shots take positions -len(XP)
+    to -1, so the padding sits at 0..K-1. Returns the base model's output for the last pass (logits, hidden states and
+    the cache over all positions).
     """
     base = model.get_base_model()
     ids = encode(tok, format_shots(shots))
-    embeds = torch.cat([base.get_input_embeddings()(ids), padding_module(model)()]).unsqueeze(0)
+    shots_embeds = base.get_input_embeddings()(ids).unsqueeze(0)
+    padding = padding_module(model)().unsqueeze(0)
+    start = -len(ids) if getattr(base.config, "rope_parameters", None) else 0
+    positions = torch.arange(start, len(ids) + K + start).unsqueeze(0)
+    if model.peft_config[model.active_adapter].lora_scope == "all":
+        with lora_enabled(model):
+            embeds = torch.cat([shots_embeds, padding], dim=1)
+            return base(inputs_embeds=embeds, position_ids=positions, use_cache=True, output_hidden_states=True)
+    shots_out = base(inputs_embeds=shots_embeds, position_ids=positions[:, : len(ids)], use_cache=True)
     with lora_enabled(model):
-        return base(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+        return base(
+            inputs_embeds=padding,
+            position_ids=positions[:, len(ids) :],
+            past_key_values=shots_out.past_key_values,
+            use_cache=True,
+            output_hidden_states=True,
+        )
 
 
 def reference_inputs(lm, prompt, query_ids: torch.Tensor) -> dict[str, Any]:

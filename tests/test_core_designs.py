@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES, QUERIES, SCOPES, SHOTS, VOCAB_SIZE, K, left_padded, make_pgm, pgm_pass
 from transformers import Cache
-
-from conftest import FAMILIES, K, QUERIES, SHOTS, VOCAB_SIZE, left_padded, make_pgm, pgm_pass
 
 
 def dims(model):
@@ -20,8 +19,9 @@ def dims(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_discrete_prompt(family, tok):
-    model = make_pgm(family, "discrete")
+@pytest.mark.parametrize("scope", SCOPES)
+def test_discrete_prompt(scope, family, tok):
+    model = make_pgm(family, "discrete", lora_scope=scope)
     prompt = model.generate_prompt(SHOTS, tokenizer=tok)
     assert prompt.design == "discrete" and prompt.num_tokens == K
     assert prompt.token_ids.dim() == 1 and prompt.token_ids.shape[0] == K
@@ -36,8 +36,9 @@ def test_discrete_prompt(family, tok):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_weighted_sum_prompt(family, temperature, tok):
-    model = make_pgm(family, "weighted_sum", temperature=temperature)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_weighted_sum_prompt(scope, family, temperature, tok):
+    model = make_pgm(family, "weighted_sum", temperature=temperature, lora_scope=scope)
     prompt = model.generate_prompt(SHOTS, tokenizer=tok)
     hidden, *_ = dims(model)
     assert prompt.embeds.shape == (K, hidden)
@@ -49,8 +50,9 @@ def test_weighted_sum_prompt(family, temperature, tok):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hidden_state_prompt(family, tok):
-    model = make_pgm(family, "hidden_state")
+@pytest.mark.parametrize("scope", SCOPES)
+def test_hidden_state_prompt(scope, family, tok):
+    model = make_pgm(family, "hidden_state", lora_scope=scope)
     prompt = model.generate_prompt(SHOTS, tokenizer=tok)
     hidden, *_ = dims(model)
     assert prompt.embeds.shape == (K, hidden)
@@ -62,8 +64,9 @@ def test_hidden_state_prompt(family, tok):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_prompt(family, tok):
-    model = make_pgm(family, "prefix")
+@pytest.mark.parametrize("scope", SCOPES)
+def test_prefix_prompt(scope, family, tok):
+    model = make_pgm(family, "prefix", lora_scope=scope)
     prompt = model.generate_prompt(SHOTS, tokenizer=tok)
     hidden, layers, kv_heads, head_dim = dims(model)
     assert prompt.keys.shape == (layers, kv_heads, K, head_dim)

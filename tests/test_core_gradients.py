@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import DESIGNS, FAMILIES, K, QUERIES, SHOTS, left_padded, make_pgm
+from conftest import DESIGNS, FAMILIES, QUERIES, SCOPES, SHOTS, K, left_padded, make_pgm
 
 
 def is_adapter(name: str) -> bool:
@@ -23,10 +22,11 @@ def train_step(model, tok, num_demonstrations=0):
     return prompt, loss
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_reach_lora_and_padding_only(family, design, tok):
-    model = make_pgm(family, design)
+def test_gradients_reach_lora_and_padding_only(family, design, scope, tok):
+    model = make_pgm(family, design, lora_scope=scope)
     _, loss = train_step(model, tok, num_demonstrations=1)
     assert torch.isfinite(loss)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}

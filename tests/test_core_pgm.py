@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DESIGNS, FAMILIES, QUERIES, SCOPES, SHOTS, K, left_padded, make_lm, make_pgm, padding_module
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_metal.metal_prompt.layer import TrainablePadding
-
-from conftest import DESIGNS, FAMILIES, K, QUERIES, SHOTS, left_padded, make_lm, make_pgm, padding_module
 
 
 def zero_lora_b(model) -> None:
@@ -70,12 +69,16 @@ def test_lora_is_on_only_inside_generate_prompt(family, tok):
     assert all(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_changes_the_prompt(family, design, tok):
-    """With init_lora_weights=False the prompt differs from the one a PGM with zero LoRA B (no LoRA effect) makes."""
-    with_lora = make_pgm(family, design)
-    without = make_pgm(family, design)
+def test_lora_changes_the_prompt(family, design, scope, tok):
+    """With init_lora_weights=False the prompt differs from the one a PGM with zero LoRA B (no LoRA effect) makes.
+
+    In both LoRA scopes a PGM with zero LoRA B writes exactly what the frozen LM computes at the padding after reading
+    the shots (shots at positions -len(XP)..-1 on rotary models, so the padding sits at 0..K-1)."""
+    with_lora = make_pgm(family, design, lora_scope=scope)
+    without = make_pgm(family, design, lora_scope=scope)
     zero_lora_b(without)
     a = with_lora.generate_prompt(SHOTS, tokenizer=tok)
     b = without.generate_prompt(SHOTS, tokenizer=tok)
@@ -93,7 +96,9 @@ def test_lora_changes_the_prompt(family, design, tok):
     ids = torch.tensor(tok("Input: good movie\nOutput: positive\n\n").input_ids)
     with torch.no_grad():
         embeds = torch.cat([reference.get_input_embeddings()(ids), padding_module(without)()]).unsqueeze(0)
-        out = reference(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+        start = -len(ids) if family != "gpt2" else 0
+        positions = torch.arange(start, start + embeds.shape[1]).unsqueeze(0)
+        out = reference(inputs_embeds=embeds, position_ids=positions, use_cache=True, output_hidden_states=True)
     one_shot = without.generate_prompt(SHOTS[:1], tokenizer=tok)
     if design == "hidden_state":
         logits = reference.get_output_embeddings()(one_shot.embeds)

@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
+from conftest import DESIGNS, FAMILIES, QUERIES, SHOTS, K, encode, make_lm, make_pgm
 from safetensors.torch import save_file
 
 from peft_metal import GeneratedPrompt
-
-from conftest import DESIGNS, FAMILIES, K, QUERIES, SHOTS, encode, make_lm, make_pgm
 
 TENSORS = ("token_ids", "embeds", "keys", "values", "demonstrations")
 

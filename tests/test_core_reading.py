@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import (
     DESIGNS,
     FAMILIES,
-    K,
     QUERIES,
+    SCOPES,
     SHOTS,
+    K,
     encode,
     left_padded,
     make_lm,
@@ -22,17 +22,18 @@ from conftest import (
 ATOL = 1e-5
 
 
-def setup(family, design, tok, num_demonstrations=0):
-    model = make_pgm(family, design)
+def setup(family, design, tok, num_demonstrations=0, scope="all"):
+    model = make_pgm(family, design, lora_scope=scope)
     prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=num_demonstrations)
     return model, prompt, make_lm(family)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("num_demonstrations", [0, 1])
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_equals_base_lm(family, design, num_demonstrations, tok):
-    model, prompt, reference = setup(family, design, tok, num_demonstrations)
+def test_forward_equals_base_lm(family, design, num_demonstrations, scope, tok):
+    model, prompt, reference = setup(family, design, tok, num_demonstrations, scope)
     assert prompt.num_demonstration_tokens == (len("Input: great\nOutput: positive\n\n") if num_demonstrations else 0)
     query = encode(tok, QUERIES[1])
     with torch.no_grad():
@@ -53,11 +54,12 @@ def test_prompt_changes_the_logits(family, design, tok):
     assert (got - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("num_demonstrations", [0, 1])
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batch_equals_rows_alone(family, design, num_demonstrations, tok):
-    model, prompt, _ = setup(family, design, tok, num_demonstrations)
+def test_left_padded_batch_equals_rows_alone(family, design, num_demonstrations, scope, tok):
+    model, prompt, _ = setup(family, design, tok, num_demonstrations, scope)
     batch = left_padded(tok, QUERIES)
     assert (batch.attention_mask == 0).any(), "the test needs a padded row"
     with torch.no_grad():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import DESIGNS, FAMILIES, SHOTS, K, make_lm, make_pgm, padding_module
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors import safe_open
@@ -14,8 +15,6 @@ from transformers import AutoModelForCausalLM
 import peft_metal
 from peft_metal import MetaLPromptConfig
 from peft_metal.registration import check_peft_version
-
-from conftest import DESIGNS, FAMILIES, K, SHOTS, make_lm, make_pgm, padding_module
 
 PAYLOAD = {"discrete": ("token_ids",), "weighted_sum": ("embeds",), "hidden_state": ("embeds",), "prefix": ("keys", "values")}
 

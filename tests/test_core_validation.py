@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DESIGNS, FAMILIES, QUERIES, SHOTS, K, encode, format_shots, make_lm, make_pgm
 
 from peft_metal import MetaLPromptConfig
-
-from conftest import DESIGNS, FAMILIES, K, QUERIES, SHOTS, encode, format_shots, make_lm, make_pgm
 
 
 @pytest.fixture(scope="module")

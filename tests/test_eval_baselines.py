@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import K, build_tokenizer, make_lm, make_pgm
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from conftest import K, build_tokenizer, make_lm, make_pgm
 from peft_metal.cli import main
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import (

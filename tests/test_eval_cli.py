@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tokenizer, make_lm, make_pgm
+
 from peft_metal.cli import main
 from peft_metal.data import load_splits
 from peft_metal.data.bigbench import bigbench_root
@@ -114,3 +114,30 @@ def test_cli_without_pgm_warns_and_uses_a_fresh_one(saved, tmp_path):
 def test_cli_suggests_method_names(tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--methods", "zero-shot"])
     assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
+
+
+def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tmp_path):
+    """`--split dev-panel`: the named panel's tasks, its seeds (records merged over them) and its queries unless
+    given; every task is a dev family's, and the report carries standard errors."""
+    from peft_metal.evaluation.panels import DEV_PANEL
+
+    splits = load_splits()
+    families = {task.split("/", 1)[0] for task in DEV_PANEL.tasks}
+    assert families <= set(splits["dev_families"])
+    assert len(DEV_PANEL.tasks) >= 12 and DEV_PANEL.questions >= 600 and DEV_PANEL.seeds == (0, 1)
+    assert all(sum(t.split("/", 1)[0] == family for t in DEV_PANEL.tasks) <= 2 for family in families)
+
+    output = tmp_path / "panel.json"
+    code = main([
+        "eval", "--model", str(saved / "model"), "--pgm", str(saved / "pgm"), "--split", "dev-panel",
+        "--queries", "1", "--methods", "zero_shot", "--shots", "1", "--output", str(output), "--no-progress",
+    ])
+    assert code == 0
+    payload = json.loads(output.read_text())
+    assert payload["settings"]["panel"] == "dev-panel" and payload["settings"]["seeds"] == [0, 1]
+    assert [record["task"] for record in payload["results"]] == list(DEV_PANEL.tasks)
+    for record in payload["results"]:
+        assert record["seeds"] == [0, 1]
+        assert "error" in record or record["n"] == 2
+    assert "zero_shot" in payload["summary"] and payload["summary"]["zero_shot"]["se"] >= 0
+    assert "±" in output.with_suffix(".md").read_text()

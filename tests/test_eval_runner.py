@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_pgm
+
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import evaluate, markdown_table, resolve_methods, write_results
+from peft_metal.evaluation.report import merge_seeds
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"]
 METHODS = ["zero_shot", "icl", "metal", "metal+demos"]
@@ -104,6 +105,27 @@ def test_write_results(tmp_path):
         {"task": "a", "method": "metal", "error": "ValueError: boom"},
     ]
     paths = write_results(results, tmp_path / "out" / "results.json")
-    assert json.loads(paths["json"].read_text()) == {"results": results}
-    assert "| a | accuracy | 0.500 | error |" in paths["markdown"].read_text()
+    written = json.loads(paths["json"].read_text())
+    assert written["results"] == results
+    # the mean carries one binomial standard error: sqrt(0.5 * 0.5 / 2)
+    assert written["summary"] == {"icl": {"mean": 0.5, "se": pytest.approx(0.35355, abs=1e-5), "tasks": 1, "questions": 2}}
+    markdown = paths["markdown"].read_text()
+    assert "| a | accuracy | 0.500 | error |" in markdown
+    assert "**0.500** ± 0.354" in markdown
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_seeds_weights_scores_by_questions():
+    records = [
+        {"task": "a", "method": "icl", "metric": "accuracy", "score": 1.0, "n": 2, "eval_seconds": 1.0,
+         "context_tokens": 10, "seed": 0},
+        {"task": "a", "method": "icl", "metric": "accuracy", "score": 0.5, "n": 4, "eval_seconds": 2.0,
+         "context_tokens": 20, "seed": 1},
+        {"task": "b", "method": "icl", "error": "ValueError: boom", "seed": 0},
+        {"task": "b", "method": "icl", "metric": "accuracy", "score": 1.0, "n": 2, "seed": 1},
+    ]
+    merged = merge_seeds(records)
+    assert merged[0]["score"] == pytest.approx(4 / 6) and merged[0]["n"] == 6 and merged[0]["seeds"] == [0, 1]
+    assert merged[0]["eval_seconds"] == 3.0 and merged[0]["context_tokens"] == 15
+    assert "seed" not in merged[0]
+    assert "error" in merged[1] and merged[1]["seeds"] == [0, 1]

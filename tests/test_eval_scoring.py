@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import encode, make_lm, make_pgm
+
 from peft_metal.data import Example
 from peft_metal.evaluation import (
     ModelParts,

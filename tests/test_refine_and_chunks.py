@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DESIGNS, SHOTS, K, make_pgm
 
-from conftest import DESIGNS, K, SHOTS, make_pgm
 from peft_metal import GeneratedPrompt
 from peft_metal.metal_prompt.queries import encode_queries
 
@@ -107,9 +107,8 @@ def test_bad_chunk_size(tok):
 
 @pytest.mark.parametrize("reparameterization", ["lstm", "mlp"])
 def test_baked_padding_makes_the_same_prompts_and_a_smaller_adapter(reparameterization, tok, tmp_path):
-    from peft import PeftModel
-
     from conftest import make_lm
+    from peft import PeftModel
 
     model = make_pgm("llama", "hidden_state", padding_reparameterization=reparameterization)
     with torch.no_grad():

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import MAX_POSITIONS, K, build_tokenizer, make_pgm
 from fastapi.testclient import TestClient
 
-from conftest import K, MAX_POSITIONS, build_tokenizer, make_pgm
 from peft_metal.evaluation.metrics import cut_generation, has_stop
 from peft_metal.evaluation.scoring import (
     empty_context,

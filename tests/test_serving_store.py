@@ -14,11 +14,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import DESIGNS, SHOTS, make_pgm
 
 from peft_metal import GeneratedPrompt
 from peft_metal.serving import DamagedPromptError, PromptNotFoundError, PromptStore, prompt_key
-
-from conftest import DESIGNS, SHOTS, make_pgm
 
 FAKE_BASE = {"architecture": "FakeForCausalLM", "embedding_sha256": "0123456789abcdef"}
 FAKE_CONFIG = {"prompt_design": "discrete", "num_prompt_tokens": 4}

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tokenizer, make_pgm
+
 from peft_metal.data import Example, Task
 from peft_metal.training import MetaTrainer, TrainingArguments
 from peft_metal.training.checkpoint import latest_checkpoint
@@ -21,10 +21,14 @@ def tasks() -> list[Task]:
     return [upper, reverse]
 
 
-def make_trainer(tmp_path, design: str, max_steps: int = 4) -> MetaTrainer:
+def make_trainer(
+    tmp_path, design: str, max_steps: int = 4, scope: str = "all", distillation_weight: float = 0.0, **settings
+) -> MetaTrainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         prompt_design=design,
+        lora_scope=scope,
+        distillation_weight=distillation_weight,
         max_steps=max_steps,
         learning_rate=1e-2,
         warmup_steps=1,
@@ -35,8 +39,9 @@ def make_trainer(tmp_path, design: str, max_steps: int = 4) -> MetaTrainer:
         checkpoint_every=2,
         eval_every=2,
         log_every=1,
+        **settings,
     )
-    model = make_pgm("llama", design, padding_reparameterization="mlp")
+    model = make_pgm("llama", design, padding_reparameterization="mlp", lora_scope=scope)
     return MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=tasks(), dev_tasks=tasks()[:1])
 
 
@@ -44,16 +49,20 @@ def pgm_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("design", ["discrete", "prefix"])
-def test_resume_reaches_same_weights(tmp_path, design):
-    uninterrupted = make_trainer(tmp_path / "a", design)
+@pytest.mark.parametrize(
+    ("design", "scope", "distillation_weight"),
+    [("discrete", "all", 0.0), ("prefix", "all", 0.0), ("discrete", "padding", 0.0), ("prefix", "padding", 1.0)],
+)
+def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weight):
+    settings = dict(scope=scope, distillation_weight=distillation_weight)
+    uninterrupted = make_trainer(tmp_path / "a", design, **settings)
     uninterrupted.train()
     expected = pgm_state(uninterrupted)
 
-    killed = make_trainer(tmp_path / "b", design)
+    killed = make_trainer(tmp_path / "b", design, **settings)
     killed.train(stop_after=2)
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
-    resumed = make_trainer(tmp_path / "b", design)
+    resumed = make_trainer(tmp_path / "b", design, **settings)
     resumed.train(resume=True)
     actual = pgm_state(resumed)
 
@@ -116,6 +125,7 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
     """`init_from` starts a new run from a saved PGM's weights, all of them trainable again; a PGM shaped otherwise
     is refused with the differing settings named."""
     from conftest import K, make_lm
+
     from peft_metal.training.trainer import _saved_pgm
 
     first = make_trainer(tmp_path / "first", "prefix", max_steps=4)
@@ -139,3 +149,35 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
     )
     with pytest.raises(ValueError, match="prompt_design: saved 'prefix', settings 'discrete'"):
         _saved_pgm(make_lm("llama"), wrong)
+
+
+@pytest.mark.parametrize(("setting", "saved", "other"), [("lora_scope", "all", "padding"), ("prompt_design", "prefix", "discrete")])
+def test_resume_refuses_a_checkpoint_of_another_pgm(tmp_path, setting, saved, other):
+    kwargs = {"lora_scope": "scope", "prompt_design": "design"}
+    first = {"design": "prefix", "scope": "all"}
+    make_trainer(tmp_path, **first).train(stop_after=2)
+    second = dict(first, **{kwargs[setting]: other})
+    with pytest.raises(ValueError, match=f"{setting}: checkpoint '{saved}', run '{other}'"):
+        make_trainer(tmp_path, **second).train(resume=True)
+
+
+@pytest.mark.parametrize("scope", ["all", "padding"])
+def test_teacher_continuing_from_the_read_shots_equals_the_lm_on_all_shots(tmp_path, scope):
+    """The teacher reuses the keys/values of XP that the PGM's frozen read made: its logits are the plain LM's on
+    [XP][XL][query], as if it had read every shot as a demonstration itself."""
+    from conftest import make_lm
+
+    from peft_metal.metal_prompt.queries import encode_queries
+
+    trainer = make_trainer(tmp_path, "prefix", scope=scope, distillation_weight=1.0, mixed_precision="fp32")
+    module = trainer.loss_module
+    episode = next(trainer.sampler.episode(i) for i in range(50) if trainer.sampler.episode(i).xl)
+    xp, xl = module._encode(episode.xp), module._encode(episode.xl)
+    batch = encode_queries([e.as_shot() for e in episode.queries], trainer.tokenizer, module.template, xp.device)
+    teacher = module._teacher_logits(trainer.model.base_model.read_shots(xp), xl, batch)
+    reference = make_lm("llama")
+    for row in range(batch.input_ids.shape[0]):
+        query = batch.input_ids[row][batch.attention_mask[row].bool()]
+        with torch.no_grad():
+            expected = reference(input_ids=torch.cat([xp, xl, query]).unsqueeze(0)).logits[0, -len(query) :]
+        torch.testing.assert_close(teacher[row, -len(query) :], expected, atol=1e-4, rtol=1e-4)

@@ -86,7 +86,7 @@ class ModelParts:
     @contextmanager
     def lora_off(self) -> Iterator[None]:
         """Every LM read runs with LoRA off (the tuner keeps it off outside the PGM pass; this makes sure)."""
-        with self.tuner._lora(False) if self.tuner is not None else nullcontext():
+        with self.tuner.lm_only() if self.tuner is not None else nullcontext():
             yield
 
 

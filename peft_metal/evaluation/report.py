@@ -29,6 +29,57 @@ def _ok(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [record for record in results if "error" not in record]
 
 
+def standard_error(record: dict[str, Any]) -> float:
+    """Binomial standard error of a record's score (accuracy or exact match) over its `n` questions."""
+    n, p = record.get("n"), record["score"]
+    return math.sqrt(p * (1 - p) / n) if n else math.nan
+
+
+def summary(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per method: mean score over tasks, its standard error (per-task errors combined as independent), questions."""
+    table = {}
+    for method in _methods(results):
+        records = [record for record in _ok(results) if method_label(record) == method]
+        if records:
+            table[method] = {
+                "mean": sum(record["score"] for record in records) / len(records),
+                "se": math.sqrt(sum(standard_error(record) ** 2 for record in records)) / len(records),
+                "tasks": len(records),
+                "questions": sum(record.get("n", 0) for record in records),
+            }
+    return table
+
+
+def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per task and method from runs over several seeds: scores weighted by questions, `n` and times
+    summed over seeds (context tokens averaged), `seeds` listing them; an error in any seed makes the merged record
+    an error."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in results:
+        groups.setdefault((record["task"], method_label(record)), []).append(record)
+    merged = []
+    for records in groups.values():
+        first = records[0]
+        errors = [record for record in records if "error" in record]
+        if errors:
+            merged.append({**errors[0], "seeds": [record.get("seed") for record in records]})
+            continue
+        n = sum(record["n"] for record in records)
+        combined = dict(first, n=n, seeds=[record.get("seed") for record in records])
+        combined.pop("seed", None)
+        for key, value in first.items():
+            if key in ("n", "seed") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key.endswith("seconds"):
+                combined[key] = sum(record[key] for record in records)
+            elif key in ("score", "score_sum", "token_f1"):
+                combined[key] = sum(record[key] * record["n"] for record in records) / n
+            elif key == "context_tokens":
+                combined[key] = sum(record[key] for record in records) / len(records)
+        merged.append(combined)
+    return merged
+
+
 def mean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Mean score per method (`method_label`) over the tasks where it ran (errors left out), in first-seen order."""
     means = {}
@@ -45,8 +96,9 @@ def _mean(records: Sequence[dict[str, Any]], key: str) -> float:
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """Task x method scores (accuracy for multiple choice, exact match for generative), their means per method,
-    the cost of each method, and any errors."""
+    """Task x method scores (accuracy for multiple choice, exact match for generative), their means per method with
+    standard errors (± one binomial standard error, per-task errors combined), the cost of each method, and any
+    errors."""
     methods, tasks = _methods(results), _tasks(results)
     by_key = {(record["task"], method_label(record)): record for record in results}
     lines = ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -64,8 +116,13 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{record['score']:.3f}")
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    means = mean_scores(results)
-    lines.append("| **mean** | | " + " | ".join(f"**{means[m]:.3f}**" if m in means else "-" for m in methods) + " |")
+    means = summary(results)
+    lines.append(
+        "| **mean** | | "
+        + " | ".join(f"**{means[m]['mean']:.3f}** ± {means[m]['se']:.3f}" if m in means else "-" for m in methods)
+        + " |"
+    )
+    lines.append("| questions | | " + " | ".join(str(means[m]["questions"]) if m in means else "-" for m in methods) + " |")
 
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
     for method in methods:
@@ -107,7 +164,7 @@ def write_results(
     if path.suffix.lower() in (".md", ".png"):
         raise ValueError(f"{path}: give the JSON path (e.g. results.json); the .md and .png are written beside it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {"results": list(results)}
+    payload: dict[str, Any] = {"results": list(results), "summary": summary(results)}
     if settings is not None:
         payload["settings"] = settings
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

@@ -15,8 +15,8 @@ each with a `refine_steps` field; the PEFT baselines add `train_steps` (and thei
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union

@@ -11,6 +11,7 @@ from peft.utils import PeftType
 
 PROMPT_DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
 PADDING_REPARAMETERIZATIONS = ("lstm", "mlp", "none")
+LORA_SCOPES = ("all", "padding")
 
 
 @dataclass
@@ -26,6 +27,14 @@ class MetaLPromptConfig(LoraConfig):
         default="prefix", metadata={"help": f"How the prompt is read at the padding positions: one of {PROMPT_DESIGNS}."}
     )
     num_prompt_tokens: int = field(default=16, metadata={"help": "K: padding positions, i.e. prompt length."})
+    lora_scope: Literal["all", "padding"] = field(
+        default="all",
+        metadata={
+            "help": "Where the PGM's LoRA is on: 'all' (the paper's form: the PGM reads the shots and the padding with "
+            "LoRA on) or 'padding' (the compressed-context PGM: the frozen LM reads the shots once, without gradient, "
+            "and LoRA is on only at the K padding positions, which attend to those shots' keys and values)."
+        },
+    )
     padding_reparameterization: Literal["lstm", "mlp", "none"] = field(
         default="lstm", metadata={"help": "Reparameterization of the trainable padding, as in P-tuning."}
     )
@@ -47,6 +56,8 @@ class MetaLPromptConfig(LoraConfig):
         self.peft_type = PeftType.METAL_PROMPT
         if self.prompt_design not in PROMPT_DESIGNS:
             raise ValueError(f"Unknown prompt_design {self.prompt_design!r}; choose one of {PROMPT_DESIGNS}.")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"Unknown lora_scope {self.lora_scope!r}; choose one of {LORA_SCOPES}.")
         if self.padding_reparameterization not in PADDING_REPARAMETERIZATIONS:
             raise ValueError(
                 f"Unknown padding_reparameterization {self.padding_reparameterization!r}; "

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 import torch
 from peft import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..compat import cache_from_layers, cache_layers, has_shift_invariant_positions
 from ..designs import PGMReadout, get_design
 from .chunking import ChunkSize, chunk_shots
 from .config import MetaLPromptConfig
@@ -94,6 +95,10 @@ class MetaLPromptModel(LoraModel):
             if isinstance(module, BaseTunerLayer):
                 module._disable_adapters = not enabled
 
+    def lm_only(self) -> Iterator[None]:
+        """Context in which the model is the plain LM (every LoRA layer off), whatever runs inside."""
+        return self._lora(False)
+
     @contextmanager
     def _lora(self, enabled: bool) -> Iterator[None]:
         self._set_lora(enabled)
@@ -150,18 +155,40 @@ class MetaLPromptModel(LoraModel):
         chunks = chunk_shots(
             shots[:split], tokenizer, self.template, config.num_prompt_tokens, max_context_length(self.model), chunk_size
         )
-        demonstrations_text = self.template.format_shots(shots[split:])
-        demonstrations = tokenizer(demonstrations_text, add_special_tokens=False)["input_ids"]
-        device = model_device(self.model)
-
         prompt = None
         for chunk_ids in chunks:
-            prompt = self._prompt_from_chunk(torch.tensor(chunk_ids), prompt, tokenizer)
-        return replace(
-            prompt,
-            demonstrations=torch.tensor(demonstrations, dtype=torch.long, device=device),
-            demonstrations_text=demonstrations_text,
-        )
+            prompt = self._prompt_from_readout(
+                self._run_pgm(torch.tensor(chunk_ids), self._design.needs_cache, prompt), tokenizer
+            )
+        return self._with_demonstrations(prompt, shots[split:], tokenizer)
+
+    def generate_prompt_from_read_shots(
+        self, shots: ReadShots, tokenizer: PreTrainedTokenizerBase, demonstrations: Any = ()
+    ) -> GeneratedPrompt:
+        """The prompt of a `lora_scope="padding"` PGM from shots the frozen LM has already read (`read_shots`).
+
+        Meta-training reads the shots once and hands the same keys/values to the PGM and to the teacher.
+        """
+        if self.metal_config.lora_scope != "padding":
+            raise ValueError(
+                f"generate_prompt_from_read_shots needs lora_scope='padding'; this PGM has lora_scope="
+                f"{self.metal_config.lora_scope!r}, whose PGM reads the shots itself: use generate_prompt."
+            )
+        readout = self.read_padding(shots, self._design.needs_cache)
+        prompt = self._prompt_from_readout(readout, tokenizer)
+        return self._with_demonstrations(prompt, normalize_shots(demonstrations, allow_empty=True), tokenizer)
+
+    @property
+    def _design(self):
+        return get_design(self.metal_config.prompt_design)
+
+    def _with_demonstrations(
+        self, prompt: GeneratedPrompt, demonstrations: list, tokenizer: PreTrainedTokenizerBase
+    ) -> GeneratedPrompt:
+        text = self.template.format_shots(demonstrations)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        device = model_device(self.model)
+        return replace(prompt, demonstrations=torch.tensor(ids, dtype=torch.long, device=device), demonstrations_text=text)
 
     def refine_prompt(
         self,
@@ -184,13 +211,9 @@ class MetaLPromptModel(LoraModel):
         with self._lora(False):
             return refine(self.model, prompt, shots, tokenizer, self.template, steps, lr, batch_size, seed)
 
-    def _prompt_from_chunk(
-        self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt], tokenizer: PreTrainedTokenizerBase
-    ) -> GeneratedPrompt:
+    def _prompt_from_readout(self, readout: PGMReadout, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
         config = self.metal_config
-        design = get_design(config.prompt_design)
-        readout = self._run_pgm(chunk_ids, design.needs_cache, previous)
-        payload = design.make(readout, self.model, config.temperature, training=self.training)
+        payload = self._design.make(readout, self.model, config.temperature, training=self.training)
         return GeneratedPrompt(
             design=config.prompt_design,
             num_tokens=config.num_prompt_tokens,
@@ -203,15 +226,65 @@ class MetaLPromptModel(LoraModel):
     def _run_pgm(
         self, chunk_ids: torch.Tensor, needs_cache: bool, previous: Optional[GeneratedPrompt] = None
     ) -> PGMReadout:
-        """The PGM (LoRA on) over [previous prompt][chunk][padding], read at the padding."""
+        """The PGM over [previous prompt][chunk][padding], read at the padding.
+
+        With `lora_scope="all"` one pass with LoRA on reads everything; with `"padding"` the frozen LM reads the
+        shots first, without gradient (`read_shots`), and only the K padding positions run with LoRA on.
+        """
         if self.training and _checkpointing(self.model):
             raise ValueError(
                 "Gradient checkpointing is not supported while meta-training a MetaL-Prompt PGM: its recomputation "
                 "would run the PGM with LoRA off. Disable it with model.get_base_model().gradient_checkpointing_disable()."
             )
+        if self.metal_config.lora_scope == "padding":
+            return self.read_padding(self.read_shots(chunk_ids, previous), needs_cache)
+        shots_embeds, cache = self._shots_input(chunk_ids, previous)
+        padding = self._padding_embeds()
+        inputs_embeds = torch.cat([shots_embeds, padding]).unsqueeze(0)
+        start = self._first_position(cache, inputs_embeds.shape[1] - padding.shape[0])
+        with self._lora(True):
+            outputs = self.model.base_model(
+                inputs_embeds=inputs_embeds,
+                position_ids=_positions(start, inputs_embeds.shape[1], inputs_embeds.device),
+                past_key_values=cache,
+                use_cache=needs_cache,
+            )
+        hidden_states = outputs.last_hidden_state[0, -padding.shape[0] :]
+        return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
+
+    def read_shots(self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt] = None) -> ReadShots:
+        """The frozen LM (LoRA off, no gradient) over [previous prompt][chunk]: the keys and values the padding of a
+        `lora_scope="padding"` PGM attends to. Meta-training reuses them for the teacher, which reads the same shots."""
+        shots_embeds, cache = self._shots_input(chunk_ids, previous)
+        start = self._first_position(cache, shots_embeds.shape[0])
+        with torch.no_grad(), self._lora(False):
+            outputs = self.model.base_model(
+                inputs_embeds=shots_embeds.unsqueeze(0),
+                position_ids=_positions(start, shots_embeds.shape[0], shots_embeds.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return ReadShots(layers=cache_layers(outputs.past_key_values), next_position=start + shots_embeds.shape[0])
+
+    def read_padding(self, shots: ReadShots, needs_cache: bool) -> PGMReadout:
+        """The K padding positions with LoRA on, after the shots' keys and values (`lora_scope="padding"`)."""
+        padding = self._padding_embeds().unsqueeze(0)
+        cache = cache_from_layers(shots.layers)
+        with self._lora(True):
+            outputs = self.model.base_model(
+                inputs_embeds=padding,
+                position_ids=_positions(shots.next_position, padding.shape[1], padding.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return PGMReadout(hidden_states=outputs.last_hidden_state[0], cache=outputs.past_key_values if needs_cache else None)
+
+    def _shots_input(
+        self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt]
+    ) -> tuple[torch.Tensor, Optional[Cache]]:
+        """Embeddings of [previous prompt (if embeddings)][chunk], and the previous prompt's cache (if keys/values)."""
         embedding = self.model.get_input_embeddings()
-        padding = self.metal_padding[self.active_adapters[0]]()
-        parts = [embedding(chunk_ids.to(embedding.weight.device)), padding.to(embedding.weight.dtype)]
+        parts = [embedding(chunk_ids.to(embedding.weight.device))]
         cache = None
         if previous is not None:
             design = get_design(previous.design)
@@ -219,18 +292,19 @@ class MetaLPromptModel(LoraModel):
             if previous_embeds is not None:
                 parts.insert(0, previous_embeds.to(embedding.weight.dtype))
             cache = design.context_cache(previous, batch_size=1)
-        inputs_embeds = torch.cat(parts).unsqueeze(0)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
-        with self._lora(True):
-            outputs = self.model.base_model(
-                inputs_embeds=inputs_embeds,
-                position_ids=positions.unsqueeze(0),
-                past_key_values=cache,
-                use_cache=needs_cache,
-            )
-        hidden_states = outputs.last_hidden_state[0, -padding.shape[0] :]
-        return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
+        return torch.cat(parts), cache
+
+    def _padding_embeds(self) -> torch.Tensor:
+        padding = self.metal_padding[self.active_adapters[0]]()
+        return padding.to(self.model.get_input_embeddings().weight.dtype)
+
+    def _first_position(self, cache: Optional[Cache], num_shot_positions: int) -> int:
+        """Where the shots start. After a cache, right after it. Otherwise, on a model whose attention depends only on
+        position differences, at -len(shots), so the padding sits at 0..K-1 and the queries that read the prompt
+        continue at K, after the slots, exactly as at serving (Gist and CCM place them so); else at 0."""
+        if cache is not None:
+            return cache.get_seq_length()
+        return -num_shot_positions if has_shift_invariant_positions(self.model) else 0
 
     # ------------------------------------------------------------------ the LM reading a prompt
 
@@ -277,6 +351,26 @@ class MetaLPromptModel(LoraModel):
         if padding_key in key:
             return key.replace(padding_key, f"{PADDING_ATTRIBUTE}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+@dataclass
+class ReadShots:
+    """Per-layer keys/values (batch 1) of the frozen LM over the generation shots, and the next free position."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    next_position: int
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    @property
+    def first_position(self) -> int:
+        return self.next_position - self.length
+
+
+def _positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device).unsqueeze(0)
 
 
 def _checkpointing(lm: PreTrainedModel) -> bool:

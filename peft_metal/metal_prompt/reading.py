@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..compat import cache_layers
 from ..designs import get_design
 from ..designs.base import expand_cache
 from .prompt import GeneratedPrompt
@@ -110,13 +111,14 @@ def forward_with_prompt(
     check_fits(lm, prompt, query_length)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    context_embeds, cache = _context(lm, prompt, batch_size)
-    query_embeds = lm.get_input_embeddings()(input_ids)
-    inputs_embeds = query_embeds if context_embeds is None else torch.cat([context_embeds, query_embeds], dim=1)
+    # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
+    # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
+    cache = expand_cache(_context_layers(lm, prompt), batch_size)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
     if keeps_logits(lm):
         kwargs["logits_to_keep"] = query_length
-    outputs = _run_after_cache(lm, inputs_embeds, full_mask, cache, use_cache=False, **kwargs)
+    query_embeds = lm.get_input_embeddings()(input_ids)
+    outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=False, **kwargs)
     logits = outputs.logits[:, -query_length:]
     loss = None
     if labels is not None:
@@ -126,15 +128,21 @@ def forward_with_prompt(
     return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+def _context_layers(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations."""
+    embeds, cache = _context(lm, prompt, batch_size=1)
+    if embeds is not None:
+        mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
+        extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
+        cache = _run_after_cache(lm, embeds, mask, cache, use_cache=True, **extra).past_key_values
+    return cache_layers(cache)
+
+
 @torch.no_grad()
 def context_cache(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations: the state every query
     of this prompt starts from, computed once per call instead of once per query."""
-    embeds, cache = _context(lm, prompt, batch_size=1)
-    if embeds is not None:
-        mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
-        cache = _run_after_cache(lm, embeds, mask, cache, use_cache=True).past_key_values
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return _context_layers(lm, prompt)
 
 
 def generate_with_prompt(

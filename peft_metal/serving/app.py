@@ -37,8 +37,8 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from ..evaluation.metrics import best_option, cut_generation, has_stop
 from ..evaluation.methods import ModelParts
+from ..evaluation.metrics import best_option, cut_generation, has_stop
 from ..evaluation.scoring import empty_context, prompt_context
 from ..metal_prompt.chunking import chunk_shots
 from ..metal_prompt.fingerprint import check_same_base

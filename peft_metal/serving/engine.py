@@ -27,6 +27,7 @@ from ..designs.base import expand_cache
 from ..evaluation.scoring import Context, ContinuationScore
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
 
+
 @dataclass(frozen=True)
 class Generation:
     tokens: list[int]

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+# "auto": bf16 where the hardware multiplies it fast (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32;
+# "no" is the same as "fp32".
+MIXED_PRECISIONS = ("auto", "no", "fp32", "bf16")
+
 
 @dataclass
 class TrainingArguments:
@@ -16,6 +20,7 @@ class TrainingArguments:
     model: str = "smollm2-135m"
     prompt_design: str = "prefix"
     num_prompt_tokens: int = 16
+    lora_scope: str = "all"  # "padding": the compressed-context PGM (see MetaLPromptConfig.lora_scope)
     r: int = 8
     lora_alpha: int = 16
     padding_reparameterization: str = "lstm"
@@ -50,8 +55,8 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.distillation_weight < 0:
             raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}.")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainingArguments":

@@ -75,6 +75,7 @@ def save_checkpoint(
 def load_checkpoint(directory: Path, model, optimizer, scheduler, sampler) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote into live objects; returns the JSON metadata (with `step`)."""
     directory = Path(directory)
+    _check_same_pgm(directory, model)
     meta = json.loads((directory / "state.json").read_text())
     tensors = load_file(directory / "state.safetensors")
     weights = load_file(directory / "pgm" / "adapter_model.safetensors")
@@ -93,6 +94,26 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, sampler) -> di
 def latest_checkpoint(directory: Path) -> Path | None:
     candidates = [p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
     return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+# What makes a checkpoint's weights mean something else in another run, even where their shapes agree.
+PGM_IDENTITY = ("prompt_design", "num_prompt_tokens", "lora_scope", "r", "padding_reparameterization")
+
+
+def _check_same_pgm(directory: Path, model) -> None:
+    saved = json.loads((directory / "pgm" / "adapter_config.json").read_text())
+    config = model.peft_config[model.active_adapter]
+    defaults = {"lora_scope": "all"}  # checkpoints from before lora_scope existed
+    differ = [
+        f"{name}: checkpoint {saved.get(name, defaults.get(name))!r}, run {getattr(config, name)!r}"
+        for name in PGM_IDENTITY
+        if saved.get(name, defaults.get(name)) != getattr(config, name)
+    ]
+    if differ:
+        raise ValueError(
+            f"Checkpoint {directory} was made by another kind of PGM ({'; '.join(differ)}). Resume with the settings "
+            "it was made with, or train into a new output_dir."
+        )
 
 
 def _load_pgm_weights(model, weights: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
-"""The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its queries.
+"""The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
+plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher).
 
-It is an `nn.Module` so that `accelerate` can wrap it (for several GPUs the gradient sync of DDP is set up by the
+It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
 wrapper's forward, and the PGM's work happens inside this forward).
 """
 
@@ -13,14 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..compat import cache_from_layers, cache_layers
 from ..data import Episode
+from ..designs.base import expand_cache
 from ..metal_prompt import ShotTemplate
+from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
-from ..metal_prompt.reading import model_device, positions_from_mask
+from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
 
 
 class EpisodeLoss(nn.Module):
-    """Wraps the PEFT model; `forward(episode)` makes the prompt from XP in train mode and scores the queries."""
+    """Wraps the PEFT model; `forward(episode)` makes the prompt from XP in train mode and scores the queries.
+
+    With `lora_scope="padding"` the frozen LM reads XP once; the PGM's padding and the teacher both continue from
+    those keys/values, so the teacher costs only the demonstrations and the query tokens.
+    """
 
     def __init__(
         self,
@@ -39,11 +47,29 @@ class EpisodeLoss(nn.Module):
     def template(self) -> ShotTemplate:
         return self.model.base_model.template
 
+    @property
+    def _reads_shots_once(self) -> bool:
+        return self.model.base_model.metal_config.lora_scope == "padding" and self.chunk_size is None
+
+    def _encode(self, examples) -> torch.Tensor:
+        text = self.template.format_shots([example.as_shot() for example in examples])
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long, device=model_device(self.model.get_base_model()))
+
     def forward(self, episode: Episode) -> dict[str, torch.Tensor]:
-        shots = [example.as_shot() for example in episode.xp + episode.xl]
-        prompt = self.model.generate_prompt(
-            shots, tokenizer=self.tokenizer, num_demonstrations=len(episode.xl), chunk_size=self.chunk_size
-        )
+        tuner = self.model.base_model
+        xl_shots = [example.as_shot() for example in episode.xl]
+        shots_read = None
+        if self._reads_shots_once:
+            shots_read = tuner.read_shots(self._encode(episode.xp))
+            prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
+        else:
+            prompt = self.model.generate_prompt(
+                [example.as_shot() for example in episode.xp] + xl_shots,
+                tokenizer=self.tokenizer,
+                num_demonstrations=len(xl_shots),
+                chunk_size=self.chunk_size,
+            )
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
         outputs = self.model(
@@ -51,27 +77,54 @@ class EpisodeLoss(nn.Module):
         )
         losses = {"lm_loss": outputs.loss}
         if self.distillation_weight > 0:
-            losses["distillation"] = self._distillation(episode, batch, outputs.logits)
+            if shots_read is None:
+                shots_read = tuner.read_shots(self._encode(episode.xp))
+            teacher_logits = self._teacher_logits(shots_read, self._encode(episode.xl), batch)
+            losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
         losses["loss"] = losses["lm_loss"] + self.distillation_weight * losses.get("distillation", 0.0)
         return losses
 
-    def _distillation(self, episode: Episode, batch: QueryBatch, student_logits: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) on the answer tokens, where the teacher is the LM given all k shots as plain
-        demonstrations (MEND's distillation): the prompt should tell the LM what the full context would have."""
-        context = self.tokenizer(
-            self.template.format_shots([example.as_shot() for example in episode.xp + episode.xl]),
-            add_special_tokens=False,
-            return_tensors="pt",
-        ).input_ids.to(batch.input_ids.device)
+    @torch.no_grad()
+    def _teacher_logits(self, shots: ReadShots, demonstrations: torch.Tensor, batch: QueryBatch) -> torch.Tensor:
+        """The frozen LM's logits at the query positions after [XP][XL][query], continuing from the XP keys/values.
+
+        XL is read once (batch 1), then every query continues from the shared keys/values.
+        """
+        tuner = self.model.base_model
         lm = self.model.get_base_model()
-        size = batch.input_ids.shape[0]
-        input_ids = torch.cat([context.expand(size, -1), batch.input_ids], dim=1)
-        mask = torch.cat([torch.ones_like(context).expand(size, -1), batch.attention_mask], dim=1)
-        positions = positions_from_mask(mask)
-        with torch.no_grad(), self.model.base_model._lora(False):
-            teacher_logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-        teacher_logits = teacher_logits[:, -batch.input_ids.shape[1] :]
-        answer = batch.labels[:, 1:] != -100
-        teacher = F.log_softmax(teacher_logits[:, :-1][answer].float(), dim=-1)
-        student = F.log_softmax(student_logits[:, :-1][answer].float(), dim=-1)
-        return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        layers = shots.layers
+        next_position = shots.next_position
+        with tuner.lm_only():
+            if demonstrations.numel():
+                positions = torch.arange(next_position, next_position + demonstrations.numel(), device=demonstrations.device)
+                out = lm.base_model(
+                    input_ids=demonstrations.unsqueeze(0),
+                    position_ids=positions.unsqueeze(0),
+                    past_key_values=cache_from_layers(layers),
+                    use_cache=True,
+                )
+                layers = cache_layers(out.past_key_values)
+                next_position += demonstrations.numel()
+            size, width = batch.input_ids.shape
+            context_length = layers[0][0].shape[2]
+            mask = torch.cat([batch.attention_mask.new_ones(size, context_length), batch.attention_mask], dim=1)
+            positions = positions_from_mask(mask)[:, context_length:] + shots.first_position
+            extra = {"logits_to_keep": width} if keeps_logits(lm) else {}
+            return lm(
+                input_ids=batch.input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=expand_cache(layers, size),
+                use_cache=False,
+                **extra,
+            ).logits[:, -width:]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the full vocabulary, averaged over every real query and answer token predicted
+    from inside the query (MEND's objective; the cross-entropy on the gold answer is added by the caller, since KL
+    alone would cap the student at the teacher)."""
+    predicted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    teacher = F.log_softmax(teacher_logits[:, :-1][predicted].float(), dim=-1)
+    student = F.log_softmax(student_logits[:, :-1][predicted].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

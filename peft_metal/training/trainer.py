@@ -22,6 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
 from ..metal_prompt import MetaLPromptConfig
+from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .episode_loss import EpisodeLoss
@@ -38,7 +39,7 @@ def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task
 
 
 # Settings a PGM's weights are shaped by: a run started from a saved PGM must agree with it on all of them.
-SHAPE_SETTINGS = ("prompt_design", "num_prompt_tokens", "r", "padding_reparameterization")
+SHAPE_SETTINGS = ("prompt_design", "num_prompt_tokens", "lora_scope", "r", "padding_reparameterization")
 
 
 def build_pgm(args: TrainingArguments):
@@ -49,6 +50,7 @@ def build_pgm(args: TrainingArguments):
     config = MetaLPromptConfig(
         task_type="CAUSAL_LM",
         prompt_design=args.prompt_design,
+        lora_scope=args.lora_scope,
         num_prompt_tokens=args.num_prompt_tokens,
         r=args.r,
         lora_alpha=args.lora_alpha,
@@ -77,13 +79,17 @@ class MetaTrainer:
 
     def __init__(self, args: TrainingArguments, model=None, tokenizer=None, train_tasks=None, dev_tasks=None) -> None:
         self.args = args
-        mixed = args.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision("fp32" if args.mixed_precision == "no" else args.mixed_precision, device)
+        # On a GPU bf16 is accelerate's autocast; on a CPU the frozen weights are cast once (`cast_frozen_weights`),
+        # because autocast re-casts them on every call, which costs more than bf16 saves on short sequences.
+        autocast = "bf16" if device == "cuda" and self.precision == "bf16" else "no"
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=autocast)
         torch.manual_seed(args.seed)
         if model is None:
             model, tokenizer = build_pgm(args)
+        if device == "cpu":
+            cast_frozen_weights(model, self.precision)
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(args.output_dir)
         train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)

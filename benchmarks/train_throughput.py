@@ -1,0 +1,122 @@
+"""Meta-training throughput: episodes per second of several training configs, measured in one run on one machine.
+
+    python benchmarks/train_throughput.py [--configs examples/train_smollm2_discrete.json,examples/train_smollm2_compressed.json]
+        [--steps 6] [--warmup-steps 1] [--variants ...] [--output benchmarks/results]
+
+Each config is meta-trained as `peft-metal train` would (same episodes, same loss, optimizer steps included) for
+`--warmup-steps` untimed optimizer steps and then `--steps` timed ones, on the train families; no dev evaluation and no
+checkpoints inside the timed part. `--variants` adds runs of the same config with one setting changed
+(`name:key=value,key=value`), which is how each choice (precision, scope, distillation) is measured on its own.
+Writes `train_throughput.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+
+import peft_metal  # noqa: F401
+from peft_metal.training import MetaTrainer, TrainingArguments
+from peft_metal.training.trainer import load_split_tasks
+
+DEFAULT_CONFIGS = "examples/train_smollm2_discrete.json,examples/train_smollm2_compressed.json"
+
+
+def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
+    """`name:config=path,key=value,...` -> (name, config path, overrides); values are JSON (or plain strings)."""
+    name, _, settings = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, re.split(r",(?=\w+=)", settings)):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    config = overrides.pop("config", None)
+    if not name or config is None:
+        raise SystemExit(f"--variants entry {text!r} must look like name:config=path,key=value")
+    return name, config, overrides
+
+
+def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, steps: int, warmup_steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments.from_json(config, output_dir=output_dir, init_from=None, **overrides)
+        args.max_steps = warmup_steps + steps + 1  # the schedule must not end inside the timed steps
+        args.checkpoint_every = args.eval_every = args.max_steps + 1  # nothing but training is timed
+        trainer = MetaTrainer(args, train_tasks=train_tasks, dev_tasks=[])
+        trainer.train(stop_after=warmup_steps)
+        started = time.perf_counter()
+        summary = trainer.train(stop_after=steps)
+        seconds = time.perf_counter() - started
+    episodes = steps * args.gradient_accumulation_steps
+    return {
+        "run": name,
+        "config": config,
+        "overrides": overrides,
+        "design": args.prompt_design,
+        "lora_scope": getattr(args, "lora_scope", "all"),  # runs of code from before lora_scope
+        "precision": getattr(trainer, "precision", "fp32"),  # likewise: it trained in fp32 on a CPU
+        "distillation_weight": args.distillation_weight,
+        "num_prompt_tokens": args.num_prompt_tokens,
+        "num_queries": args.num_queries,
+        "xp_range": list(args.xp_range),
+        "xl_range": list(args.xl_range),
+        "episodes": episodes,
+        "seconds": round(seconds, 2),
+        "episodes_per_s": round(episodes / seconds, 4),
+        "seconds_per_1000_episodes": round(1000 * seconds / episodes, 1),
+        "final_train_loss": summary["final_train_loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    parser.add_argument("--variants", nargs="*", default=[], help="name:config=path,key=value,... (extra runs)")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="train_throughput")
+    args = parser.parse_args()
+
+    runs = [(Path(config).stem, config, {}) for config in args.configs.split(",") if config]
+    runs += [parse_variant(text) for text in args.variants]
+    train_tasks = load_split_tasks("train")
+    results = []
+    for name, config, overrides in runs:
+        print(f"measuring {name} ...", flush=True)
+        results.append(measure(name, config, overrides, train_tasks, args.steps, args.warmup_steps))
+    baseline = results[0]["episodes_per_s"]
+    for result in results:
+        result["speedup_vs_first"] = round(result["episodes_per_s"] / baseline, 2)
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    report = {"command": "python benchmarks/train_throughput.py " + " ".join(__import__("sys").argv[1:]),
+              "machine": machine, "steps": args.steps, "warmup_steps": args.warmup_steps, "runs": results}
+    lines = [
+        f"Meta-training throughput ({machine}; {args.steps} timed optimizer steps per run after {args.warmup_steps} "
+        "untimed; same episode stream for every run of a config).",
+        "",
+        "| run | design | scope | precision | distill | K | queries | episodes/s | s / 1,000 episodes | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['run']} | {r['design']} | {r['lora_scope']} | {r['precision']} | {r['distillation_weight']:g} | "
+            f"{r['num_prompt_tokens']} | {r['num_queries']} | {r['episodes_per_s']:.3f} | "
+            f"{r['seconds_per_1000_episodes']:,.0f} | {r['speedup_vs_first']:.2f}x |"
+        )
+    write_report(args.output, args.name, report, lines)
+
+
+if __name__ == "__main__":
+    main()
