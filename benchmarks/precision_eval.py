@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.evaluation import evaluate, load_eval_tasks
@@ -23,8 +24,6 @@ from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds, summary
 from peft_metal.pgm import load_pgm
 from peft_metal.precision import cast_frozen_weights
-
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 
 def main() -> None:

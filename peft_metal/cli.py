@@ -17,6 +17,24 @@ def _train(args: argparse.Namespace) -> int:
     print(summary)
     return 0
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.trainer import export_checkpoint
+
+    try:
+        dev_results = None
+        if args.dev_results:
+            summary = json.loads(open(args.dev_results, encoding="utf-8").read())["summary"]
+            dev_results = {method: round(stats["mean"], 4) for method, stats in summary.items()}
+        target = export_checkpoint(args.run_dir, args.output, args.step, dev_results)
+    except (ValueError, OSError, KeyError) as error:
+        print(f"peft-metal export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Exported {args.run_dir} to {target}")
+    return 0
+
+
 def _load_pgm(args: argparse.Namespace, seed: Optional[int] = None):
     from .pgm import load_pgm
 
@@ -164,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from", help="start from a saved PGM's weights (continued meta-training; overrides the config's init_from)"
     )
     train.set_defaults(run=_train)
+
+    export = commands.add_parser(
+        "export", help="export a meta-training run's checkpoint as a shippable PGM (padding baked, training facts in "
+        "its model card), e.g. to ship what a run that goes on across sessions has so far"
+    )
+    export.add_argument("--run-dir", required=True, help="the run's output_dir")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    export.add_argument("--output", required=True, help="folder to write the PGM to")
+    export.add_argument("--dev-results", help="a results.json of `peft-metal eval` whose means go into the model card")
+    export.set_defaults(run=_export)
 
     evaluation = commands.add_parser(
         "eval", help="compare zero-shot, in-context learning, MetaL-Prompt and PEFT prompt-learning baselines on the "

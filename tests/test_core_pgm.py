@@ -237,3 +237,17 @@ def test_padding_cache_dropped_by_eval_switch_on_model(tok):
 def test_padding_rejects_unknown_reparameterization():
     with pytest.raises(ValueError, match="reparameterization"):
         TrainablePadding(3, torch.zeros(3, 8), "gru")
+
+
+@pytest.mark.parametrize(
+    ("operation", "args"),
+    [("merge_and_unload", ()), ("unload", ()), ("merge_adapter", ()), ("add_weighted_adapter", (["default"], [1.0], "mix"))],
+)
+def test_lora_operations_that_would_break_the_pgm_are_refused(operation, args):
+    """Folding LoRA into the LM (it must stay frozen: one copy serves as LM and PGM) or dropping the padding would
+    silently break the PGM: PEFT's entry points raise a clear error instead, and leave the model as it was."""
+    model = make_pgm("llama", "prefix")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=f"{operation} is not supported for a MetaL-Prompt PGM"):
+        getattr(model, operation)(*args)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -188,3 +188,23 @@ def test_set_adapter_moves_padding_trainability():
     assert any(".two." in n for n in trainable if "lora_" in n)
     assert any("metal_padding.two." in n for n in trainable)
     assert not [n for n in trainable if ".default." in n], "the inactive adapter is still trainable"
+
+
+def test_model_card_is_complete_with_hub_metadata_and_no_template_placeholders(tmp_path):
+    from peft_metal.metal_prompt.model_card import card_metadata
+
+    model = make_pgm("llama", "prefix", lora_scope="padding")
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.training_summary = {"episodes": 8, "dev_results": {"metal": 0.5, "icl": 0.625}}
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "More Information Needed" not in text and "{{" not in text
+    meta = card_metadata(text)
+    assert meta["library_name"] == "peft" and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["bigbench"]
+    assert {"peft-metal", "metal-prompt", "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct"} <= set(meta["tags"])
+    results = meta["model-index"][0]["results"]
+    assert sorted(m["value"] for r in results for m in r["metrics"]) == [0.5, 0.625]
+    assert "import peft_metal" in text and "PeftModel.from_pretrained" in text and "Findings of EMNLP 2023" in text
+    assert "LoRA scope: `padding`" in text and "- metal: 0.500" in text

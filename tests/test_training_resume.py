@@ -181,3 +181,32 @@ def test_teacher_continuing_from_the_read_shots_equals_the_lm_on_all_shots(tmp_p
         with torch.no_grad():
             expected = reference(input_ids=torch.cat([xp, xl, query]).unsqueeze(0)).logits[0, -len(query) :]
         torch.testing.assert_close(teacher[row, -len(query) :], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_a_checkpoint_of_a_run_that_goes_on(tmp_path, monkeypatch):
+    """`peft-metal export`: a checkpoint becomes a baked, shippable PGM that makes the same prompts, with its training
+    facts and dev results in its card; a missing checkpoint is named with the ones there are."""
+    from conftest import SHOTS, make_lm
+    from peft import PeftModel
+
+    from peft_metal.cli import main
+
+    trainer = make_trainer(tmp_path / "run", "prefix", scope="padding")
+    trainer.train(stop_after=2)
+    monkeypatch.setattr("peft_metal.training.trainer.load_base_model", lambda name: (make_lm("llama"), None))
+    results = tmp_path / "dev.json"
+    results.write_text(json.dumps({"summary": {"metal": {"mean": 0.5, "se": 0.1}}}))
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "pgm"),
+                 "--dev-results", str(results)]) == 0
+    config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
+    assert config["padding_reparameterization"] == "none" and config["lora_scope"] == "padding"
+    assert config["training_summary"]["episodes"] == 4 and config["training_summary"]["dev_results"] == {"metal": 0.5}
+    assert "- metal: 0.500" in (tmp_path / "pgm" / "README.md").read_text()
+    exported = PeftModel.from_pretrained(make_lm("llama"), str(tmp_path / "pgm")).eval()
+    checkpoint = PeftModel.from_pretrained(make_lm("llama"), str(tmp_path / "run" / "checkpoint-2" / "pgm")).eval()
+    tok = trainer.tokenizer
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported.generate_prompt(SHOTS, tokenizer=tok).keys, checkpoint.generate_prompt(SHOTS, tokenizer=tok).keys
+        )
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--step", "7", "--output", str(tmp_path / "x")]) == 2

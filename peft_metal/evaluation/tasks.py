@@ -1,9 +1,8 @@
 """Which tasks an evaluation may use, and loading them.
 
-BIG-bench families in neither split of `bigbench_splits.json` are reserved for acceptance testing: evaluation refuses
-them with the split guard's own message. Dev families are what evaluation is for; train families are allowed too (to
-look at in-distribution scores). Tasks from a user folder (`task_dir`) whose family is not a BIG-bench family are the
-user's own and are not guarded.
+Evaluation may run any task: any installed BIG-bench task, a folder of the user's own (`task_dir`), or a split of
+`bigbench_splits.json` (`"dev"`, `"train"`). The split guard belongs to meta-training and to the choices made on dev
+(the trainer, its dev loss, the dev panel), not here. Only a name that matches no task is refused, with close matches.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import difflib
 import os
 from typing import Optional, Sequence
 
-from ..data import Task, check_allowed, load_bigbench_task, load_splits, tasks_for_split
+from ..data import Task, load_bigbench_task, tasks_for_split
 from ..data.bigbench import bigbench_root
 
 
@@ -26,27 +25,19 @@ def _bigbench_families() -> Optional[set[str]]:
 
 
 def check_eval_task(name: str, task_dir: Optional[str | os.PathLike] = None) -> None:
-    """Raise (with the split guard's message) if `name` belongs to a family reserved for acceptance testing."""
+    """Raise if `name` is not a task evaluation can find, suggesting close matches; any real task passes."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"Task names must be non-empty strings, got {name!r}.")
-    splits = load_splits()
-    family = name.split("/", 1)[0]
-    if family in splits["train_families"] or family in splits["dev_families"]:
-        return
     if task_dir is not None:
-        families = _bigbench_families()
-        if families is None or family not in families:
-            return  # the user's own task, not a BIG-bench one
-    try:
-        check_allowed(name, "dev")
-    except ValueError as error:
-        families = _bigbench_families()
-        if task_dir is None and (families is None or family not in families):  # a typo for an allowed task?
-            allowed = tasks_for_split("dev") + tasks_for_split("train")
-            close = difflib.get_close_matches(name, allowed, n=3)
-            if close:
-                raise ValueError(f"{error} (Did you mean: {', '.join(close)}?)") from None
-        raise
+        return  # the loader names what is missing from the user's folder
+    families = _bigbench_families()
+    family = name.split("/", 1)[0]
+    if families is None or family in families:
+        return  # without the bigbench package the loader says how to install it
+    known = sorted(set(tasks_for_split("dev") + tasks_for_split("train")) | families)
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"No BIG-bench task family {family!r} is installed.{hint}")
 
 
 def parse_task_names(names: str | Sequence[str]) -> list[str]:

@@ -74,12 +74,12 @@ class MetaLPromptConfig(LoraConfig):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}.")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save `adapter_config.json`, then add the MetaL-Prompt section to the model card PEFT has just written.
+        """Save `adapter_config.json`, then replace the generic model card PEFT has just written by the PGM's own.
 
         `PeftModel.save_pretrained` writes the card before the config and offers tuners no hook of their own, so the
-        config, which holds every fact the card needs, completes it.
+        config, which holds every fact the card needs, writes it.
         """
         super().save_pretrained(save_directory, **kwargs)
-        from .model_card import add_metal_section
+        from .model_card import write_model_card
 
-        add_metal_section(os.path.join(save_directory, "README.md"), self)
+        write_model_card(os.path.join(save_directory, "README.md"), self)

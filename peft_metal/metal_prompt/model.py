@@ -341,6 +341,20 @@ class MetaLPromptModel(LoraModel):
                 return self.model.generate(*args, **kwargs)
             return generate_with_prompt(self.model, self._check_prompt(prompt), *args, **kwargs)
 
+    # ------------------------------------------------------------------ LoRA operations that would break the PGM
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> Any:
+        raise _not_for_a_pgm("merge_and_unload", "it would fold the PGM's LoRA into the LM, which must stay frozen")
+
+    def unload(self, *args: Any, **kwargs: Any) -> Any:
+        raise _not_for_a_pgm("unload", "it would drop the PGM's LoRA and its trainable padding")
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise _not_for_a_pgm("merge_adapter", "it would fold the PGM's LoRA into the LM, which must stay frozen")
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise _not_for_a_pgm("add_weighted_adapter", "it would mix LoRA weights but not the PGMs' paddings")
+
     # ------------------------------------------------------------------ save / load of the padding
 
     @classmethod
@@ -367,6 +381,13 @@ class ReadShots:
     @property
     def first_position(self) -> int:
         return self.next_position - self.length
+
+
+def _not_for_a_pgm(operation: str, why: str) -> TypeError:
+    return TypeError(
+        f"{operation} is not supported for a MetaL-Prompt PGM: {why}. The base LM is `model.get_base_model()` used "
+        "inside `model.base_model.lm_only()`; a prompt is read by `model(prompt=...)` / `model.generate(prompt=...)`."
+    )
 
 
 def _positions(start: int, length: int, device: torch.device) -> torch.Tensor:

@@ -1,64 +1,121 @@
-"""The MetaL-Prompt section of a saved PGM's model card (README.md)."""
+"""The model card (README.md) of a saved PGM: what it is, how it was made, how to load it, and its dev results.
+
+PEFT writes a generic template before the config is saved; `write_model_card` replaces it whole, since most of that
+template would stay unfilled ("More Information Needed") for a PGM. Card metadata follows the Hub's conventions
+(`library_name`, `base_model`, `tags`, `license`, `datasets`, `eval_results`), so the Hub lists the PGM as an adapter
+of its base model.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from .config import MetaLPromptConfig
 
 SECTION_HEADING = "## MetaL-Prompt"
+PAPER = (
+    "Ha, Lee, Han, Chun: *Meta-Learning of Prompt Generation for Lightweight Prompt Engineering on "
+    "Language-Model-as-a-Service*, Findings of EMNLP 2023 "
+    "([ACL Anthology](https://aclanthology.org/search/?q=Meta-Learning+of+Prompt+Generation+for+Lightweight+Prompt+Engineering))"
+)
+LICENSE = "apache-2.0"
+DATASETS = ["bigbench"]
+
+
+def card_data(config: MetaLPromptConfig) -> ModelCardData:
+    base = config.base_model_name_or_path
+    tags = ["peft-metal", "metal-prompt", "prompt-generation", "lora", "transformers"]
+    if base:
+        tags.insert(0, f"base_model:adapter:{base}")
+    return ModelCardData(
+        library_name="peft",
+        base_model=base,
+        pipeline_tag="text-generation",
+        license=LICENSE,
+        datasets=DATASETS,
+        tags=tags,
+        model_name=f"MetaL-Prompt PGM ({config.prompt_design}, K={config.num_prompt_tokens})",
+        eval_results=_eval_results(config) or None,
+    )
+
+
+def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
+    """The dev-panel accuracies recorded in the training summary (`dev_results`: method -> accuracy), if any."""
+    results = (config.training_summary or {}).get("dev_results") or {}
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="bigbench",
+            dataset_name="BIG-bench dev panel (peft-metal)",
+            metric_type="accuracy",
+            metric_name=f"{method} accuracy",
+            metric_value=float(value),
+        )
+        for method, value in results.items()
+    ]
 
 
 def render_section(config: MetaLPromptConfig) -> str:
-    """Markdown that tells a reader of the Hub page what this PGM is and how it was made."""
+    """Markdown that tells a reader of the Hub page what this PGM is, how it was made and how to load it."""
+    base = config.base_model_name_or_path
+    base_text = f"`{base}`" if base else "not recorded (the PGM was saved from a model without a name)"
+    base_id = json.dumps(base) if base else "BASE_MODEL_ID  # the model this PGM was trained on"
     lines = [
         SECTION_HEADING,
         "",
-        "A prompt generation model (PGM) made with [peft-metal](https://pypi.org/project/peft-metal/): LoRA on the "
-        "frozen base LM plus trainable padding. It turns a few examples of a task into a prompt in one forward pass.",
+        "A prompt generation model (PGM) made with [peft-metal](https://pypi.org/project/peft-metal/), after "
+        f"{PAPER}: LoRA on the frozen base LM plus trainable padding. It turns a few examples of a task into a prompt "
+        "in one forward pass; the base LM then reads that prompt before every request of the task.",
         "",
-        f"- Base model: `{config.base_model_name_or_path}`",
+        f"- Base model: {base_text}",
         f"- Prompt design: `{config.prompt_design}`",
         f"- Prompt length K: {config.num_prompt_tokens}",
+        f"- LoRA scope: `{config.lora_scope}`",
         f"- LoRA rank: {config.r}, alpha: {config.lora_alpha}, target modules: "
         f"{sorted(config.target_modules) if config.target_modules else 'per architecture'}",
         f"- Padding reparameterization: `{config.padding_reparameterization}`",
         f"- Shot template: input prefix {json.dumps(config.input_prefix)}, output prefix "
         f"{json.dumps(config.output_prefix)}, separator {json.dumps(config.shot_separator)}",
-    ]
-    if config.training_summary:
-        lines += ["", "### Meta-training", ""]
-        lines += [f"- {key}: {value}" for key, value in config.training_summary.items()]
-    else:
-        lines += ["", "### Meta-training", "", "- Not meta-trained yet."]
-    lines += [
+        f"- License: {LICENSE}",
+        "",
+        "### Usage",
+        "",
+        "`import peft_metal` registers the method with PEFT; without it `PeftModel.from_pretrained` does not know it.",
         "",
         "```python",
-        "import peft_metal  # registers the method with PEFT",
+        "import peft_metal  # registers the MetaL-Prompt method with PEFT",
         "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base_lm = AutoModelForCausalLM.from_pretrained({base_id})",
+        f"tokenizer = AutoTokenizer.from_pretrained({base_id})",
         "model = PeftModel.from_pretrained(base_lm, REPO_OR_FOLDER)",
-        "prompt = model.generate_prompt(shots, tokenizer=tokenizer)",
+        'prompt = model.generate_prompt([("Great film!", "positive"), ("Boring.", "negative")], tokenizer=tokenizer)',
         "```",
+        "",
+        "### Meta-training",
+        "",
     ]
+    summary = dict(config.training_summary or {})
+    dev_results = summary.pop("dev_results", None)
+    lines += [f"- {key}: {value}" for key, value in summary.items()] or ["- Not meta-trained yet."]
+    if dev_results:
+        lines += ["", "### Dev results", ""]
+        lines += [f"- {method}: {value:.3f}" for method, value in dev_results.items()]
     return "\n".join(lines)
 
 
-def add_metal_section(readme_path: str, config: MetaLPromptConfig) -> None:
-    """Replace (or add) the MetaL-Prompt section of an existing model card; leave the rest as PEFT wrote it."""
-    if not os.path.exists(readme_path):
-        return
-    card = ModelCard.load(readme_path)
-    text = card.text
-    if SECTION_HEADING in text:
-        before, _, after = text.partition(SECTION_HEADING)
-        next_heading = after.find("\n## ")
-        text = before + (after[next_heading + 1 :] if next_heading >= 0 else "")
-    card.text = render_section(config) + "\n\n" + text.lstrip()
-    tags = set(card.data.tags or []) | {"metal-prompt", "peft-metal"}
-    card.data.tags = sorted(tags)
+def write_model_card(readme_path: str, config: MetaLPromptConfig) -> None:
+    """Write the whole card: the Hub metadata and the MetaL-Prompt section (nothing left from PEFT's template)."""
+    card = ModelCard.from_template(card_data(config), template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
+                                   body=render_section(config))
     card.save(readme_path)
+
+
+def card_metadata(card_text: str) -> dict[str, Any]:
+    """The YAML metadata of a card's text (for tests and tools that check a saved card)."""
+    return ModelCard(card_text).data.to_dict()

@@ -44,6 +44,9 @@ class TrainingArguments:
     log_every: int = 10
     distillation_weight: float = 0.0
     mixed_precision: str = "auto"
+    # "auto": eager attention on a CPU (its matrix products beat SDPA's CPU kernels, backward included, on the short
+    # sequences of episodes: benchmarks/train_throughput.py), the model's own choice on a GPU; or any transformers name.
+    attn_implementation: str = "auto"
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 

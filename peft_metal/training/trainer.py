@@ -24,7 +24,7 @@ from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, task
 from ..metal_prompt import MetaLPromptConfig
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from .episode_loss import EpisodeLoss
 
 DEV_EVAL_SEED = 12345
@@ -90,6 +90,9 @@ class MetaTrainer:
             model, tokenizer = build_pgm(args)
         if device == "cpu":
             cast_frozen_weights(model, self.precision)
+        attention = "eager" if args.attn_implementation == "auto" and device == "cpu" else args.attn_implementation
+        if attention != "auto":
+            model.get_base_model().set_attn_implementation(attention)
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(args.output_dir)
         train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)
@@ -147,6 +150,8 @@ class MetaTrainer:
         """Train to `max_steps` (or stop early after `stop_after` optimizer steps, as a kill would)."""
         args = self.args
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:  # what the run is, for whoever reads its checkpoints later
+            (self.output_dir / "training_args.json").write_text(json.dumps(args.to_dict(), indent=1) + "\n")
         if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
             meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
@@ -217,3 +222,40 @@ def export_pgm(model, target: Path, summary: dict[str, Any], log_path: Path, arg
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
     (Path(target) / "training_log.json").write_text(json.dumps(records, indent=1))
     return Path(target)
+
+
+def export_checkpoint(
+    output_dir: str | Path, target: str | Path, step: Optional[int] = None, dev_results: Optional[dict[str, float]] = None
+) -> Path:
+    """A run's checkpoint (the newest, or `step`) exported as a shippable PGM, as a finished run exports its last one;
+    so a run that continues across sessions can ship what it has so far. `dev_results` (method -> dev-panel accuracy)
+    go into the model card's eval results."""
+    output_dir = Path(output_dir)
+    checkpoint = output_dir / f"{CHECKPOINT_PREFIX}{step}" if step is not None else latest_checkpoint(output_dir)
+    if checkpoint is None or not (checkpoint / "pgm" / "adapter_config.json").is_file():
+        found = sorted(path.name for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        raise ValueError(f"No checkpoint {checkpoint or ''} in {output_dir}; it has {found or 'none'}.")
+    args_file = output_dir / "training_args.json"
+    if not args_file.is_file():
+        raise ValueError(f"{args_file} is missing: the run's settings are needed to describe the exported PGM.")
+    args = TrainingArguments(**json.loads(args_file.read_text()))
+    steps = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+    state = json.loads((checkpoint / "state.json").read_text())
+    lm, _ = load_base_model(args.model)
+    model = PeftModel.from_pretrained(lm, str(checkpoint / "pgm"))
+    log_path = output_dir / "log.jsonl"
+    losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    losses = [loss for loss in losses if loss is not None]
+    summary = {
+        "base_model": args.model,
+        "optimizer_steps": steps,
+        "episodes": steps * args.gradient_accumulation_steps,
+        "xp_range": list(args.xp_range),
+        "xl_range": list(args.xl_range),
+        "final_train_loss": round(losses[-1], 4) if losses else None,
+        "skipped_long_episodes": state["extra"].get("skipped_long", 0),
+        "exported_from": f"{output_dir.name}/{checkpoint.name}",
+    }
+    if dev_results:
+        summary["dev_results"] = dev_results
+    return export_pgm(model, Path(target), summary, log_path, args)

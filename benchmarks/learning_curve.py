@@ -1,0 +1,147 @@
+"""Dev-panel accuracy of a meta-training run's checkpoints against the episodes they had seen: the learning curve.
+
+    python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
+        [--checkpoints 60,240 | default: every checkpoint] [--methods metal,metal+demos] [--queries 25]
+        [--references benchmarks/results/precision_eval.json] [--name learning_curve]
+
+Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
+precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
+recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Writes
+`<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a precision_eval.json) are drawn as lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+
+import peft_metal  # noqa: F401
+from peft_metal.base_models import load_base_model
+from peft_metal.evaluation import evaluate, load_eval_tasks
+from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.report import merge_seeds, summary
+from peft_metal.precision import cast_frozen_weights
+from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
+
+
+def checkpoints(run: Path, wanted: list[int] | None) -> list[tuple[int, Path]]:
+    found = {
+        int(path.name[len(CHECKPOINT_PREFIX) :]): path
+        for path in run.glob(f"{CHECKPOINT_PREFIX}*")
+        if path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    }
+    missing = sorted(set(wanted or []) - set(found))
+    if missing:
+        raise SystemExit(f"{run} has no checkpoint(s) {missing}; it has {sorted(found)}.")
+    return [(step, found[step]) for step in sorted(wanted or found)]
+
+
+def episodes_per_step(run: Path) -> int:
+    config = json.loads((run / "training_args.json").read_text()) if (run / "training_args.json").exists() else None
+    if config is None:
+        raise SystemExit(f"{run}/training_args.json is missing: cannot tell how many episodes a step is.")
+    return config["gradient_accumulation_steps"]
+
+
+def score(pgm: Path, tasks, methods: list[str], queries: int) -> dict[str, Any]:
+    lm, tokenizer = load_base_model("smollm2-135m")
+    model = PeftModel.from_pretrained(lm, str(pgm)).eval()
+    precision = cast_frozen_weights(model, "auto")
+    records = []
+    for seed in DEV_PANEL.seeds:
+        for record in evaluate(model, tokenizer, tasks, methods, DEV_PANEL.shots, queries, seed, progress=False):
+            records.append(dict(record, seed=seed))
+    merged = merge_seeds(records)
+    return {"precision": precision, "summary": summary(merged), "records": merged}
+
+
+def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 4), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for point in points:
+        for method, stats in point["summary"].items():
+            series.setdefault((point["run"], method), []).append((point["episodes"], stats["mean"], stats["se"]))
+    for (run, method), values in series.items():
+        values.sort()
+        axes.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
+                      capsize=3, label=f"{Path(run).name}: {method}")
+    for (label, value), style in zip(references.items(), ("--", ":", "-.")):
+        axes.axhline(value, color="gray", linestyle=style, label=label)
+    axes.set_xscale("symlog", linthresh=100)
+    axes.set_xlabel("meta-training episodes")
+    axes.set_ylabel(f"dev-panel accuracy ({DEV_PANEL.questions} questions)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, action="append", required=True)
+    parser.add_argument("--checkpoints", help="comma-separated steps (default: every checkpoint of every run)")
+    parser.add_argument("--methods", default="metal,metal+demos")
+    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
+    parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="learning_curve")
+    args = parser.parse_args()
+
+    path = args.output / f"{args.name}.json"
+    report = json.loads(path.read_text()) if path.exists() else {"points": []}
+    done = {(p["run"], p["step"]) for p in report["points"]}
+    tasks = load_eval_tasks(names=list(DEV_PANEL.tasks))
+    methods = args.methods.split(",")
+    wanted = [int(step) for step in args.checkpoints.split(",")] if args.checkpoints else None
+    for run in args.run:
+        for step, folder in checkpoints(run, wanted):
+            if (str(run), step) in done:
+                continue
+            print(f"scoring {run} checkpoint {step} ...", flush=True)
+            result = score(folder / "pgm", tasks, methods, args.queries)
+            report["points"].append({"run": str(run), "step": step, "episodes": step * episodes_per_step(run), **result})
+            report["points"].sort(key=lambda p: (p["run"], p["step"]))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1) + "\n")  # kept after every checkpoint: resumable
+
+    references = {}
+    if args.references.exists():
+        # the references scored as the checkpoints are: with the precision `peft-metal eval` uses by default
+        scored = json.loads(args.references.read_text())["runs"]["bf16"]["summary"]
+        references = {f"{m} (dev panel)": scored[m]["mean"] for m in ("zero_shot", "icl") if m in scored}
+    report.update(
+        command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        references=references,
+    )
+    lines = [
+        f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run; mean accuracy ± one standard error.",
+        "",
+        "| run | step | episodes | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for point in report["points"]:
+        cells = [
+            f"{point['summary'][m]['mean']:.3f} ± {point['summary'][m]['se']:.3f}" if m in point["summary"] else "-"
+            for m in methods
+        ]
+        lines.append(f"| {Path(point['run']).name} | {point['step']} | {point['episodes']} | " + " | ".join(cells) + " |")
+    lines += ["", "References: " + ", ".join(f"{k} {v:.3f}" for k, v in references.items())] if references else []
+    write_report(args.output, args.name, report, lines)
+    plot(args.output / f"{args.name}.png", report["points"], references)
+
+
+if __name__ == "__main__":
+    main()
