@@ -174,7 +174,7 @@ def test_teacher_continuing_from_the_read_shots_equals_the_lm_on_all_shots(tmp_p
     episode = next(trainer.sampler.episode(i) for i in range(50) if trainer.sampler.episode(i).xl)
     xp, xl = module._encode(episode.xp), module._encode(episode.xl)
     batch = encode_queries([e.as_shot() for e in episode.queries], trainer.tokenizer, module.template, xp.device)
-    teacher = module._teacher_logits(trainer.model.base_model.read_shots(xp), xl, batch)
+    teacher, _ = module._teacher(trainer.model.base_model.read_shots(xp), xl, batch)
     reference = make_lm("llama")
     for row in range(batch.input_ids.shape[0]):
         query = batch.input_ids[row][batch.attention_mask[row].bool()]

@@ -101,9 +101,11 @@ def forward_with_prompt(
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
+    use_cache: bool = False,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
-    """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them.
+    """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them;
+    with `use_cache`, also the keys/values over [context][queries] (continuations such as answer options go on there).
 
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
@@ -118,14 +120,14 @@ def forward_with_prompt(
     if keeps_logits(lm):
         kwargs["logits_to_keep"] = query_length
     query_embeds = lm.get_input_embeddings()(input_ids)
-    outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=False, **kwargs)
+    outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
     logits = outputs.logits[:, -query_length:]
     loss = None
     if labels is not None:
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
         )
-    return CausalLMOutputWithPast(loss=loss, logits=logits)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
 
 
 def _context_layers(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -42,7 +42,8 @@ class TrainingArguments:
     eval_every: int = 200
     eval_episodes: int = 16
     log_every: int = 10
-    distillation_weight: float = 0.0
+    distillation_weight: float = 0.0  # KL to the LM reading every shot, full vocabulary, every query and answer token
+    option_distillation_weight: float = 0.0  # KL to that LM's distribution over a multiple-choice query's options
     mixed_precision: str = "auto"
     # "auto": eager attention on a CPU (its matrix products beat SDPA's CPU kernels, backward included, on the short
     # sequences of episodes: benchmarks/train_throughput.py), the model's own choice on a GPU; or any transformers name.
@@ -56,8 +57,9 @@ class TrainingArguments:
         for name in ("max_steps", "gradient_accumulation_steps", "num_queries", "checkpoint_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.distillation_weight < 0:
-            raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}.")
+        for name in ("distillation_weight", "option_distillation_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 

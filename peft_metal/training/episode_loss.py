@@ -21,6 +21,7 @@ from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
+from .options import encode_options, option_distillation_loss, option_scores
 
 
 class EpisodeLoss(nn.Module):
@@ -36,11 +37,13 @@ class EpisodeLoss(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         distillation_weight: float = 0.0,
         chunk_size: Optional[int] = None,
+        option_distillation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.distillation_weight = distillation_weight
+        self.option_distillation_weight = option_distillation_weight
         self.chunk_size = chunk_size
 
     @property
@@ -72,24 +75,49 @@ class EpisodeLoss(nn.Module):
             )
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
+        options = None
+        if self.option_distillation_weight > 0:
+            options = encode_options(episode.queries, self.tokenizer, self.template, device)
         outputs = self.model(
-            prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+            prompt=prompt,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            use_cache=options is not None,
         )
         losses = {"lm_loss": outputs.loss}
-        if self.distillation_weight > 0:
+        if self.distillation_weight > 0 or options is not None:
             if shots_read is None:
                 shots_read = tuner.read_shots(self._encode(episode.xp))
-            teacher_logits = self._teacher_logits(shots_read, self._encode(episode.xl), batch)
-            losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
-        losses["loss"] = losses["lm_loss"] + self.distillation_weight * losses.get("distillation", 0.0)
+            teacher_logits, teacher_layers = self._teacher(shots_read, self._encode(episode.xl), batch)
+            if self.distillation_weight > 0:
+                losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
+            if options is not None:
+                losses["option_distillation"] = self._option_distillation(
+                    options, batch, outputs, teacher_logits, teacher_layers, shots_read.first_position
+                )
+        losses["loss"] = (
+            losses["lm_loss"]
+            + self.distillation_weight * losses.get("distillation", 0.0)
+            + self.option_distillation_weight * losses.get("option_distillation", 0.0)
+        )
         return losses
 
-    @torch.no_grad()
-    def _teacher_logits(self, shots: ReadShots, demonstrations: torch.Tensor, batch: QueryBatch) -> torch.Tensor:
-        """The frozen LM's logits at the query positions after [XP][XL][query], continuing from the XP keys/values.
+    def _option_distillation(self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset) -> torch.Tensor:
+        """KL from the teacher's distribution over each multiple-choice query's options to the student's."""
+        lm = self.model.get_base_model()
+        with self.model.base_model.lm_only():
+            student = option_scores(lm, cache_layers(outputs.past_key_values), batch, outputs.logits, options)
+            with torch.no_grad():
+                teacher = option_scores(lm, teacher_layers, batch, teacher_logits, options, teacher_offset)
+        return option_distillation_loss(teacher, student, options.groups)
 
-        XL is read once (batch 1), then every query continues from the shared keys/values.
-        """
+    @torch.no_grad()
+    def _teacher(
+        self, shots: ReadShots, demonstrations: torch.Tensor, batch: QueryBatch
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The frozen LM's logits at the query positions after [XP][XL][query], continuing from the XP keys/values,
+        and its keys/values over all of it. XL is read once (batch 1), then every query continues from it."""
         tuner = self.model.base_model
         lm = self.model.get_base_model()
         layers = shots.layers
@@ -110,14 +138,15 @@ class EpisodeLoss(nn.Module):
             mask = torch.cat([batch.attention_mask.new_ones(size, context_length), batch.attention_mask], dim=1)
             positions = positions_from_mask(mask)[:, context_length:] + shots.first_position
             extra = {"logits_to_keep": width} if keeps_logits(lm) else {}
-            return lm(
+            out = lm(
                 input_ids=batch.input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=expand_cache(layers, size),
-                use_cache=False,
+                use_cache=True,
                 **extra,
-            ).logits[:, -width:]
+            )
+            return out.logits[:, -width:], cache_layers(out.past_key_values)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

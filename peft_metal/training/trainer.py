@@ -109,7 +109,7 @@ class MetaTrainer:
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            EpisodeLoss(self.model, tokenizer, args.distillation_weight, args.chunk_size), optimizer, scheduler
+            EpisodeLoss(self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight), optimizer, scheduler
         )
         self.step = 0
         self.skipped_long = 0

@@ -1,0 +1,103 @@
+"""The distribution an LM puts on the options of multiple-choice queries, continuing from the keys/values it computed
+over the queries with their gold answers: what MEND-style option distillation compares between teacher and student.
+
+Each option is scored as evaluation scores it, by its mean log-probability per token after the query. The option rows
+continue each query's cached keys/values with the gold answer masked out, so no query is read twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..compat import cache_from_layers
+from ..data import Example
+from ..metal_prompt import ShotTemplate
+from ..metal_prompt.queries import QueryBatch
+from ..metal_prompt.reading import positions_from_mask
+
+
+@dataclass
+class OptionRows:
+    """Every option of every multiple-choice query of a batch, one row each, right-padded."""
+
+    query_index: torch.Tensor  # R: the query row each option row continues
+    input_ids: torch.Tensor  # R x W
+    attention_mask: torch.Tensor  # R x W
+    groups: list[list[int]]  # per multiple-choice query, its option rows in the order of its options
+
+
+def encode_options(
+    queries: Sequence[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
+) -> Optional[OptionRows]:
+    """Option rows for the queries that have options (None when none has)."""
+    index, rows, groups = [], [], []
+    for query_row, example in enumerate(queries):
+        if example.options is None:
+            continue
+        group = []
+        for option in example.options:
+            group.append(len(rows))
+            index.append(query_row)
+            rows.append(tokenizer(template.format_answer(option), add_special_tokens=False)["input_ids"])
+        groups.append(group)
+    if not rows:
+        return None
+    width = max(len(row) for row in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return OptionRows(torch.tensor(index, device=device), input_ids, mask, groups)
+
+
+def option_scores(
+    lm: PreTrainedModel,
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    batch: QueryBatch,
+    query_logits: torch.Tensor,
+    options: OptionRows,
+    position_offset: int = 0,
+) -> torch.Tensor:
+    """Mean log-probability per token of every option row (R), differentiable where `layers` and `query_logits` are.
+
+    `layers` are the keys/values after [context][query + gold answer] (batch x ... x context+width x ...), and
+    `query_logits` the logits at the query positions; the option's first token is scored by the logits of the last
+    query token, the rest by the option row itself, which sees the context and its query but not the gold answer.
+    """
+    width = batch.input_ids.shape[1]
+    context_length = layers[0][0].shape[2] - width
+    answer = batch.labels != -100
+    answer_start = answer.float().argmax(dim=1)  # every training query has an answer
+    visible = batch.attention_mask.masked_fill(answer, 0)
+    rows = options.query_index
+    selected = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in layers]
+    size = rows.shape[0]
+    mask = torch.cat([visible.new_ones(size, context_length), visible[rows], options.attention_mask], dim=1)
+    positions = positions_from_mask(mask)[:, context_length + width :] + position_offset
+    logits = lm(
+        input_ids=options.input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache_from_layers(selected),
+        use_cache=False,
+    ).logits
+    tokens = options.input_ids
+    first = F.log_softmax(query_logits[rows, answer_start[rows] - 1].float(), dim=-1).gather(1, tokens[:, :1])
+    rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token_logprobs = torch.cat([first, rest], dim=1) * options.attention_mask
+    return token_logprobs.sum(dim=1) / options.attention_mask.sum(dim=1)
+
+
+def option_distillation_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """KL(teacher || student) between the two distributions over each query's options, averaged over queries."""
+    losses = []
+    for group in groups:
+        index = torch.tensor(group, device=student_scores.device)
+        teacher = F.log_softmax(teacher_scores.index_select(0, index), dim=0)
+        student = F.log_softmax(student_scores.index_select(0, index), dim=0)
+        losses.append(F.kl_div(student, teacher, log_target=True, reduction="sum"))
+    return torch.stack(losses).mean()
