@@ -35,6 +35,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt(args: argparse.Namespace) -> int:
+    from .data import load_jsonl_task
+    from .precision import cast_frozen_weights
+
+    try:
+        shots = [example.as_shot() for example in load_jsonl_task(args.shots).examples]
+    except (ValueError, OSError) as error:
+        print(f"peft-metal prompt: error: {error}", file=sys.stderr)
+        return 2
+    model, tokenizer, pgm = _load_pgm(args)
+    cast_frozen_weights(model, args.precision)
+    try:
+        prompt = model.generate_prompt(shots, tokenizer=tokenizer, num_demonstrations=args.num_demonstrations)
+    except (ValueError, TypeError) as error:
+        print(f"peft-metal prompt: error: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        prompt.save(args.output)
+        print(f"Saved the prompt to {args.output}", file=sys.stderr)
+    if prompt.text is not None:
+        print(prompt.text + prompt.demonstrations_text, end="")
+    else:
+        print(
+            f"A {prompt.design} prompt ({prompt.num_tokens} positions) is not text; save it with --output and read it "
+            "with GeneratedPrompt.load (or to_prompt_embeds for engines that take embeddings).",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _load_pgm(args: argparse.Namespace, seed: Optional[int] = None):
     from .pgm import load_pgm
 
@@ -192,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="folder to write the PGM to")
     export.add_argument("--dev-results", help="a results.json of `peft-metal eval` whose means go into the model card")
     export.set_defaults(run=_export)
+
+    prompt = commands.add_parser(
+        "prompt", help="make a task's prompt from shots in a JSONL file; a discrete prompt is printed as text any LM "
+        "service can use"
+    )
+    prompt.add_argument("--shots", required=True, help="JSONL, one {'input', 'output'} record per line")
+    prompt.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a transformers model id or folder")
+    prompt.add_argument("--pgm", help="a saved PGM (folder or Hub id); default: the one shipped for --model")
+    prompt.add_argument("--num-demonstrations", type=int, default=0, help="shots kept as plain demonstrations (XL)")
+    prompt.add_argument("--output", help="also save the prompt as a safetensors file")
+    prompt.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
+    prompt.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    prompt.add_argument("--seed", type=int, default=0, help="seeds a fresh PGM when none is given (default 0)")
+    prompt.set_defaults(run=_prompt, methods="metal")
 
     evaluation = commands.add_parser(
         "eval", help="compare zero-shot, in-context learning, MetaL-Prompt and PEFT prompt-learning baselines on the "

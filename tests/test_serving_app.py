@@ -131,6 +131,8 @@ def test_non_discrete_prompt_has_no_text(tmp_path, tok):
         response = _create(client)
         assert response.status_code == 201
         assert "text" not in response.json() and response.json()["design"] == "prefix"
+        info = client.get(f"/v1/prompts/{response.json()['prompt_id']}").json()
+        assert "text" not in info and "token_ids" not in info
 
 
 def test_get_and_delete(served):
@@ -141,6 +143,11 @@ def test_get_and_delete(served):
     row = info.json()
     assert row["task"] == "sentiment" and row["design"] == "discrete" and row["num_tokens"] == K
     assert row["num_demonstrations"] == 1 and "created_at" in row and "hits" in row
+    # a discrete prompt is plain text any LM service can use: its tokens, its text and the demonstrations' text
+    stored = served[2].get(prompt_id, count_hit=False)
+    assert row["token_ids"] == stored.token_ids.tolist() and row["text"] == stored.text
+    assert row["demonstrations_text"] == stored.demonstrations_text and stored.demonstrations_text.startswith("Input: ")
+    assert client.get(f"/v1/prompts/{prompt_id}").json()["hits"] == row["hits"], "reading the info is not a use"
     assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 200
     assert client.delete(f"/v1/prompts/{prompt_id}").status_code == 204
     assert client.get(f"/v1/prompts/{prompt_id}").status_code == 404

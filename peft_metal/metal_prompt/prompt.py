@@ -79,6 +79,30 @@ class GeneratedPrompt:
             raise ValueError(f"Only prefix prompts carry past_key_values; this prompt is {self.design}.")
         return get_design("prefix").context_cache(self, batch_size=1)
 
+    def to_prompt_embeds(self, lm: Any, input_ids: Any) -> torch.Tensor:
+        """The input embeddings of [prompt][demonstrations][query] that engines taking embeddings accept (vLLM's
+        `prompt_embeds` with `--enable-prompt-embeds`, SGLang's `input_embeds`): the LM given them computes what it
+        computes reading this prompt. `input_ids`: one query (1-D, gives T x hidden) or an unpadded batch (2-D, gives
+        batch x T x hidden).
+
+        A prefix prompt is keys and values for every layer, not embeddings; no engine takes those, so it raises.
+        """
+        prompt_embeds = get_design(self.design).context_embeds(self, lm)
+        if prompt_embeds is None:
+            raise ValueError(
+                f"A {self.design} prompt is keys and values for every layer, not input embeddings: engines that take "
+                "embeddings (vLLM prompt_embeds, SGLang input_embeds) cannot read it. Serve it with `peft-metal "
+                "serve`, or make the prompt with an embedding design (discrete, weighted_sum, hidden_state)."
+            )
+        embedding = lm.get_input_embeddings()
+        ids = torch.as_tensor(input_ids, device=embedding.weight.device)
+        if ids.dim() not in (1, 2) or ids.is_floating_point():
+            raise ValueError(f"input_ids must be 1-D or 2-D integer token ids, got shape {tuple(ids.shape)} ({ids.dtype}).")
+        context = torch.cat([prompt_embeds.to(embedding.weight.dtype), embedding(self.demonstrations.to(ids.device))])
+        if ids.dim() == 1:
+            return torch.cat([context, embedding(ids)])
+        return torch.cat([context.unsqueeze(0).expand(ids.shape[0], -1, -1), embedding(ids)], dim=1)
+
     def detach(self) -> "GeneratedPrompt":
         """The same prompt without the autograd graph of its making."""
         return replace(self, **{name: t.detach() for name, t in self._tensors().items()})

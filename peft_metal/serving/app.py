@@ -218,10 +218,18 @@ class Service:
             raise _error(413, str(error)) from None
 
     async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
+        """The index row; for a discrete prompt also its `token_ids` and `text` (plain text any LM service can use)
+        and the demonstrations' text, read from its file (a read, not a use: no hit is counted)."""
         try:
-            return jsonable_encoder(await self.in_store(self.store.info, prompt_id))
+            info = await self.in_store(self.store.info, prompt_id)
+            if info["design"] == "discrete":
+                prompt = await self.in_store(self.store.get, prompt_id, "cpu", False)
+                info.update(token_ids=prompt.token_ids.tolist(), text=prompt.text, demonstrations_text=prompt.demonstrations_text)
         except PromptNotFoundError as error:
             raise _error(404, str(error)) from None
+        except DamagedPromptError as error:
+            raise _error(409, str(error)) from None
+        return jsonable_encoder(info)
 
     async def delete_prompt(self, prompt_id: str) -> bool:
         self.contexts.evict(prompt_id)

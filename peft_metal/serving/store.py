@@ -387,8 +387,8 @@ class PromptStore:
             rows = self._db.execute(query, (task,) if task is not None else ()).fetchall()
         return [self._as_dict(row) for row in rows]
 
-    def get(self, prompt_id: str, device: str = "cpu") -> GeneratedPrompt:
-        """Load a stored prompt after checking its file against the index; counts a hit.
+    def get(self, prompt_id: str, device: str = "cpu", count_hit: bool = True) -> GeneratedPrompt:
+        """Load a stored prompt after checking its file against the index; counts a hit unless told not to.
 
         Raises `PromptNotFoundError` (a KeyError) for an unknown id and `DamagedPromptError` (a ValueError) when the
         file is missing, has other bytes than were stored, or does not load as a prompt.
@@ -408,8 +408,9 @@ class PromptStore:
             raise DamagedPromptError(prompt_id, f"its file {path.name} disappeared while it was read") from None
         except ValueError as error:
             raise DamagedPromptError(prompt_id, f"its file does not load as a prompt ({error})") from error
-        with self._lock:
-            self._db.execute("UPDATE prompts SET hits = hits + 1 WHERE prompt_id = ?", (prompt_id,))
+        if count_hit:
+            with self._lock:
+                self._db.execute("UPDATE prompts SET hits = hits + 1 WHERE prompt_id = ?", (prompt_id,))
         return prompt
 
     # ------------------------------------------------------------------------------------------------------ writing
