@@ -7,6 +7,7 @@ Python RNG). It is written under a temporary name and renamed, so a killed run n
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -46,48 +47,96 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    directory: Path, step: int, model, optimizer, scheduler, sampler, extra: dict[str, Any] | None = None
+    directory: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    sampler,
+    extra: dict[str, Any] | None = None,
+    accelerator=None,
 ) -> Path:
+    """Write a checkpoint; with an `accelerator` of several processes every process calls this, the main one writes
+    the shared state (PGM, optimizer, scheduler) and each other one its own episode stream and RNG (`rank-N.json`)."""
+    process_index = accelerator.process_index if accelerator is not None else 0
+    num_processes = accelerator.num_processes if accelerator is not None else 1
     target = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
     staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging / "pgm")
-    tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = state
-    save_file(tensors, staging / "state.safetensors")
-    meta = {
-        "step": step,
-        "optimizer": optimizer_meta,
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "python_rng": _python_rng_to_json(random.getstate()),
-        "extra": extra or {},
-    }
-    (staging / "state.json").write_text(json.dumps(meta))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    if process_index == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _wait(accelerator)
+    if process_index > 0:
+        (staging / f"rank-{process_index}.json").write_text(json.dumps(_rank_state(sampler)))
+    _wait(accelerator)
+    if process_index == 0:
+        model.save_pretrained(staging / "pgm")
+        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{index}"] = state
+        save_file(tensors, staging / "state.safetensors")
+        meta = {
+            "step": step,
+            "num_processes": num_processes,
+            "optimizer": optimizer_meta,
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "python_rng": _python_rng_to_json(random.getstate()),
+            "extra": extra or {},
+        }
+        (staging / "state.json").write_text(json.dumps(meta))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    _wait(accelerator)
     return target
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, sampler) -> dict[str, Any]:
+def _wait(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def _rank_state(sampler) -> dict[str, Any]:
+    """A non-main process's own state: its episode stream and its RNGs (JSON, the torch RNG as base64)."""
+    return {
+        "sampler": sampler.state_dict(),
+        "python_rng": _python_rng_to_json(random.getstate()),
+        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def load_checkpoint(
+    directory: Path, model, optimizer, scheduler, sampler, process_index: int = 0, num_processes: int = 1
+) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote into live objects; returns the JSON metadata (with `step`)."""
     directory = Path(directory)
     _check_same_pgm(directory, model)
     meta = json.loads((directory / "state.json").read_text())
+    saved_processes = meta.get("num_processes", 1)
+    if saved_processes != num_processes:
+        raise ValueError(
+            f"Checkpoint {directory} was written by {saved_processes} process(es), this run has {num_processes}: each "
+            "process resumes its own episode stream. Resume with the same number of processes."
+        )
     tensors = load_file(directory / "state.safetensors")
     weights = load_file(directory / "pgm" / "adapter_model.safetensors")
     _load_pgm_weights(model, weights)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    sampler.load_state_dict(meta["sampler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    if process_index == 0:
+        sampler.load_state_dict(meta["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate(_python_rng_from_json(meta["python_rng"]))
+    else:
+        own = json.loads((directory / f"rank-{process_index}.json").read_text())
+        sampler.load_state_dict(own["sampler"])
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(own["torch_rng"])), dtype=torch.uint8))
+        random.setstate(_python_rng_from_json(own["python_rng"]))
     cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate(_python_rng_from_json(meta["python_rng"]))
     return meta
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from peft import PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -84,7 +84,16 @@ class MetaTrainer:
         # On a GPU bf16 is accelerate's autocast; on a CPU the frozen weights are cast once (`cast_frozen_weights`),
         # because autocast re-casts them on every call, which costs more than bf16 saves on short sequences.
         autocast = "bf16" if device == "cuda" and self.precision == "bf16" else "no"
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=autocast)
+        # The schedule is stepped once per optimizer step by the trainer itself (accelerate would step it once per
+        # process, ending it N times too early with N processes); LoRA layers that a design never reads (the last
+        # layer's query projection for prefix prompts) get no gradient, which DDP must be told about.
+        self.accelerator = Accelerator(
+            cpu=device == "cpu",  # several processes on a CPU machine (torchrun) then share gradients over gloo
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=autocast,
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         torch.manual_seed(args.seed)
         if model is None:
             model, tokenizer = build_pgm(args)
@@ -153,7 +162,10 @@ class MetaTrainer:
         if self.accelerator.is_main_process:  # what the run is, for whoever reads its checkpoints later
             (self.output_dir / "training_args.json").write_text(json.dumps(args.to_dict(), indent=1) + "\n")
         if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
-            meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
+            meta = load_checkpoint(
+                checkpoint, self.model, self.optimizer, self.scheduler, self.sampler,
+                self.accelerator.process_index, self.accelerator.num_processes,
+            )
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
         if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
             self._log({"step": 0, "dev_loss": self.evaluate()})
@@ -169,9 +181,9 @@ class MetaTrainer:
                     if self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
-                    self.scheduler.step()
                     self.optimizer.zero_grad()
                 running.append(losses["loss"].item())
+            self.scheduler.step()
             self.step += 1
             episodes_per_s = (self.step - start_step) * args.gradient_accumulation_steps / (time.perf_counter() - started)
             bar.update(1)
@@ -183,8 +195,11 @@ class MetaTrainer:
                 record["dev_loss"] = self.evaluate()
             if record:
                 self._log({"step": self.step, **record})
-            if self.step % args.checkpoint_every == 0 and self.accelerator.is_main_process:
-                save_checkpoint(self.output_dir, self.step, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer, self.scheduler, self.sampler, {"skipped_long": self.skipped_long})
+            if self.step % args.checkpoint_every == 0:
+                save_checkpoint(
+                    self.output_dir, self.step, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
+                    self.scheduler, self.sampler, {"skipped_long": self.skipped_long}, self.accelerator,
+                )
             if stop_after is not None and self.step - start_step >= stop_after:
                 break
         bar.close()

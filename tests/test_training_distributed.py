@@ -1,0 +1,68 @@
+"""Meta-training on two processes of a CPU machine: the learning-rate schedule covers the same optimizer steps as
+with one process, and a run stopped after a checkpoint resumes, on every process, to exactly the weights of an
+uninterrupted two-process run.
+
+The processes are started as `accelerate launch --multi_gpu --num_processes 2` starts them (torchrun); on a machine
+without GPUs the trainer's Accelerator runs them on the CPU and shares gradients over gloo. (accelerate's `--cpu` flag
+starts several processes only through MPI's mpirun, which this machine does not have.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup
+
+SCRIPT = Path(__file__).with_name("accelerate_train.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(output: Path, *extra: str) -> None:
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+        str(SCRIPT), str(output), *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="needs the accelerate command next to this Python")
+def test_two_processes_schedule_checkpoint_and_resume(tmp_path):
+    launch(tmp_path / "whole")
+    launch(tmp_path / "killed", "--stop-after", "2")
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    assert {p.name for p in checkpoint.iterdir()} >= {"pgm", "state.json", "state.safetensors", "rank-1.json"}
+    assert json.loads((checkpoint / "state.json").read_text())["num_processes"] == 2
+    launch(tmp_path / "killed", "--resume")
+
+    whole = load_file(tmp_path / "whole" / "pgm" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "pgm" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0, msg=name)
+
+    # the schedule is the one-process schedule over max_steps optimizer steps, not over max_steps / 2
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 4)
+    expected = []
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [record["lr"] for record in logged if "lr" in record] == pytest.approx(expected)
