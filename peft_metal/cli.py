@@ -161,9 +161,38 @@ def _seeds(text: Optional[str], default: tuple[int, ...]) -> tuple[int, ...]:
     return seeds
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _api_key(args: argparse.Namespace) -> Optional[str]:
+    """The key from --api-key-file, else $PEFT_METAL_API_KEY, else None; never from the command line itself."""
     import os
 
+    if args.api_key is not None:
+        raise ValueError(
+            "--api-key is not accepted: a key on the command line is visible to every user of the machine (ps). "
+            "Put it in $PEFT_METAL_API_KEY or in a file passed as --api-key-file."
+        )
+    if args.api_key_file is not None:
+        try:
+            key = open(args.api_key_file, encoding="utf-8").read().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read --api-key-file {args.api_key_file}: {error.strerror}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty.")
+        return key
+    return os.environ.get("PEFT_METAL_API_KEY") or None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
@@ -185,13 +214,28 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"peft-metal serve: error: cannot open the prompt store {args.store}: {error}", file=sys.stderr)
         return 2
+    try:
+        api_key = _api_key(args)
+    except ValueError as error:
+        print(f"peft-metal serve: error: {error}", file=sys.stderr)
+        return 2
+    if api_key is None and not _is_loopback(args.host):
+        print(
+            f"peft-metal serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+            "address can use the model and the prompt store. Set $PEFT_METAL_API_KEY or pass --api-key-file.",
+            file=sys.stderr,
+        )
     model, tokenizer, pgm = _load_pgm(args)
     precision = cast_frozen_weights(model, args.precision)
-    app = create_app(
-        model, tokenizer, store, api_key=args.api_key or os.environ.get("PEFT_METAL_API_KEY") or None,
-        batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, context_cache_size=args.context_cache_size,
-        model_name=args.model,
-    )
+    try:
+        app = create_app(
+            model, tokenizer, store, api_key=api_key, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+            context_cache_size=args.context_cache_size, model_name=args.model, max_body_bytes=args.max_body_bytes,
+            max_shots=args.max_shots, max_request_tokens=args.max_request_tokens,
+        )
+    except ValueError as error:
+        print(f"peft-metal serve: error: {error}", file=sys.stderr)
+        return 2
     print(
         f"Serving {args.model} ({precision} weights; PGM: {pgm or 'fresh, untrained'}) with prompts in {args.store}",
         file=sys.stderr,
@@ -313,7 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PEFT_METAL_API_KEY, else none)"
+        "--api-key-file",
+        help="a file holding the key that /v1/* then requires as 'Authorization: Bearer KEY' (default: the key in "
+        "$PEFT_METAL_API_KEY, else none)",
+    )
+    serve.add_argument("--api-key", help=argparse.SUPPRESS)  # refused: a key on the command line shows in `ps`
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    serve.add_argument("--max-shots", type=int, default=512, help="shots per prompt request at most (default 512)")
+    serve.add_argument(
+        "--max-request-tokens", type=int, default=32768,
+        help="query tokens of all inputs of one completion request at most (default 32768)",
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=5.0,

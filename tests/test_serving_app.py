@@ -484,6 +484,56 @@ def test_serve_command_arguments(tmp_path):
     from peft_metal.cli import build_parser, main
 
     args = build_parser().parse_args(["serve", "--store", str(tmp_path / "store")])
-    assert (args.model, args.host, args.port, args.api_key) == ("smollm2-135m", "127.0.0.1", 8000, None)
+    assert (args.model, args.host, args.port, args.api_key_file) == ("smollm2-135m", "127.0.0.1", 8000, None)
     assert (args.batch_window_ms, args.max_batch) == (5.0, 16)
     assert main(["serve", "--store", str(tmp_path / "store"), "--max-batch", "0"]) == 2  # refused before loading
+
+
+def test_api_key_comes_from_a_file_or_the_environment_never_the_command_line(tmp_path, monkeypatch, capsys):
+    from peft_metal.cli import _api_key, _is_loopback, build_parser, main
+
+    store = str(tmp_path / "store")
+    assert main(["serve", "--store", store, "--api-key", "s3cret"]) == 2
+    assert "visible to every user of the machine" in capsys.readouterr().err
+    key_file = tmp_path / "key"
+    key_file.write_text("  from-file\n")
+    monkeypatch.setenv("PEFT_METAL_API_KEY", "from-env")
+    assert _api_key(build_parser().parse_args(["serve", "--store", store, "--api-key-file", str(key_file)])) == "from-file"
+    assert _api_key(build_parser().parse_args(["serve", "--store", store])) == "from-env"
+    monkeypatch.delenv("PEFT_METAL_API_KEY")
+    assert _api_key(build_parser().parse_args(["serve", "--store", store])) is None
+    key_file.write_text("\n")
+    assert main(["serve", "--store", store, "--api-key-file", str(key_file)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["serve", "--store", store, "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert all(_is_loopback(host) for host in ("127.0.0.1", "::1", "localhost", "127.0.0.9"))
+    assert not any(_is_loopback(host) for host in ("0.0.0.0", "10.0.0.1", "example.org"))
+
+
+def test_the_api_key_is_never_logged(tmp_path, tok, caplog):
+    app, _, _ = _app(tmp_path, tok, api_key="s3cret-value")
+    with caplog.at_level("DEBUG"), TestClient(app) as client:
+        assert _create(client, headers={"Authorization": "Bearer s3cret-value"}).status_code == 201
+        assert _create(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "s3cret-value" not in caplog.text and "wrong" not in caplog.text
+
+
+def test_request_limits_are_refused_with_the_limit_named(tmp_path, tok):
+    app, _, _ = _app(tmp_path, tok, max_body_bytes=2000, max_shots=3, max_request_tokens=40)
+    with TestClient(app) as client:
+        big = client.post("/v1/prompts", content=b"x" * 2001, headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "at most 2000" in big.json()["detail"]
+        many = _create(client, shots=[{"input": "a", "output": "b"}] * 4)
+        assert many.status_code == 422 and "At most 3 shots" in many.json()["detail"]
+        prompt_id = _create(client, shots=SHOTS[:3]).json()["prompt_id"]
+        long = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": ["word " * 5] * 3})
+        assert long.status_code == 413 and "at most 40 per request" in long.json()["detail"]
+        assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 200
+
+        def chunked():
+            yield b'{"task": "t", '
+            yield b'"shots": [["a", "b"]]}'
+
+        assert client.post("/v1/prompts", content=chunked(), headers={"content-type": "application/json"}).status_code == 411
+    with pytest.raises(ValueError, match="max_shots must be a positive int"):
+        _app(tmp_path / "other", tok, max_shots=0)

@@ -17,6 +17,10 @@ Routes (JSON; `/v1/*` need `Authorization: Bearer KEY` when an api key is set):
 
 Errors: 422 malformed bodies or shots, 404 unknown prompt, 413 input too long for the model's context, 401 wrong or
 missing api key, 409 a stored prompt that is damaged or made for another base model (never served), 500 bugs only.
+
+Limits (each a `Service` setting and a `peft-metal serve` flag): a request body of at most 1 MiB (413; a body sent
+without Content-Length gets 411), at most 512 shots per prompt (422), 64 inputs per completion request (422) and
+32,768 query tokens per completion request (413).
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_WINDOW_MS = 5.0
 DEFAULT_MAX_BATCH = 16
 DEFAULT_CONTEXT_CACHE_SIZE = 64
+# Limits on what one request may ask of the server (each refused with 413 or 422 and a message naming the limit).
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body: 1 MiB
+DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
+DEFAULT_MAX_REQUEST_TOKENS = 32768  # query tokens of all inputs of one completion request
 
 
 def _error(status: int, message: str, **headers: str) -> HTTPException:
@@ -103,6 +111,9 @@ class Service:
         max_batch: int = DEFAULT_MAX_BATCH,
         context_cache_size: int = DEFAULT_CONTEXT_CACHE_SIZE,
         model_name: Optional[str] = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_shots: int = DEFAULT_MAX_SHOTS,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         model.eval()
         self.parts = ModelParts.from_model(model)
@@ -110,6 +121,10 @@ class Service:
         self.tokenizer = tokenizer
         self.store = store if isinstance(store, PromptStore) else PromptStore(store)
         self.api_key = api_key or None
+        for name, value in (("max_body_bytes", max_body_bytes), ("max_shots", max_shots), ("max_request_tokens", max_request_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        self.max_body_bytes, self.max_shots, self.max_request_tokens = max_body_bytes, max_shots, max_request_tokens
         self.model_name = model_name or getattr(self.lm.config, "name_or_path", None) or type(self.lm).__name__
         self.limit = max_context_length(self.lm)
         self.metrics = ServerMetrics()
@@ -154,6 +169,8 @@ class Service:
     async def create_prompt(self, body: CreatePromptRequest) -> tuple[PromptCreated, bool]:
         if self.tuner is None:
             raise _error(501, "This server runs a plain LM without a PGM: it cannot generate prompts.")
+        if isinstance(body.shots, list) and len(body.shots) > self.max_shots:
+            raise _error(422, f"At most {self.max_shots} shots per prompt, got {len(body.shots)}.")
         try:
             shots = normalize_shots(body.shots)
         except (ValueError, TypeError) as error:
@@ -289,6 +306,13 @@ class Service:
             except (ValueError, TypeError) as error:
                 raise _error(422, str(error)) from None
         queries = [prefix + self.encode(template.format_query(text)) for text in inputs]
+        total = sum(len(query) for query in queries)
+        if total > self.max_request_tokens:
+            raise _error(
+                413,
+                f"The inputs of this request take {total} tokens (with their template and demonstrations); this server "
+                f"reads at most {self.max_request_tokens} per request. Split the inputs over several requests.",
+            )
         options = None
         if body.options is not None:
             if any(not option.strip() for option in body.options):
@@ -392,6 +416,23 @@ def create_app(model: Any, tokenizer: Any, store: Union[PromptStore, str, os.Pat
 
     app = FastAPI(title="peft-metal", description="MetaL-Prompt serving: stored prompts, batched reads.", lifespan=lifespan)
     app.state.service = service
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        """413 for a body over the limit, told by its Content-Length before anything is read; a body sent without
+        one (chunked) gets 411, since its size could only be learned by reading it."""
+        limit = service.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is None and request.method in ("POST", "PUT", "PATCH"):
+            return JSONResponse(status_code=411, content={"detail": "Send the request body with a Content-Length."})
+        if declared is not None and not declared.isdigit():
+            return JSONResponse(status_code=400, content={"detail": f"Content-Length {declared!r} is not a byte count."})
+        if declared is not None and int(declared) > limit:
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"Request body of {declared} bytes; this server takes at most {limit} per request."},
+            )
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
