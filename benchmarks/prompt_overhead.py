@@ -63,7 +63,7 @@ def main() -> None:
                 "total_params": total,
             }
         )
-        lm = model.unload()
+        lm = model.base_model.remove_pgm()
     machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     report = {"model": args.model, "shots": args.shots, "repeats": args.repeats, "machine": machine, "rows": rows}
     lines = [

@@ -5,7 +5,12 @@ Each function here is covered by `tests/test_compat.py`, which fails loudly when
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 # RoPE variants whose rotation of a position does not depend on the sequence length, so attention scores depend
@@ -38,3 +43,47 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Dynami
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The per-layer (keys, values) a `DynamicCache` holds (batch x kv-heads x length x head-dim each)."""
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> DynamicCache:
+    """A new cache whose batch dimension repeats batch-1 keys/values; the source tensors are only read."""
+    return cache_from_layers(
+        [(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in layers]
+    )
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every PEFT tuner layer of `model` on or off, leaving the adapters' trainability alone.
+
+    `BaseTunerLayer.enable_adapters(False)` would also set `requires_grad=False` on the LoRA weights, which breaks
+    meta-training (the PGM's graph is built with LoRA on, the loss with LoRA off); the flag it reads is toggled
+    instead.
+    """
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._disable_adapters = not enabled
+
+
+def add_enum_member(enum: type[Enum], name: str) -> Enum:
+    """Add `name` (value `name`) to a `str` enum the way the enum machinery would have at class creation; PEFT has no
+    public way to add a `PeftType`."""
+    if name in enum.__members__:
+        return enum[name]
+    member = str.__new__(enum, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = enum
+    member.__init__(name)
+    type.__setattr__(enum, name, member)
+    enum._member_map_[name] = member
+    enum._value2member_map_[name] = member
+    enum._member_names_.append(name)
+    return member
+
+
+def forget_gguf_quantizer(model: Any) -> None:
+    """A model de-quantized from a GGUF file on load keeps a quantizer marker that forbids `save_pretrained`; the
+    weights are plain floats by then, so the marker (and the config's note of it) is dropped."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -26,31 +26,16 @@ def check_peft_version(version: str = peft.__version__) -> None:
         )
 
 
-def _add_peft_type_member(name: str) -> PeftType:
-    """Add `name` to the `PeftType` enum (a `str` enum) the way the enum machinery would have at class creation."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member.__init__(name)
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
 def register() -> PeftType:
     """Idempotently register MetaL-Prompt with PEFT and return its `PeftType`."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
+    from .compat import add_enum_member
     from .metal_prompt.config import MetaLPromptConfig
     from .metal_prompt.model import MetaLPromptModel
 
     check_peft_version()
-    peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+    peft_type = add_enum_member(PeftType, PEFT_TYPE_NAME)
     if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(
             name=METHOD_NAME, config_cls=MetaLPromptConfig, model_cls=MetaLPromptModel, prefix=MetaLPromptModel.prefix

@@ -38,3 +38,42 @@ def test_cache_built_from_layers_holds_them_and_extending_it_leaves_them_alone()
     with torch.no_grad():
         lm(input_ids=torch.tensor([[3, 4]]), past_key_values=rebuilt, use_cache=True)
     assert rebuilt.get_seq_length() == 9 and layers[0][0].shape[2] == 7
+
+
+def test_set_lora_enabled_switches_the_tuner_layers_and_leaves_trainability():
+    from conftest import make_pgm
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from peft_metal.compat import set_lora_enabled
+
+    model = make_pgm("llama", "prefix").train()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    set_lora_enabled(model, True)
+    assert layers and all(not m.disable_adapters for m in layers)
+    set_lora_enabled(model, False)
+    assert all(m.disable_adapters for m in layers)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_add_enum_member_makes_a_full_member():
+    from enum import Enum
+
+    from peft_metal.compat import add_enum_member
+
+    class Kind(str, Enum):
+        A = "A"
+
+    member = add_enum_member(Kind, "B")
+    assert Kind("B") is member and Kind["B"] is member and Kind.B is member and member in list(Kind)
+    assert add_enum_member(Kind, "B") is member and isinstance(member, str) and member == "B"
+
+
+def test_forget_gguf_quantizer_lets_the_model_save(tmp_path):
+    from peft_metal.compat import forget_gguf_quantizer
+
+    lm = make_lm("llama")
+    lm.hf_quantizer, lm.config.quantization_config = object(), {"quant_method": "gguf"}
+    forget_gguf_quantizer(lm)
+    assert lm.hf_quantizer is None and not hasattr(lm.config, "quantization_config")
+    lm.save_pretrained(tmp_path)

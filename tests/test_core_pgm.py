@@ -251,3 +251,13 @@ def test_lora_operations_that_would_break_the_pgm_are_refused(operation, args):
     with pytest.raises(TypeError, match=f"{operation} is not supported for a MetaL-Prompt PGM"):
         getattr(model, operation)(*args)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_remove_pgm_gives_the_untouched_lm_back():
+    model = make_pgm("llama", "prefix")
+    reference = make_lm("llama")
+    lm = model.base_model.remove_pgm()
+    assert not any(isinstance(m, BaseTunerLayer) for m in lm.modules())
+    assert all(torch.equal(p, q) for p, q in zip(lm.parameters(), reference.parameters()))
+    again = make_pgm("llama", "prefix", lm=lm)  # the same LM object takes a new PGM
+    assert again.base_model.metal_padding["default"] is not None

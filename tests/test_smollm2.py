@@ -35,7 +35,7 @@ def test_pgm_names_the_hub_base_model_not_the_cache(smollm2):
     try:
         assert model.peft_config["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     finally:
-        model.unload()
+        model.base_model.remove_pgm()
 
 
 @pytest.mark.parametrize("design", ["discrete", "weighted_sum", "hidden_state", "prefix"])
@@ -76,7 +76,7 @@ def test_sentiment_prompt_and_generation(smollm2, design, tmp_path):
                 )
             assert torch.equal(reference[0, context.numel() :], output[1, width - query.shape[1] :][: reference.shape[1] - context.numel()])
     finally:
-        model.unload()
+        model.base_model.remove_pgm()
 
 
 def test_shipped_pgm_loads_and_makes_prompts(smollm2):
@@ -104,4 +104,4 @@ def test_shipped_pgm_loads_and_makes_prompts(smollm2):
             assert prompt.token_ids.shape == (config.num_prompt_tokens,) and prompt.text
         assert output.shape[1] == query.input_ids.shape[1] + 2
     finally:
-        model.unload()
+        model.base_model.remove_pgm()

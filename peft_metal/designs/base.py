@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 
 @dataclass
@@ -47,10 +47,3 @@ class PromptDesign(ABC):
 def pgm_logits(readout: PGMReadout, lm: PreTrainedModel) -> torch.Tensor:
     """Next-token logits at the padding positions, through the LM's own head (K x vocab, float32)."""
     return lm.get_output_embeddings()(readout.hidden_states).float()
-
-
-def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> DynamicCache:
-    """A new cache whose batch dimension repeats batch-1 keys/values; the source tensors are only read."""
-    return DynamicCache(
-        ddp_cache_data=[(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in layers]
-    )

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from transformers import Cache, PreTrainedModel
 
-from .base import PGMReadout, PromptDesign, expand_cache
+from ..compat import expand_cache
+from .base import PGMReadout, PromptDesign
 
 
 class PrefixDesign(PromptDesign):

@@ -55,6 +55,7 @@ from peft import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..compat import cache_layers
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import model_device
 from ..metal_prompt.template import Shot, ShotTemplate
@@ -276,5 +277,5 @@ def baseline_context(baseline: TrainedBaseline, token_ids: Sequence[int]) -> Con
     device = model_device(lm)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     outputs = baseline.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
-    layers = [(layer.keys, layer.values) for layer in outputs.past_key_values.layers]
+    layers = cache_layers(outputs.past_key_values)
     return Context(layers=layers, length=layers[0][0].shape[-2], last_logits=outputs.logits[0, -1].float())

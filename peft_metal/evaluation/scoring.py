@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..designs.base import expand_cache
+from ..compat import cache_layers, expand_cache
 from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.reading import context_cache, keeps_logits, max_context_length, model_device
 
@@ -81,7 +81,7 @@ def extend_context(lm: PreTrainedModel, context: Context, token_ids: Sequence[in
         use_cache=True,
         **kwargs,
     )
-    layers = [(layer.keys, layer.values) for layer in outputs.past_key_values.layers]
+    layers = cache_layers(outputs.past_key_values)
     return Context(layers=layers, length=context.length + n, last_logits=outputs.logits[0, -1].float())
 
 

@@ -9,11 +9,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 from peft import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import cache_from_layers, cache_layers, has_shift_invariant_positions
+from ..compat import cache_from_layers, cache_layers, has_shift_invariant_positions, set_lora_enabled
 from ..designs import PGMReadout, get_design
 from .chunking import ChunkSize, chunk_shots
 from .config import MetaLPromptConfig
@@ -88,12 +87,13 @@ class MetaLPromptModel(LoraModel):
     # ------------------------------------------------------------------ LoRA on/off
 
     def _set_lora(self, enabled: bool) -> None:
-        # BaseTunerLayer.enable_adapters(False) would also set requires_grad=False on the LoRA weights, which breaks
-        # meta-training (the PGM's graph is built with LoRA on, the loss with LoRA off); toggling the flag it reads
-        # leaves trainability alone.
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module._disable_adapters = not enabled
+        set_lora_enabled(self.model, enabled)
+
+    def pgm_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The PGM's own parameters (LoRA and the padding), by the name PEFT saves them under; the rest is the LM."""
+        for name, parameter in self.named_parameters():
+            if is_pgm_parameter(name):
+                yield name, parameter
 
     def lm_only(self) -> Iterator[None]:
         """Context in which the model is the plain LM (every LoRA layer off), whatever runs inside."""
@@ -347,7 +347,17 @@ class MetaLPromptModel(LoraModel):
         raise _not_for_a_pgm("merge_and_unload", "it would fold the PGM's LoRA into the LM, which must stay frozen")
 
     def unload(self, *args: Any, **kwargs: Any) -> Any:
-        raise _not_for_a_pgm("unload", "it would drop the PGM's LoRA and its trainable padding")
+        raise _not_for_a_pgm(
+            "unload", "it would silently drop the PGM's LoRA and its trainable padding (call remove_pgm() to mean that)"
+        )
+
+    def remove_pgm(self) -> PreTrainedModel:
+        """The base LM with the PGM taken out: its LoRA layers replaced by the original ones and its padding dropped,
+        the LM's weights untouched (nothing is merged). For reusing the LM object after the PGM is no longer wanted."""
+        lm = super().unload()
+        for name in list(self.metal_padding):
+            del self.metal_padding[name]
+        return lm
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise _not_for_a_pgm("merge_adapter", "it would fold the PGM's LoRA into the LM, which must stay frozen")
@@ -365,6 +375,12 @@ class MetaLPromptModel(LoraModel):
         if padding_key in key:
             return key.replace(padding_key, f"{PADDING_ATTRIBUTE}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def is_pgm_parameter(name: str) -> bool:
+    """Whether a parameter name (or state-dict key) is the PGM's (LoRA or the padding) rather than the LM's: PEFT's own
+    rule for a tuner's parameters (its prefix in the name), plus the padding."""
+    return MetaLPromptModel.prefix in name or PADDING_ATTRIBUTE in name
 
 
 @dataclass
@@ -386,7 +402,8 @@ class ReadShots:
 def _not_for_a_pgm(operation: str, why: str) -> TypeError:
     return TypeError(
         f"{operation} is not supported for a MetaL-Prompt PGM: {why}. The base LM is `model.get_base_model()` used "
-        "inside `model.base_model.lm_only()`; a prompt is read by `model(prompt=...)` / `model.generate(prompt=...)`."
+        "inside `model.base_model.lm_only()`; a prompt is read by `model(prompt=...)` / `model.generate(prompt=...)`; "
+        "`model.base_model.remove_pgm()` gives the LM back without the PGM."
     )
 
 

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..compat import cache_layers
+from ..compat import cache_layers, expand_cache
 from ..designs import get_design
-from ..designs.base import expand_cache
 from .prompt import GeneratedPrompt
 
 

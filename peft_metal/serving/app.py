@@ -46,7 +46,7 @@ from ..evaluation.metrics import best_option, cut_generation, has_stop
 from ..evaluation.scoring import empty_context, prompt_context
 from ..metal_prompt.chunking import chunk_shots
 from ..metal_prompt.fingerprint import check_same_base
-from ..metal_prompt.model import PADDING_ATTRIBUTE, json_ready
+from ..metal_prompt.model import json_ready
 from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.reading import eos_token_ids, max_context_length, model_device
 from ..metal_prompt.template import ShotTemplate, normalize_shots
@@ -82,10 +82,9 @@ def _error(status: int, message: str, **headers: str) -> HTTPException:
 def pgm_weights_digest(tuner: Any) -> str:
     """sha256 of the PGM's own weights (LoRA and padding), so prompts of a retrained PGM get other ids."""
     digest = hashlib.sha256()
-    for name, parameter in sorted(tuner.named_parameters(), key=lambda item: item[0]):
-        if "lora_" in name or PADDING_ATTRIBUTE in name:
-            digest.update(name.encode())
-            digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, parameter in sorted(tuner.pgm_named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from ..designs.base import expand_cache
+from ..compat import cache_from_layers, cache_layers, expand_cache
 from ..evaluation.scoring import Context, ContinuationScore
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
 
@@ -42,7 +42,7 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 
 
 def _select_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
+    return cache_from_layers([(keys[index], values[index]) for keys, values in cache_layers(cache)])
 
 
 @torch.no_grad()
@@ -161,7 +161,7 @@ def score_options_batch(
     last_logits, cache, mask = read_queries(lm, context, queries, pad_id)
     device = mask.device
     first_logprobs = F.log_softmax(last_logits, dim=-1)
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    layers = cache_layers(cache)
     scores: list[list[Optional[ContinuationScore]]] = [[None] * len(query_options) for query_options in options]
     rows = [(query, j) for query, query_options in enumerate(options) for j in range(len(query_options))]
     step = _rows_per_forward(layers, cache_budget_bytes)
@@ -182,7 +182,7 @@ def score_options_batch(
                 input_ids=ids[:, :-1],
                 attention_mask=torch.cat([row_mask, option_mask[:, :-1]], dim=1),
                 position_ids=row_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device),
-                past_key_values=DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in layers]),
+                past_key_values=cache_from_layers([(k[owner], v[owner]) for k, v in layers]),
                 use_cache=False,
             )
             rest = F.log_softmax(outputs.logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..metal_prompt.model import PADDING_ATTRIBUTE
+from ..metal_prompt.model import is_pgm_parameter
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -169,7 +169,7 @@ def _load_pgm_weights(model, weights: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, weights)
-    missing = [key for key in result.missing_keys if "lora_" in key or PADDING_ATTRIBUTE in key]
+    missing = [key for key in result.missing_keys if is_pgm_parameter(key)]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"Checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}."

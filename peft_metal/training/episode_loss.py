@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..compat import cache_from_layers, cache_layers
+from ..compat import cache_from_layers, cache_layers, expand_cache
 from ..data import Episode
-from ..designs.base import expand_cache
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
