@@ -199,6 +199,10 @@ def test_load_wrong_shapes(tmp_path, prompts):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["token_ids"] = tensors["token_ids"][:-1]
     save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="damaged: its contents no longer match"):
+        GeneratedPrompt.load(path)
+    metadata.pop("sha256")  # a file without a checksum (written before them, or crafted) is still checked
+    save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="positions"):
         GeneratedPrompt.load(path)
 

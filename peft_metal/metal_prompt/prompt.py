@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -16,6 +17,7 @@ from ..designs import get_design
 
 FORMAT_NAME = "peft-metal-prompt"
 FORMAT_VERSION = "1"
+CHECKSUM_KEY = "sha256"
 TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
 # Tensors each design must carry; a refined discrete prompt also carries tuned `embeds` (see refine.py).
 PAYLOAD_BY_DESIGN = {
@@ -131,6 +133,7 @@ class GeneratedPrompt:
             "text": json.dumps(self.text),
             "demonstrations_text": json.dumps(self.demonstrations_text),
         }
+        metadata[CHECKSUM_KEY] = _content_checksum(metadata, tensors)
         save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
@@ -155,6 +158,9 @@ class GeneratedPrompt:
         unknown = set(tensors) - set(TENSOR_FIELDS)
         if unknown:
             raise ValueError(f"{path} holds unexpected tensors {sorted(unknown)}.")
+        stored_checksum = metadata.pop(CHECKSUM_KEY, None)  # files written before checksums have none
+        if stored_checksum is not None and stored_checksum != _content_checksum(metadata, tensors):
+            raise ValueError(f"{path} is damaged: its contents no longer match the checksum written with them.")
         try:
             return cls(
                 design=metadata["design"],
@@ -170,3 +176,13 @@ class GeneratedPrompt:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+
+def _content_checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata and every tensor's name, dtype, shape and bytes: any change to a saved prompt shows."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
