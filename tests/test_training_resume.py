@@ -210,3 +210,44 @@ def test_export_a_checkpoint_of_a_run_that_goes_on(tmp_path, monkeypatch):
             exported.generate_prompt(SHOTS, tokenizer=tok).keys, checkpoint.generate_prompt(SHOTS, tokenizer=tok).keys
         )
     assert main(["export", "--run-dir", str(tmp_path / "run"), "--step", "7", "--output", str(tmp_path / "x")]) == 2
+
+
+def test_text_stage_then_task_episodes_and_resume_exactly(tmp_path):
+    """`text_stage_steps`: the first optimizer steps train on generic text (first part compressed, the rest predicted
+    and distilled), then task episodes; a run killed inside the text stage resumes to the same weights."""
+    from peft_metal.data.text import TextEpisode
+
+    settings = dict(scope="padding", distillation_weight=1.0, text_stage_steps=3)
+    uninterrupted = make_trainer(tmp_path / "a", "prefix", **settings)
+    drawn = []
+    original = uninterrupted._next_episode
+
+    def record():
+        episode = original()
+        drawn.append(type(episode))
+        return episode
+
+    uninterrupted._next_episode = record
+    uninterrupted.train()
+    assert drawn == [TextEpisode] * 6 + [type(uninterrupted.sampler.episode(0))] * 2  # 2 episodes per step
+    killed = make_trainer(tmp_path / "b", "prefix", **settings)
+    killed.train(stop_after=2)
+    resumed = make_trainer(tmp_path / "b", "prefix", **settings)
+    resumed.train(resume=True)
+    expected, actual = pgm_state(uninterrupted), pgm_state(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_text_episode_loss_trains_the_pgm(tmp_path):
+    from peft_metal.data.text import TextSampler
+
+    trainer = make_trainer(tmp_path, "prefix", scope="padding", distillation_weight=1.0)
+    episode = TextSampler(tasks(), inputs_per_text=4).episode(0)
+    assert episode.prefix and episode.continuation.startswith(" ")
+    trainer.model.train()
+    losses = trainer.loss_module(episode)
+    assert losses["distillation"] >= 0 and torch.isfinite(losses["lm_loss"])
+    losses["loss"].backward()
+    padding = trainer.model.base_model.metal_padding["default"]
+    assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0

@@ -162,6 +162,12 @@ class MetaLPromptModel(LoraModel):
             )
         return self._with_demonstrations(prompt, shots[split:], tokenizer)
 
+    def generate_prompt_from_ids(self, token_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
+        """The prompt made from text the PGM reads as it is (1-D token ids, no shot template): the generic-text stage
+        of meta-training compresses plain text this way."""
+        readout = self._run_pgm(token_ids, self._design.needs_cache)
+        return self._with_demonstrations(self._prompt_from_readout(readout, tokenizer), [], tokenizer)
+
     def generate_prompt_from_read_shots(
         self, shots: ReadShots, tokenizer: PreTrainedTokenizerBase, demonstrations: Any = ()
     ) -> GeneratedPrompt:

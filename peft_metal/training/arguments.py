@@ -44,6 +44,9 @@ class TrainingArguments:
     log_every: int = 10
     distillation_weight: float = 0.0  # KL to the LM reading every shot, full vocabulary, every query and answer token
     option_distillation_weight: float = 0.0  # KL to that LM's distribution over a multiple-choice query's options
+    # The optional generic-text first stage: the first `text_stage_steps` optimizer steps compress the first part of
+    # texts made from train-task inputs and predict (and distil) the rest; the task episodes follow.
+    text_stage_steps: int = 0
     mixed_precision: str = "auto"
     # "auto": eager attention on a CPU (its matrix products beat SDPA's CPU kernels, backward included, on the short
     # sequences of episodes: benchmarks/train_throughput.py), the model's own choice on a GPU; or any transformers name.
@@ -57,6 +60,8 @@ class TrainingArguments:
         for name in ("max_steps", "gradient_accumulation_steps", "num_queries", "checkpoint_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not 0 <= self.text_stage_steps <= self.max_steps:
+            raise ValueError(f"text_stage_steps must be between 0 and max_steps ({self.max_steps}), got {self.text_stage_steps}.")
         for name in ("distillation_weight", "option_distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")

@@ -57,7 +57,8 @@ def save_checkpoint(
     accelerator=None,
 ) -> Path:
     """Write a checkpoint; with an `accelerator` of several processes every process calls this, the main one writes
-    the shared state (PGM, optimizer, scheduler) and each other one its own episode stream and RNG (`rank-N.json`)."""
+    the shared state (PGM, optimizer, scheduler) and each other one its own episode stream, RNG and `extra`
+    (`rank-N.json`)."""
     process_index = accelerator.process_index if accelerator is not None else 0
     num_processes = accelerator.num_processes if accelerator is not None else 1
     target = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
@@ -67,7 +68,7 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     _wait(accelerator)
     if process_index > 0:
-        (staging / f"rank-{process_index}.json").write_text(json.dumps(_rank_state(sampler)))
+        (staging / f"rank-{process_index}.json").write_text(json.dumps({**_rank_state(sampler), "extra": extra or {}}))
     _wait(accelerator)
     if process_index == 0:
         model.save_pretrained(staging / "pgm")
@@ -134,6 +135,7 @@ def load_checkpoint(
         sampler.load_state_dict(own["sampler"])
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(own["torch_rng"])), dtype=torch.uint8))
         random.setstate(_python_rng_from_json(own["python_rng"]))
+        meta["extra"] = own["extra"]  # this process's own counters and text-stage position
     cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)

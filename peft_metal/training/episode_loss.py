@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..compat import cache_from_layers, cache_layers, expand_cache
 from ..data import Episode
+from ..data.text import TextEpisode
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
@@ -58,7 +59,9 @@ class EpisodeLoss(nn.Module):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long, device=model_device(self.model.get_base_model()))
 
-    def forward(self, episode: Episode) -> dict[str, torch.Tensor]:
+    def forward(self, episode: Episode | TextEpisode) -> dict[str, torch.Tensor]:
+        if isinstance(episode, TextEpisode):
+            return self._text_forward(episode)
         tuner = self.model.base_model
         xl_shots = [example.as_shot() for example in episode.xl]
         shots_read = None
@@ -101,6 +104,33 @@ class EpisodeLoss(nn.Module):
             + self.option_distillation_weight * losses.get("option_distillation", 0.0)
         )
         return losses
+
+    def _text_forward(self, episode: TextEpisode) -> dict[str, torch.Tensor]:
+        """The generic-text stage: the prompt made from the text's first part, the LM predicting the rest after it
+        (cross-entropy on every continuation token), and the distillation from the LM that read the first part."""
+        tuner = self.model.base_model
+        device = model_device(self.model.get_base_model())
+        prefix = self._ids(episode.prefix, device)
+        continuation = self._ids(episode.continuation, device).unsqueeze(0)
+        shots_read = None
+        if self._reads_shots_once:
+            shots_read = tuner.read_shots(prefix)
+            prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer)
+        else:
+            prompt = tuner.generate_prompt_from_ids(prefix, self.tokenizer)
+        batch = QueryBatch(continuation, torch.ones_like(continuation), continuation)
+        outputs = self.model(prompt=prompt, input_ids=continuation, labels=continuation)
+        losses = {"lm_loss": outputs.loss}
+        if self.distillation_weight > 0:
+            if shots_read is None:
+                shots_read = tuner.read_shots(prefix)
+            teacher_logits, _ = self._teacher(shots_read, prefix.new_zeros(0), batch)
+            losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
+        losses["loss"] = losses["lm_loss"] + self.distillation_weight * losses.get("distillation", 0.0)
+        return losses
+
+    def _ids(self, text: str, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
 
     def _option_distillation(self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset) -> torch.Tensor:
         """KL from the teacher's distribution over each multiple-choice query's options to the student's."""

@@ -21,6 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
+from ..data.text import TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
@@ -108,6 +109,9 @@ class MetaTrainer:
         self.sampler = EpisodeSampler(
             train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index
         )
+        self.text_sampler = None
+        if args.text_stage_steps > 0:
+            self.text_sampler = TextSampler(train_tasks, seed=args.seed * 1000 + self.accelerator.process_index)
         self.dev_episodes = []
         if dev_tasks is None:
             dev_tasks = load_split_tasks("dev")
@@ -133,13 +137,18 @@ class MetaTrainer:
                 log.write(json.dumps(record) + "\n")
 
     def _too_long(self, episode) -> bool:
-        text = self.model.base_model.template.format_shots([e.as_shot() for e in episode.xp])
+        if isinstance(episode, TextEpisode):
+            text = episode.prefix
+        else:
+            text = self.model.base_model.template.format_shots([e.as_shot() for e in episode.xp])
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens
 
     def _next_episode(self):
-        """The next episode whose XP fits `max_pgm_tokens`; skipped ones are counted and logged, not hidden."""
+        """The next episode (a text one during the text stage) whose PGM input fits `max_pgm_tokens`; skipped ones
+        are counted and logged, not hidden."""
+        text_stage = self.step < self.args.text_stage_steps
         while True:
-            episode = next(self.sampler)
+            episode = next(self.text_sampler) if text_stage else next(self.sampler)
             if not self._too_long(episode):
                 return episode
             self.skipped_long += 1
@@ -167,6 +176,8 @@ class MetaTrainer:
                 self.accelerator.process_index, self.accelerator.num_processes,
             )
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
+            if self.text_sampler is not None and "text_sampler" in meta["extra"]:
+                self.text_sampler.load_state_dict(meta["extra"]["text_sampler"])
         if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
             self._log({"step": 0, "dev_loss": self.evaluate()})
         self.model.train()
@@ -198,7 +209,7 @@ class MetaTrainer:
             if self.step % args.checkpoint_every == 0:
                 save_checkpoint(
                     self.output_dir, self.step, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
-                    self.scheduler, self.sampler, {"skipped_long": self.skipped_long}, self.accelerator,
+                    self.scheduler, self.sampler, self._checkpoint_extra(), self.accelerator,
                 )
             if stop_after is not None and self.step - start_step >= stop_after:
                 break
@@ -207,6 +218,12 @@ class MetaTrainer:
         if self.step >= args.max_steps and self.accelerator.is_main_process:
             self.save_final(summary)
         return summary
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"skipped_long": self.skipped_long}
+        if self.text_sampler is not None:
+            extra["text_sampler"] = self.text_sampler.state_dict()
+        return extra
 
     def _summary(self, running: list[float], seconds: float) -> dict[str, Any]:
         tail = running[-50:] or [math.nan]
