@@ -98,6 +98,28 @@ def test_chunked_training_reaches_every_chunk(tok):
     assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scope", ["all", "padding"])
+def test_chunked_training_reaches_the_first_chunk_in_both_scopes(tok, scope):
+    """The gradient of the loss reaches the prompt made from the first chunk, through the later chunks' passes."""
+    model = make_pgm("llama", "weighted_sum", lora_scope=scope)
+    model.train()
+    made = []
+    original = model.base_model._prompt_from_readout
+
+    def recording(readout, tokenizer):
+        prompt = original(readout, tokenizer)
+        prompt.embeds.retain_grad()
+        made.append(prompt)
+        return prompt
+
+    model.base_model._prompt_from_readout = recording
+    prompt = model.generate_prompt(many_shots(6), tokenizer=tok, chunk_size=2)
+    assert len(made) == 3
+    batch = encode_queries(SHOTS, tok, model.base_model.template, torch.device("cpu"))
+    model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+    assert made[0].embeds.grad is not None and made[0].embeds.grad.abs().sum() > 0
+
+
 def test_bad_chunk_size(tok):
     model = make_pgm("llama", "prefix")
     for bad in (0, -1, "all", 1.5):

@@ -259,11 +259,14 @@ class MetaLPromptModel(LoraModel):
         return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
 
     def read_shots(self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt] = None) -> ReadShots:
-        """The frozen LM (LoRA off, no gradient) over [previous prompt][chunk]: the keys and values the padding of a
+        """The frozen LM (LoRA off) over [previous prompt][chunk]: the keys and values the padding of a
         `lora_scope="padding"` PGM attends to. Meta-training reuses them for the teacher, which reads the same shots."""
         shots_embeds, cache = self._shots_input(chunk_ids, previous)
         start = self._first_position(cache, shots_embeds.shape[0])
-        with torch.no_grad(), self._lora(False):
+        # Without gradient, except through a previous chunk's prompt made in train mode (folded-in chunks train the
+        # PGM through every chunk, as in the "all" scope).
+        keep_graph = torch.is_grad_enabled() and previous is not None and self.training
+        with torch.set_grad_enabled(keep_graph), self._lora(False):
             outputs = self.model.base_model(
                 inputs_embeds=shots_embeds.unsqueeze(0),
                 position_ids=_positions(start, shots_embeds.shape[0], shots_embeds.device),
