@@ -55,9 +55,9 @@ class EpisodeLoss(nn.Module):
         return self.model.base_model.metal_config.lora_scope == "padding" and self.chunk_size is None
 
     def _encode(self, examples) -> torch.Tensor:
+        """Shots formatted with the template, as 1-D token ids."""
         text = self.template.format_shots([example.as_shot() for example in examples])
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long, device=model_device(self.model.get_base_model()))
+        return self._ids(text, model_device(self.model.get_base_model()))
 
     def forward(self, episode: Episode | TextEpisode) -> dict[str, torch.Tensor]:
         if isinstance(episode, TextEpisode):

@@ -1,8 +1,10 @@
 """Meta-training of a PGM over many tasks, on `accelerate`.
 
-One process on CPU or GPU by default; the same code runs under `accelerate launch` on several GPUs or nodes (each
-process draws its own episode stream). bf16 on GPU, gradient accumulation, warmup + cosine schedule, resumable
-checkpoints, periodic dev loss, a progress bar and a JSONL log.
+One process on CPU or GPU by default; the same code runs under `accelerate launch` on several processes, GPUs or not
+(each process draws its own episode stream and checkpoints its own position). bf16 where the hardware multiplies it
+fast (frozen weights cast once on a CPU, autocast on a GPU), an optional generic-text first stage, gradient
+accumulation, warmup + cosine schedule over `max_steps` optimizer steps, resumable checkpoints, periodic dev loss, a
+progress bar and a JSONL log.
 """
 
 from __future__ import annotations
