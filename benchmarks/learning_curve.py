@@ -1,7 +1,7 @@
 """Dev-panel accuracy of a meta-training run's checkpoints against the episodes they had seen: the learning curve.
 
     python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
-        [--checkpoints 60,240 | default: every checkpoint] [--methods metal,metal+demos] [--queries 25]
+        [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
         [--references benchmarks/results/precision_eval.json] [--name learning_curve]
 
 Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
@@ -13,6 +13,7 @@ recomputed, so the script can be rerun as a run goes on (a session later, say) t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -29,7 +30,9 @@ from peft_metal.evaluation import evaluate, load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds, summary
 from peft_metal.precision import cast_frozen_weights
+from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
+from peft_metal.training.trainer import build_pgm
 
 
 def checkpoints(run: Path, wanted: list[int] | None) -> list[tuple[int, Path]]:
@@ -51,9 +54,20 @@ def episodes_per_step(run: Path) -> int:
     return config["gradient_accumulation_steps"]
 
 
-def score(pgm: Path, tasks, methods: list[str], queries: int) -> dict[str, Any]:
-    lm, tokenizer = load_base_model("smollm2-135m")
-    model = PeftModel.from_pretrained(lm, str(pgm)).eval()
+def untrained_pgm(run: Path):
+    """The PGM the run started from: built from its settings with its seed, as the trainer builds it."""
+    args = TrainingArguments(**json.loads((run / "training_args.json").read_text()))
+    torch.manual_seed(args.seed)
+    return build_pgm(dataclasses.replace(args, init_from=None))
+
+
+def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) -> dict[str, Any]:
+    if pgm is None:
+        model, tokenizer = untrained_pgm(run)
+    else:
+        lm, tokenizer = load_base_model("smollm2-135m")
+        model = PeftModel.from_pretrained(lm, str(pgm))
+    model.eval()
     precision = cast_frozen_weights(model, "auto")
     records = []
     for seed in DEV_PANEL.seeds:
@@ -92,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, action="append", required=True)
     parser.add_argument("--checkpoints", help="comma-separated steps (default: every checkpoint of every run)")
+    parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0)")
     parser.add_argument("--methods", default="metal,metal+demos")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
@@ -106,11 +121,14 @@ def main() -> None:
     methods = args.methods.split(",")
     wanted = [int(step) for step in args.checkpoints.split(",")] if args.checkpoints else None
     for run in args.run:
-        for step, folder in checkpoints(run, wanted):
+        points = checkpoints(run, wanted)
+        if args.untrained:
+            points.insert(0, (0, None))
+        for step, folder in points:
             if (str(run), step) in done:
                 continue
-            print(f"scoring {run} checkpoint {step} ...", flush=True)
-            result = score(folder / "pgm", tasks, methods, args.queries)
+            print(f"scoring {run} step {step} ...", flush=True)
+            result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
             report["points"].append({"run": str(run), "step": step, "episodes": step * episodes_per_step(run), **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))
             path.parent.mkdir(parents=True, exist_ok=True)
