@@ -87,3 +87,13 @@ def test_teacher_option_scores_equal_the_lm_reading_every_shot():
             full = reference(input_ids=torch.cat([xp, xl, query, option_ids]).unsqueeze(0)).logits[0]
         expected = mean_logprob(full[-len(option_ids) - 1 : -1], option_ids)
         assert scores[row].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_option_rows_stay_within_their_memory_budget():
+    """Each option row copies its query's keys/values: queries whose rows would exceed the budget are left out."""
+    tok, template = build_tokenizer(), ShotTemplate()
+    everything = encode_options(QUERIES, tok, template, torch.device("cpu"), row_bytes=100, budget_bytes=10_000)
+    assert everything.groups == [[0, 1, 2], [3, 4]]
+    only_second = encode_options(QUERIES, tok, template, torch.device("cpu"), row_bytes=100, budget_bytes=250)
+    assert only_second.groups == [[0, 1]] and only_second.query_index.tolist() == [1, 1]
+    assert encode_options(QUERIES, tok, template, torch.device("cpu"), row_bytes=100, budget_bytes=150) is None

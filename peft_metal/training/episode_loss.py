@@ -79,7 +79,9 @@ class EpisodeLoss(nn.Module):
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
         options = None
         if self.option_distillation_weight > 0:
-            options = encode_options(episode.queries, self.tokenizer, self.template, device)
+            options = encode_options(
+                episode.queries, self.tokenizer, self.template, device, self._option_row_bytes(prompt, episode, batch)
+            )
         outputs = self.model(
             prompt=prompt,
             input_ids=batch.input_ids,
@@ -131,6 +133,17 @@ class EpisodeLoss(nn.Module):
 
     def _ids(self, text: str, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
+
+    def _option_row_bytes(self, prompt, episode: Episode, batch: QueryBatch) -> int:
+        """Bytes of one option row's copy of the keys/values: the larger of the student's and the teacher's context
+        (the teacher reads every shot) plus the query batch, over every layer."""
+        config = self.model.get_base_model().config.get_text_config(decoder=True)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        teacher_context = len(self._encode(episode.xp)) + len(self._encode(episode.xl))
+        length = max(prompt.context_length, teacher_context) + batch.input_ids.shape[1]
+        element = self.model.get_base_model().get_input_embeddings().weight.element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * length * element
 
     def _option_distillation(self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset) -> torch.Tensor:
         """KL from the teacher's distribution over each multiple-choice query's options to the student's."""

@@ -31,13 +31,26 @@ class OptionRows:
     groups: list[list[int]]  # per multiple-choice query, its option rows in the order of its options
 
 
+# Every option row holds a copy of its query's keys and values over the whole context: their bytes are bounded, and
+# queries whose options would go over (tasks with dozens of options, long contexts) are left out of this term.
+OPTION_CACHE_BUDGET_BYTES = 512 << 20
+
+
 def encode_options(
-    queries: Sequence[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
+    queries: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ShotTemplate,
+    device: torch.device,
+    row_bytes: int = 0,
+    budget_bytes: int = OPTION_CACHE_BUDGET_BYTES,
 ) -> Optional[OptionRows]:
-    """Option rows for the queries that have options (None when none has)."""
+    """Option rows for the queries that have options (None when none has, or none fits the budget): `row_bytes` is
+    what one row's copy of the keys/values costs; queries are taken in order while their rows fit `budget_bytes`."""
     index, rows, groups = [], [], []
     for query_row, example in enumerate(queries):
         if example.options is None:
+            continue
+        if row_bytes * (len(rows) + len(example.options)) > budget_bytes:
             continue
         group = []
         for option in example.options:
