@@ -251,3 +251,16 @@ def test_text_episode_loss_trains_the_pgm(tmp_path):
     losses["loss"].backward()
     padding = trainer.model.base_model.metal_padding["default"]
     assert padding.embedding.grad is not None and padding.embedding.grad.abs().sum() > 0
+
+
+def test_training_time_adds_up_over_a_resume(tmp_path):
+    """The log's `train_seconds` counts the training time of every session of a run, so runs can be compared at equal
+    wall-clock even when they were stopped and resumed."""
+    killed = make_trainer(tmp_path, "prefix", scope="padding")
+    killed.train(stop_after=2)
+    first = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "train_seconds" in line]
+    resumed = make_trainer(tmp_path, "prefix", scope="padding")
+    resumed.train(resume=True)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "train_seconds" in line]
+    seconds = [record["train_seconds"] for record in records]
+    assert seconds == sorted(seconds) and seconds[len(first)] >= first[-1]["train_seconds"]

@@ -128,6 +128,7 @@ class MetaTrainer:
         )
         self.step = 0
         self.skipped_long = 0
+        self.earlier_seconds = 0.0  # training time of the sessions before a resume, so runs compare at equal wall-clock
 
     @property
     def log_path(self) -> Path:
@@ -178,12 +179,14 @@ class MetaTrainer:
                 self.accelerator.process_index, self.accelerator.num_processes,
             )
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
+            self.earlier_seconds = meta["extra"].get("train_seconds", 0.0)
             if self.text_sampler is not None and "text_sampler" in meta["extra"]:
                 self.text_sampler.load_state_dict(meta["extra"]["text_sampler"])
         if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
             self._log({"step": 0, "dev_loss": self.evaluate()})
         self.model.train()
         start_step, started = self.step, time.perf_counter()
+        self._started = started
         bar = tqdm(total=args.max_steps, initial=self.step, desc="meta-training", disable=not self.accelerator.is_local_main_process)
         running: list[float] = []
         while self.step < args.max_steps:
@@ -203,6 +206,7 @@ class MetaTrainer:
             bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}", eps=f"{episodes_per_s:.2f}")
             record: dict[str, Any] = {}
             if self.step % args.log_every == 0:
+                record.update(train_seconds=round(self._train_seconds(), 1))
                 record.update(loss=sum(running[-args.log_every * args.gradient_accumulation_steps :]) / len(running[-args.log_every * args.gradient_accumulation_steps :]), lr=self.scheduler.get_last_lr()[0], episodes_per_s=episodes_per_s, skipped_long=self.skipped_long)
             if self.dev_episodes and (self.step % args.eval_every == 0 or self.step == args.max_steps):
                 record["dev_loss"] = self.evaluate()
@@ -221,8 +225,12 @@ class MetaTrainer:
             self.save_final(summary)
         return summary
 
+    def _train_seconds(self) -> float:
+        """Wall-clock seconds of training so far, over every session of the run."""
+        return self.earlier_seconds + time.perf_counter() - self._started
+
     def _checkpoint_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"skipped_long": self.skipped_long}
+        extra: dict[str, Any] = {"skipped_long": self.skipped_long, "train_seconds": round(self._train_seconds(), 1)}
         if self.text_sampler is not None:
             extra["text_sampler"] = self.text_sampler.state_dict()
         return extra
