@@ -537,3 +537,16 @@ def test_request_limits_are_refused_with_the_limit_named(tmp_path, tok):
         assert client.post("/v1/prompts", content=chunked(), headers={"content-type": "application/json"}).status_code == 411
     with pytest.raises(ValueError, match="max_shots must be a positive int"):
         _app(tmp_path / "other", tok, max_shots=0)
+
+
+def test_models_lists_the_base_model_and_every_stored_prompt(served):
+    client, _, _ = served
+    first = _create(client).json()["prompt_id"]
+    second = _create(client, task="other").json()["prompt_id"]
+    listing = client.get("/v1/models").json()
+    assert listing["object"] == "list"
+    ids = [model["id"] for model in listing["data"]]
+    assert ids[1:] == [f"metal:{first}", f"metal:{second}"] and ids[0] not in ids[1:]
+    assert all(model["object"] == "model" and isinstance(model["created"], int) for model in listing["data"])
+    client.delete(f"/v1/prompts/{first}")
+    assert [model["id"] for model in client.get("/v1/models").json()["data"]][1:] == [f"metal:{second}"]

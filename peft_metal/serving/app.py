@@ -13,6 +13,7 @@ Routes (JSON; `/v1/*` need `Authorization: Bearer KEY` when an api key is set):
   generated (greedy at temperature 0, cut at the template's stop strings) or, with `options`, chosen by the
   length-normalized log-likelihood of each option, as evaluation scores them. `prompt_id: null` reads the plain LM:
   zero-shot, or in-context learning with `shots` sent along (formatted as demonstrations before every input).
+* `GET /v1/models`: the OpenAI-style model list: the base model, and each stored prompt as `metal:<prompt_id>`.
 * `GET /healthz`, `GET /metrics` (Prometheus text).
 
 Errors: 422 malformed bodies or shots, 404 unknown prompt, 413 input too long for the model's context, 401 wrong or
@@ -88,6 +89,19 @@ def pgm_weights_digest(tuner: Any) -> str:
     return digest.hexdigest()[:32]
 
 
+METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model of the OpenAI-style API
+
+
+def _unix_time(timestamp: str, default: int) -> int:
+    """An ISO-8601 time from the store as Unix seconds (the default for one that does not parse)."""
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(timestamp).timestamp())
+    except (TypeError, ValueError):
+        return default
+
+
 def _template_of(prompt: GeneratedPrompt, default: ShotTemplate) -> ShotTemplate:
     """The template the prompt's PGM was configured with (queries must look like its shots), else the server's."""
     config = prompt.pgm_config or {}
@@ -126,6 +140,7 @@ class Service:
         self.max_body_bytes, self.max_shots, self.max_request_tokens = max_body_bytes, max_shots, max_request_tokens
         self.model_name = model_name or getattr(self.lm.config, "name_or_path", None) or type(self.lm).__name__
         self.limit = max_context_length(self.lm)
+        self.started_at = time.time()
         self.metrics = ServerMetrics()
         self.runner = ModelRunner()
         # Store calls block (file I/O, SQLite locks) and may wait on the model thread (`make`): never on the loop, and
@@ -388,6 +403,17 @@ class Service:
                 pad_id=self.pad_id,
             )
 
+    async def models(self) -> dict[str, Any]:
+        """The OpenAI model list: the base model, and every stored prompt as `metal:<prompt_id>` (the base model
+        reading that prompt before the text)."""
+        created = int(self.started_at)
+        data = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "peft-metal"}]
+        for row in await self.in_store(self.store.list):
+            stamp = _unix_time(row["created_at"], created)
+            data.append({"id": f"{METAL_MODEL_PREFIX}{row['prompt_id']}", "object": "model", "created": stamp,
+                         "owned_by": "peft-metal", "root": self.model_name, "parent": self.model_name})
+        return {"object": "list", "data": data}
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -478,6 +504,10 @@ def create_app(model: Any, tokenizer: Any, store: Union[PromptStore, str, os.Pat
     @v1.post("/completions", response_model=CompletionResponse, response_model_exclude_none=True)
     async def completions(body: CompletionRequest) -> CompletionResponse:
         return await service.complete(body)
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return await service.models()
 
     app.include_router(v1)
 
