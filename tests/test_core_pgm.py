@@ -261,3 +261,13 @@ def test_remove_pgm_gives_the_untouched_lm_back():
     assert all(torch.equal(p, q) for p, q in zip(lm.parameters(), reference.parameters()))
     again = make_pgm("llama", "prefix", lm=lm)  # the same LM object takes a new PGM
     assert again.base_model.metal_padding["default"] is not None
+
+
+def test_padding_can_start_from_given_tokens():
+    model = make_pgm("llama", "prefix", padding_init_token_ids=[10, 11], padding_reparameterization="none")
+    table = model.get_base_model().get_input_embeddings().weight
+    torch.testing.assert_close(padding_module(model)(), table[torch.tensor([10, 11, 10, 11])])
+    with pytest.raises(TypeError, match="padding_init_token_ids"):
+        make_pgm("llama", "prefix", padding_init_token_ids=["a"])
+    with pytest.raises(ValueError, match="beyond the vocabulary"):
+        make_pgm("llama", "prefix", padding_init_token_ids=[10_000])

@@ -38,6 +38,13 @@ class MetaLPromptConfig(LoraConfig):
     padding_reparameterization: Literal["lstm", "mlp", "none"] = field(
         default="lstm", metadata={"help": "Reparameterization of the trainable padding, as in P-tuning."}
     )
+    padding_init_token_ids: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Token ids whose embeddings start the K padding slots (cycled to K); default: seeded random "
+            "vocabulary tokens. Separator tokens make the untrained slots read like a pause after the shots."
+        },
+    )
     padding_hidden_size: Optional[int] = field(
         default=None, metadata={"help": "Hidden size of the padding's LSTM/MLP; defaults to the LM's hidden size."}
     )
@@ -67,6 +74,13 @@ class MetaLPromptConfig(LoraConfig):
             raise TypeError(f"num_prompt_tokens must be an int, got {type(self.num_prompt_tokens).__name__}.")
         if self.num_prompt_tokens <= 0:
             raise ValueError(f"num_prompt_tokens (K) must be positive, got {self.num_prompt_tokens}.")
+        if self.padding_init_token_ids is not None:
+            ids = self.padding_init_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise TypeError(f"padding_init_token_ids must be a non-empty list of token ids, got {ids!r}.")
+            self.padding_init_token_ids = list(ids)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}.")
         for name in ("input_prefix", "output_prefix", "shot_separator"):

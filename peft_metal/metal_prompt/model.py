@@ -72,10 +72,17 @@ class MetaLPromptModel(LoraModel):
         self._set_padding_trainability()
 
     def _new_padding(self, config: MetaLPromptConfig) -> TrainablePadding:
-        """Padding initialized from the embeddings of random (but seeded, hence reproducible) vocabulary tokens."""
+        """Padding initialized from real token embeddings: of `padding_init_token_ids` (cycled to K) when given, else
+        of random (but seeded, hence reproducible) vocabulary tokens."""
         embedding = self.model.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(PADDING_INIT_SEED)
-        token_ids = torch.randint(embedding.shape[0], (config.num_prompt_tokens,), generator=generator)
+        if config.padding_init_token_ids:
+            ids = config.padding_init_token_ids
+            if max(ids) >= embedding.shape[0]:
+                raise ValueError(f"padding_init_token_ids holds {max(ids)}, beyond the vocabulary of {embedding.shape[0]}.")
+            token_ids = torch.tensor([ids[i % len(ids)] for i in range(config.num_prompt_tokens)])
+        else:
+            generator = torch.Generator().manual_seed(PADDING_INIT_SEED)
+            token_ids = torch.randint(embedding.shape[0], (config.num_prompt_tokens,), generator=generator)
         padding = TrainablePadding(
             config.num_prompt_tokens,
             embedding.detach()[token_ids.to(embedding.device)],

@@ -24,6 +24,7 @@ class TrainingArguments:
     r: int = 8
     lora_alpha: int = 16
     padding_reparameterization: str = "lstm"
+    padding_init_text: Optional[str] = None  # text whose tokens start the padding slots (default: random tokens)
     target_modules: Optional[list[str]] = None
     max_steps: int = 1000
     learning_rate: float = 1e-3

@@ -59,8 +59,18 @@ def build_pgm(args: TrainingArguments):
         lora_alpha=args.lora_alpha,
         target_modules=args.target_modules,
         padding_reparameterization=args.padding_reparameterization,
+        padding_init_token_ids=_token_ids(tokenizer, args.padding_init_text),
     )
     return get_peft_model(lm, config), tokenizer
+
+
+def _token_ids(tokenizer, text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"padding_init_text {text!r} encodes to no tokens.")
+    return ids
 
 
 def _saved_pgm(lm, args: TrainingArguments):
