@@ -228,6 +228,9 @@ def train_baseline(
                 model = get_peft_model(plain_lm_copy(lm), config).eval()
             for parameter, _ in flags:  # the base weights are frozen (PEFT did so for the copy's; shared anyway)
                 parameter.requires_grad_(False)
+            for parameter in model.parameters():  # what trains keeps fp32 master weights over a bf16 base
+                if parameter.requires_grad and parameter.is_floating_point():
+                    parameter.data = parameter.data.float()
             losses = _train(model, tokenizer, template, shots, options.steps, options.lr_for(method),
                             options.batch_size, seed, device)
         finally:
