@@ -26,9 +26,9 @@ from report import write_report  # benchmarks/report.py: the JSON + markdown eve
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
-from peft_metal.evaluation import evaluate, load_eval_tasks
+from peft_metal.evaluation import evaluate_seeds, load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds, summary
+from peft_metal.evaluation.report import summary
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
@@ -65,15 +65,12 @@ def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) 
     if pgm is None:
         model, tokenizer = untrained_pgm(run)
     else:
-        lm, tokenizer = load_base_model("smollm2-135m")
+        settings = json.loads((run / "training_args.json").read_text())
+        lm, tokenizer = load_base_model(settings["model"])
         model = PeftModel.from_pretrained(lm, str(pgm))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
-    records = []
-    for seed in DEV_PANEL.seeds:
-        for record in evaluate(model, tokenizer, tasks, methods, DEV_PANEL.shots, queries, seed, progress=False):
-            records.append(dict(record, seed=seed))
-    merged = merge_seeds(records)
+    merged = evaluate_seeds(model, tokenizer, tasks, methods, DEV_PANEL.shots, queries, DEV_PANEL.seeds, progress=False)
     return {"precision": precision, "summary": summary(merged), "records": merged}
 
 

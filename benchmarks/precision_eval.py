@@ -19,9 +19,9 @@ import torch
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
-from peft_metal.evaluation import evaluate, load_eval_tasks
+from peft_metal.evaluation import evaluate_seeds, load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds, summary
+from peft_metal.evaluation.report import summary
 from peft_metal.pgm import load_pgm
 from peft_metal.precision import cast_frozen_weights
 
@@ -41,14 +41,8 @@ def main() -> None:
         model, tokenizer, pgm = load_pgm(args.model, args.pgm, None, 0)
         assert cast_frozen_weights(model, precision) == precision
         started = time.perf_counter()
-        records = []
-        for seed in DEV_PANEL.seeds:
-            records += [
-                dict(record, seed=seed)
-                for record in evaluate(model, tokenizer, tasks, args.methods, DEV_PANEL.shots, args.queries, seed)
-            ]
-        runs[precision] = {"seconds": round(time.perf_counter() - started, 1), "summary": summary(merge_seeds(records))}
-        runs[precision]["records"] = merge_seeds(records)
+        records = evaluate_seeds(model, tokenizer, tasks, args.methods, DEV_PANEL.shots, args.queries, DEV_PANEL.seeds)
+        runs[precision] = {"seconds": round(time.perf_counter() - started, 1), "summary": summary(records), "records": records}
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     report = {"command": "python benchmarks/precision_eval.py " + " ".join(sys.argv[1:]), "machine": machine,

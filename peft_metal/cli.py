@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -25,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         dev_results = None
         if args.dev_results:
-            summary = json.loads(open(args.dev_results, encoding="utf-8").read())["summary"]
+            summary = json.loads(Path(args.dev_results).read_text(encoding="utf-8"))["summary"]
             dev_results = {method: round(stats["mean"], 4) for method, stats in summary.items()}
         target = export_checkpoint(args.run_dir, args.output, args.step, dev_results)
     except (ValueError, OSError, KeyError) as error:
@@ -87,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluation import (
         BaselineOptions,
-        evaluate,
+        evaluate_seeds,
         load_eval_tasks,
         markdown_table,
         resolve_methods,
@@ -95,7 +96,6 @@ def _eval(args: argparse.Namespace) -> int:
         write_results,
     )
     from .evaluation.panels import PANELS, get_panel
-    from .evaluation.report import merge_seeds
     from .precision import cast_frozen_weights
 
     try:
@@ -118,21 +118,16 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer, pgm = _load_pgm(args, seed=seeds[0])
     precision = cast_frozen_weights(model, args.precision)
     metric = None if args.metric == "auto" else args.metric
-    results = []
     try:
-        for seed in seeds:
-            records = evaluate(
-                model, tokenizer, tasks, methods, args.shots, queries, seed,
-                progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
-                max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
-                refine_steps=refine_steps, refine_lr=args.refine_lr,
-            )
-            results += [dict(record, seed=seed) for record in records]
+        results = evaluate_seeds(
+            model, tokenizer, tasks, methods, args.shots, queries, seeds,
+            progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
+            max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
+            refine_steps=refine_steps, refine_lr=args.refine_lr,
+        )
     except (ValueError, TypeError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
-    if len(seeds) > 1:
-        results = merge_seeds(results)
     settings = {
         "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "methods": methods,
         "shots": args.shots, "queries": queries, "seeds": list(seeds), "metric": args.metric,
@@ -172,7 +167,7 @@ def _api_key(args: argparse.Namespace) -> Optional[str]:
         )
     if args.api_key_file is not None:
         try:
-            key = open(args.api_key_file, encoding="utf-8").read().strip()
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except OSError as error:
             raise ValueError(f"cannot read --api-key-file {args.api_key_file}: {error.strerror}") from None
         if not key:

@@ -9,7 +9,7 @@ from .baselines import BASELINE_METHODS, DEFAULT_LRS, BaselineOptions, TrainedBa
 from .methods import METHODS, ModelParts, prepare_method, resolve_methods
 from .metrics import cut_generation, exact_match, normalize_answer, token_f1
 from .report import markdown_table, mean_scores, method_label, write_results
-from .runner import evaluate, resolve_refine_steps, task_metric
+from .runner import evaluate, evaluate_seeds, resolve_refine_steps, task_metric
 from .scoring import (
     Context,
     ContinuationScore,
@@ -34,6 +34,7 @@ __all__ = [
     "cut_generation",
     "empty_context",
     "evaluate",
+    "evaluate_seeds",
     "exact_match",
     "extend_context",
     "greedy_decode",

@@ -299,3 +299,23 @@ def evaluate(
                 results.append(record)
                 bar.update(1)
     return results
+
+
+def evaluate_seeds(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    methods: Any,
+    shots: int,
+    queries: int,
+    seeds: Sequence[int],
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """`evaluate` once per seed; with several seeds, one record per task and method merged over them (`merge_seeds`),
+    with one seed the records as they are, tagged with it. `options` are `evaluate`'s keyword arguments."""
+    from .report import merge_seeds
+
+    records = []
+    for seed in seeds:
+        records += [dict(record, seed=seed) for record in evaluate(model, tokenizer, tasks, methods, shots, queries, seed, **options)]
+    return merge_seeds(records) if len(seeds) > 1 else records

@@ -53,8 +53,8 @@ def check_fits(lm: PreTrainedModel, prompt: GeneratedPrompt, query_length: int, 
         )
 
 
-def _context(lm: PreTrainedModel, prompt: GeneratedPrompt, batch_size: int) -> tuple[Optional[torch.Tensor], Optional[Cache]]:
-    """Embeddings for prompt + demonstrations (batch x C x hidden, or None) and the prefix cache (or None)."""
+def _context(lm: PreTrainedModel, prompt: GeneratedPrompt) -> tuple[Optional[torch.Tensor], Optional[Cache]]:
+    """Embeddings for prompt + demonstrations (1 x C x hidden, or None) and the prefix cache (batch 1, or None)."""
     design = get_design(prompt.design)
     embedding = lm.get_input_embeddings()
     parts = []
@@ -63,8 +63,8 @@ def _context(lm: PreTrainedModel, prompt: GeneratedPrompt, batch_size: int) -> t
         parts.append(prompt_embeds.to(embedding.weight.dtype))
     if prompt.num_demonstration_tokens:
         parts.append(embedding(prompt.demonstrations.to(embedding.weight.device)))
-    embeds = torch.cat(parts).unsqueeze(0).expand(batch_size, -1, -1) if parts else None
-    return embeds, design.context_cache(prompt, batch_size)
+    embeds = torch.cat(parts).unsqueeze(0) if parts else None
+    return embeds, design.context_cache(prompt, batch_size=1)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ def forward_with_prompt(
 
 def _context_layers(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations."""
-    embeds, cache = _context(lm, prompt, batch_size=1)
+    embeds, cache = _context(lm, prompt)
     if embeds is not None:
         mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}

@@ -64,9 +64,10 @@ class EpisodeLoss(nn.Module):
             return self._text_forward(episode)
         tuner = self.model.base_model
         xl_shots = [example.as_shot() for example in episode.xl]
+        xp_ids, xl_ids = self._encode(episode.xp), self._encode(episode.xl)
         shots_read = None
         if self._reads_shots_once:
-            shots_read = tuner.read_shots(self._encode(episode.xp))
+            shots_read = tuner.read_shots(xp_ids)
             prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
         else:
             prompt = self.model.generate_prompt(
@@ -80,7 +81,8 @@ class EpisodeLoss(nn.Module):
         options = None
         if self.option_distillation_weight > 0:
             options = encode_options(
-                episode.queries, self.tokenizer, self.template, device, self._option_row_bytes(prompt, episode, batch)
+                episode.queries, self.tokenizer, self.template, device,
+                self._option_row_bytes(max(prompt.context_length, len(xp_ids) + len(xl_ids)) + batch.input_ids.shape[1]),
             )
         outputs = self.model(
             prompt=prompt,
@@ -92,8 +94,8 @@ class EpisodeLoss(nn.Module):
         losses = {"lm_loss": outputs.loss}
         if self.distillation_weight > 0 or options is not None:
             if shots_read is None:
-                shots_read = tuner.read_shots(self._encode(episode.xp))
-            teacher_logits, teacher_layers = self._teacher(shots_read, self._encode(episode.xl), batch)
+                shots_read = tuner.read_shots(xp_ids)
+            teacher_logits, teacher_layers = self._teacher(shots_read, xl_ids, batch)
             if self.distillation_weight > 0:
                 losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
             if options is not None:
@@ -134,14 +136,12 @@ class EpisodeLoss(nn.Module):
     def _ids(self, text: str, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
 
-    def _option_row_bytes(self, prompt, episode: Episode, batch: QueryBatch) -> int:
-        """Bytes of one option row's copy of the keys/values: the larger of the student's and the teacher's context
-        (the teacher reads every shot) plus the query batch, over every layer."""
+    def _option_row_bytes(self, length: int) -> int:
+        """Bytes of one option row's copy of the keys/values over `length` positions (the larger of the student's and
+        the teacher's context, plus the query batch), over every layer."""
         config = self.model.get_base_model().config.get_text_config(decoder=True)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        teacher_context = len(self._encode(episode.xp)) + len(self._encode(episode.xl))
-        length = max(prompt.context_length, teacher_context) + batch.input_ids.shape[1]
         element = self.model.get_base_model().get_input_embeddings().weight.element_size()
         return 2 * config.num_hidden_layers * kv_heads * head_dim * length * element
 
