@@ -3,7 +3,7 @@
     python benchmarks/option_scoring.py [--model smollm2-135m] [--pgm DIR] [--task NAME] [--batches 1,4,8,16]
                                         [--repeats 5] [--output DIR]
 
-Makes one prompt from 16 shots of a dev task, then times `score_options_batch` (what the server runs per batch) for
+Makes one prompt from 16 shots of a dev task, then times `score_options` (what the server runs per batch) for
 B queries with their own options, after the stored prompt's context and after nothing (zero-shot), and reports
 queries per second at each B and its ratio to B = 1. For scale it also times a large fp32 matrix multiply: when one
 query already runs the model near that rate, batching has little left to gain. Writes `option_scoring.json` and
@@ -23,10 +23,8 @@ import torch
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.data import load_bigbench_task
-from peft_metal.evaluation.methods import ModelParts
-from peft_metal.evaluation.scoring import empty_context, prompt_context
+from peft_metal.inference import ModelParts, empty_context, prompt_context, score_options
 from peft_metal.pgm import load_pgm
-from peft_metal.serving.engine import score_options_batch
 
 
 def matmul_gflops(repeats: int = 50) -> float:
@@ -67,11 +65,11 @@ def main() -> None:
     with parts.lora_off(), torch.no_grad():
         for name, context in contexts.items():
             for batch in batches:
-                score_options_batch(parts.lm, context, queries[:batch], options[:batch], pad_id)  # warm-up
+                score_options(parts.lm, context, queries[:batch], options[:batch], pad_id)  # warm-up
                 seconds = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    score_options_batch(parts.lm, context, queries[:batch], options[:batch], pad_id)
+                    score_options(parts.lm, context, queries[:batch], options[:batch], pad_id)
                     seconds.append(time.perf_counter() - start)
                 rows.append({"context": name, "batch": batch, "seconds": statistics.median(seconds), "queries_per_s": batch / statistics.median(seconds)})
     for row in rows:

@@ -77,7 +77,7 @@ def check(url: str, stored: set[str], deleted: set[str]) -> dict[str, list[str]]
     with httpx.Client(base_url=url, timeout=120.0) as http:
         for prompt_id in sorted(stored):
             found = http.get(f"/v1/prompts/{prompt_id}").status_code == 200
-            served = http.post("/v1/completions", json={"prompt_id": prompt_id, "input": "check", "max_new_tokens": 1})
+            served = http.post("/v1/completions", json={"model": f"metal:{prompt_id}", "prompt": "check", "max_tokens": 1})
             if not found or served.status_code != 200:
                 lost.append(prompt_id)
         for prompt_id in sorted(deleted):

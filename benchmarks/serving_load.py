@@ -8,10 +8,10 @@ Starts the real server in a subprocess on 127.0.0.1 (an ephemeral port; `peft-me
 random PGM with a character tokenizer for `--model tiny`, a fast dry run), stores one prompt made from 16 shots of a
 dev BIG-bench task, then runs C concurrent clients (asyncio + httpx, loopback only, bounded by count and time) for
 
-* `metal`: completions after the stored prompt (`prompt_id`);
-* `icl`: the same inputs with all 16 shots sent along in every request (`prompt_id: null` + `shots`), the same
+* `metal`: completions after the stored prompt (`model: metal:<prompt_id>`);
+* `icl`: the same inputs with all 16 shots sent along in every request (the base model + `shots`), the same
   service path with the shots re-read each time;
-* `zero_shot`: the same inputs, plain LM (`prompt_id: null`),
+* `zero_shot`: the same inputs, plain LM (the base model),
 
 and reports throughput and p50/p99 latency of each, first with batching (`--batch-window-ms`, `--max-batch`), then
 with a server restarted unbatched (`--batch-window-ms 0 --max-batch 1`) at 16 clients. Multiple-choice tasks are
@@ -185,7 +185,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[s
                     continue
                 latencies.append(time.perf_counter() - sent)
                 choice = response.json()["choices"][0]
-                prediction = choice.get("option", choice.get("text"))
+                prediction = choice["text"]
                 scored += 1
                 correct += _normalize(prediction) in {_normalize(a) for a in answers[index]}
 
@@ -229,22 +229,24 @@ def _task_requests(args: argparse.Namespace) -> tuple[str, list[dict[str, str]],
         mode = "options" if all(e.options for e in queries) else "generate"
     bodies, answers = [], []
     for example in queries:
-        body: dict[str, Any] = {"input": example.input}
+        body: dict[str, Any] = {"prompt": example.input, "template": True, "temperature": 0}
         if mode == "options":
             body["options"] = list(example.options)
         else:
-            body["max_new_tokens"] = args.max_new_tokens
+            body["max_tokens"] = args.max_new_tokens
         bodies.append(body)
         answers.append(example.answers)
     return task.name, shots, bodies, answers, mode
 
 
-def _scenario_bodies(name: str, bodies: list[dict[str, Any]], prompt_id: str, shots: list[dict[str, str]]) -> list[dict[str, Any]]:
+def _scenario_bodies(
+    name: str, bodies: list[dict[str, Any]], base: str, prompt_id: str, shots: list[dict[str, str]]
+) -> list[dict[str, Any]]:
     if name == "metal":
-        return [{**body, "prompt_id": prompt_id} for body in bodies]
+        return [{**body, "model": f"metal:{prompt_id}"} for body in bodies]
     if name == "icl":
-        return [{**body, "prompt_id": None, "shots": shots} for body in bodies]
-    return [{**body, "prompt_id": None} for body in bodies]
+        return [{**body, "model": base, "shots": shots} for body in bodies]
+    return [{**body, "model": base} for body in bodies]
 
 
 def _create_prompt(url: str, task: str, shots: list[dict[str, str]]) -> dict[str, Any]:
@@ -321,10 +323,11 @@ def main() -> None:
                 server.wait_ready()
                 print(f"[{label}] server up in {time.perf_counter() - load_start:.1f} s at {server.url}", file=sys.stderr)
                 created = _create_prompt(server.url, task_name, shots)
+                base = httpx.get(f"{server.url}/v1/models", timeout=60.0).json()["data"][0]["id"]
                 prompt = prompt or created
                 for name in scenarios:
                     result = asyncio.run(
-                        run_load(server.url, _scenario_bodies(name, bodies, created["prompt_id"], shots), answers, clients, args.max_seconds)
+                        run_load(server.url, _scenario_bodies(name, bodies, base, created["prompt_id"], shots), answers, clients, args.max_seconds)
                     )
                     row = {"scenario": name, "server": label, "batch_window_ms": window_ms, "max_batch": max_batch, **result}
                     rows.append(row)

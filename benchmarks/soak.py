@@ -54,6 +54,7 @@ class Mix:
         self.examples = examples
         self.rng = random.Random(seed)
         self.stored: list[str] = []
+        self.base = ""  # the base model's name, read from GET /v1/models
 
     def shots(self) -> list[dict[str, str]]:
         size = self.rng.choice((4, 8, 16))
@@ -78,14 +79,14 @@ class Mix:
         if kind == "delete":
             return kind, "DELETE", f"/v1/prompts/{prompt_id}", None, (204, 404)
         example = self.query()
-        body: dict[str, Any] = {"input": example.input}
+        body: dict[str, Any] = {"prompt": example.input, "template": True, "temperature": 0}
         if kind.endswith("options") and example.options:
             body["options"] = list(example.options)
         else:
-            body["max_new_tokens"] = 8
+            body["max_tokens"] = 8
         if kind.startswith("plain"):
-            return kind, "POST", "/v1/completions", {**body, "prompt_id": None}, (200,)
-        return kind, "POST", "/v1/completions", {**body, "prompt_id": prompt_id}, (200, 404)
+            return kind, "POST", "/v1/completions", {**body, "model": self.base}, (200,)
+        return kind, "POST", "/v1/completions", {**body, "model": f"metal:{prompt_id}"}, (200, 404)
 
 
 async def soak(url: str, pid: int, mix: Mix, clients: int, requests: int, max_seconds: float) -> dict[str, Any]:
@@ -98,7 +99,9 @@ async def soak(url: str, pid: int, mix: Mix, clients: int, requests: int, max_se
         created = await client.post("/v1/prompts", json={"task": "soak", "shots": mix.shots()})  # warm-up
         created.raise_for_status()
         mix.stored.append(created.json()["prompt_id"])
-        await client.post("/v1/completions", json={"prompt_id": mix.stored[0], "input": "warm-up", "max_new_tokens": 2})
+        mix.base = (await client.get("/v1/models")).json()["data"][0]["id"]
+        warm = {"model": f"metal:{mix.stored[0]}", "prompt": "warm-up", "max_tokens": 2, "template": True}
+        (await client.post("/v1/completions", json=warm)).raise_for_status()
         memory["after_warm_up"] = resident_mb(pid)
         start = time.perf_counter()
         deadline = start + max_seconds

@@ -226,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(
             model, tokenizer, store, api_key=api_key, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
             context_cache_size=args.context_cache_size, model_name=args.model, max_body_bytes=args.max_body_bytes,
-            max_shots=args.max_shots, max_request_tokens=args.max_request_tokens,
+            max_shots=args.max_shots, max_request_tokens=args.max_request_tokens, max_streams=args.max_streams,
         )
     except ValueError as error:
         print(f"peft-metal serve: error: {error}", file=sys.stderr)
@@ -361,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-shots", type=int, default=512, help="shots per prompt request at most (default 512)")
     serve.add_argument(
         "--max-request-tokens", type=int, default=32768,
-        help="query tokens of all inputs of one completion request at most (default 32768)",
+        help="prompt tokens of all prompts of one completion request at most (default 32768)",
+    )
+    serve.add_argument(
+        "--max-streams", type=int, default=16, help="streamed completions open at once at most (default 16; then 429)"
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=5.0,

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import load_bigbench_task
+from .designs import get_design
 from .evaluation import evaluate, write_results
 
 DEMO_TASKS = ("phrase_relatedness", "similarities_abstraction", "cause_and_effect/two_sentences", "snarks")
@@ -20,17 +21,12 @@ DEMO_METHODS = ("zero_shot", "icl", "metal")
 
 
 def describe_prompt(model: Any, tokenizer: Any, shots: Sequence[tuple[str, str]]) -> str:
-    """One line about the prompt the PGM makes from `shots`, with its text for the discrete design."""
+    """One line about the prompt the PGM makes from `shots` (its text, for a prompt of vocabulary tokens)."""
     start = time.perf_counter()
     with torch.no_grad():
         prompt = model.generate_prompt(list(shots), tokenizer=tokenizer)
     seconds = time.perf_counter() - start
-    if prompt.text is not None:
-        shown = f"text {prompt.text!r}"
-    elif prompt.design == "prefix":
-        shown = f"keys/values of shape {tuple(prompt.keys.shape)} per K, V"
-    else:
-        shown = f"embeddings of shape {tuple(prompt.embeds.shape)}"
+    shown = get_design(prompt.design).describe(prompt)
     return f"{prompt.design} prompt of K={prompt.num_tokens} from {len(shots)} shots in {seconds * 1000:.0f} ms: {shown}"
 
 

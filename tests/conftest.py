@@ -34,7 +34,7 @@ VOCAB_SIZE = 128
 MAX_POSITIONS = 256
 PAD_ID = 1
 FAMILIES = ("llama", "gpt2", "qwen2", "gemma")
-DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
+DESIGNS = tuple(peft_metal.designs.DESIGNS)
 SCOPES = ("all", "padding")
 K = 4  # prompt tokens used by most tests
 
@@ -205,9 +205,10 @@ def pgm_pass(model, tok, shots):
 def reference_inputs(lm, prompt, query_ids: torch.Tensor) -> dict[str, Any]:
     """Keyword arguments for the plain base LM reading [prompt][demonstrations][query] (batch 1, 1-D query ids)."""
     demos = prompt.demonstrations
-    if prompt.design == "discrete":
+    design = peft_metal.designs.get_design(prompt.design)
+    if design.is_text:
         return {"input_ids": torch.cat([prompt.token_ids, demos, query_ids]).unsqueeze(0)}
-    if prompt.design == "prefix":
+    if design.reads_as == peft_metal.designs.KEYS_VALUES:
         return {"input_ids": torch.cat([demos, query_ids]).unsqueeze(0), "prefix": True}
     emb = lm.get_input_embeddings()
     return {"inputs_embeds": torch.cat([prompt.embeds, emb(demos), emb(query_ids)]).unsqueeze(0)}

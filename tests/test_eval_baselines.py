@@ -14,21 +14,26 @@ from peft_metal.cli import main
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import (
     BaselineOptions,
-    ModelParts,
-    empty_context,
     evaluate,
-    extend_context,
-    greedy_decode,
     markdown_table,
     prepare_method,
     resolve_methods,
     resolve_refine_steps,
-    score_continuations,
     train_baseline,
 )
 from peft_metal.evaluation.baselines import BASELINE_METHODS, baseline_context, right_padded
-from peft_metal.evaluation.methods import encode, option_ids, query_context
+from peft_metal.evaluation.methods import encode, option_ids, query_input
+from peft_metal.inference import ModelParts, Sampling, empty_context, extend_context, generate, score_options
 from peft_metal.metal_prompt.queries import encode_queries
+
+
+def _scores(lm, context, options):
+    """Options scored after a context that already ends with its query."""
+    return score_options(lm, context, [[]], [options])[0]
+
+
+def _greedy(lm, context, n):
+    return generate(lm, context, [[]], [Sampling(n)])[0].tokens
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"]
 RECORD_KEYS = {"task", "method", "metric", "score", "n", "prompt_seconds", "context_tokens", "eval_seconds"}
@@ -91,13 +96,13 @@ def test_zero_step_prompt_tuning_from_text_reads_like_the_text(parts, tok):
     options = BaselineOptions(steps=0, prompt_tuning_init_text="wxyz")
     prepared = prepare_method("prompt_tuning", parts, tok, SHOTS, baseline=options)
     assert prepared.context_tokens == K and prepared.info == {"train_steps": 0}
-    got = query_context(parts, tok, prepared, QUERY.input)
+    got, _ = query_input(parts, tok, prepared, QUERY.input)
     text = extend_context(parts.lm, empty_context(), encode(tok, "wxyz" + parts.template.format_query(QUERY.input)))
     assert got.length == text.length == K + len(encode(tok, parts.template.format_query(QUERY.input)))
     options_ids = option_ids(parts, tok, QUERY.options)
-    for a, b in zip(score_continuations(parts.lm, got, options_ids), score_continuations(parts.lm, text, options_ids)):
+    for a, b in zip(_scores(parts.lm, got, options_ids), _scores(parts.lm, text, options_ids)):
         assert a.sum_logprob == pytest.approx(b.sum_logprob, abs=1e-5) and a.num_tokens == b.num_tokens
-    assert greedy_decode(parts.lm, got, 5) == greedy_decode(parts.lm, text, 5)
+    assert _greedy(parts.lm, got, 5) == _greedy(parts.lm, text, 5)
 
 
 @pytest.mark.parametrize("method", BASELINE_METHODS)
@@ -106,7 +111,7 @@ def test_scores_equal_the_peft_models_own_forward(parts, tok, method):
     trained = train_baseline(method, parts.lm, tok, parts.template, PAIRS, BaselineOptions(steps=2), pgm_tokens=K)
     query = encode(tok, parts.template.format_query(QUERY.input))
     options = option_ids(parts, tok, QUERY.options)
-    scores = score_continuations(parts.lm, baseline_context(trained, query), options)
+    scores = _scores(parts.lm, baseline_context(trained, query), options)
     with torch.no_grad():
         for option, score in zip(options, scores):
             ids = torch.tensor([query + option])
@@ -193,10 +198,10 @@ def test_refine_with_zero_steps_reads_like_metal(parts, tok):
     metal = prepare_method("metal", parts, tok, SHOTS)
     refined = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=0)
     assert refined.info == {"refine_steps": 0} and refined.context_tokens == metal.context_tokens
-    a, b = (query_context(parts, tok, p, QUERY.input) for p in (metal, refined))
+    a, b = (extend_context(parts.lm, *query_input(parts, tok, p, QUERY.input)) for p in (metal, refined))
     torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
     moved = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=2, refine_lr=1e-1)
-    assert not torch.allclose(query_context(parts, tok, moved, QUERY.input).last_logits, a.last_logits)
+    assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
 
 
 def test_method_names_and_step_lists():

@@ -1,5 +1,5 @@
-"""The HTTP service with tiny models: prompts made once and reused, completions equal to the evaluation path,
-micro-batching, errors, auth and metrics."""
+"""The HTTP service with tiny models: prompts made once and reused, completions (OpenAI's shape, with the template
+extension) equal to the evaluation path, micro-batching, errors in OpenAI's envelope, auth and metrics."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ import torch
 from conftest import MAX_POSITIONS, K, build_tokenizer, make_pgm
 from fastapi.testclient import TestClient
 
-from peft_metal.evaluation.metrics import cut_generation, has_stop
-from peft_metal.evaluation.scoring import (
+from peft_metal.inference import (
+    Sampling,
+    cut_generation,
     empty_context,
     extend_context,
-    greedy_decode,
+    generate,
+    has_stop,
     prompt_context,
-    score_continuations,
+    score_options,
 )
 from peft_metal.serving.app import create_app
-from peft_metal.serving.engine import generate_batch, score_options_batch
 from peft_metal.serving.store import PromptStore
 
 SHOTS = [
@@ -65,6 +66,24 @@ def _create(client, shots=SHOTS, task="sentiment", num_demonstrations=0, **kwarg
     return client.post(
         "/v1/prompts", json={"task": task, "shots": shots, "num_demonstrations": num_demonstrations}, **kwargs
     )
+
+
+def _body(app, prompt_id=None, **fields):
+    """A completion as evaluation reads it: `model` the stored prompt (or the base model), each prompt formatted with
+    the shot template (`template`, peft-metal's extension), greedy."""
+    model = f"metal:{prompt_id}" if prompt_id else app.state.service.model_name
+    return {"model": model, "template": True, "temperature": 0, **fields}
+
+
+def _complete(client, prompt_id=None, headers=None, **fields):
+    return client.post("/v1/completions", json=_body(client.app, prompt_id, **fields), headers=headers)
+
+
+def _message(response) -> str:
+    """The message of OpenAI's error envelope (and a check that the envelope is there)."""
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error["message"]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -148,15 +167,15 @@ def test_get_and_delete(served):
     assert row["token_ids"] == stored.token_ids.tolist() and row["text"] == stored.text
     assert row["demonstrations_text"] == stored.demonstrations_text and stored.demonstrations_text.startswith("Input: ")
     assert client.get(f"/v1/prompts/{prompt_id}").json()["hits"] == row["hits"], "reading the info is not a use"
-    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 200
+    assert _complete(client, prompt_id=prompt_id, prompt="ok").status_code == 200
     assert client.delete(f"/v1/prompts/{prompt_id}").status_code == 204
     assert client.get(f"/v1/prompts/{prompt_id}").status_code == 404
     assert client.delete(f"/v1/prompts/{prompt_id}").status_code == 404
     # The cached context went with it: the prompt is no longer served.
-    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 404
+    assert _complete(client, prompt_id=prompt_id, prompt="ok").status_code == 404
     for unknown in ("0" * 32, "not-an-id", "..%2F..%2Fetc"):
         assert client.get(f"/v1/prompts/{unknown}").status_code == 404
-        assert client.post("/v1/completions", json={"prompt_id": unknown, "input": "ok"}).status_code == 404
+        assert _complete(client, prompt_id=unknown, prompt="ok").status_code == 404
 
 
 # -------------------------------------------------------------------------------------------------- completions
@@ -165,16 +184,17 @@ def test_get_and_delete(served):
 def _reference_generation(model, tok, context, text: str, max_new_tokens: int) -> str:
     """What evaluation would answer: greedy decoding from the cached context, cut at the template's stop strings."""
     lm, template = model.base_model.model, model.base_model.template
-    query = extend_context(lm, context, tok(template.format_query(text), add_special_tokens=False)["input_ids"])
-    tokens = greedy_decode(lm, query, max_new_tokens, stop=lambda t: has_stop(tok.decode(t), template))
-    return cut_generation(tok.decode(tokens, skip_special_tokens=True), template)
+    query = tok(template.format_query(text), add_special_tokens=False)["input_ids"]
+    stop = Sampling(max_new_tokens, stop=lambda t: has_stop(tok.decode(t), template))
+    [generation] = generate(lm, context, [query], [stop])
+    return cut_generation(tok.decode(generation.tokens, skip_special_tokens=True), template)
 
 
 def _reference_scores(model, tok, context, text: str, options):
     lm, template = model.base_model.model, model.base_model.template
-    query = extend_context(lm, context, tok(template.format_query(text), add_special_tokens=False)["input_ids"])
+    query = tok(template.format_query(text), add_special_tokens=False)["input_ids"]
     ids = [tok(template.format_answer(option), add_special_tokens=False)["input_ids"] for option in options]
-    return score_continuations(lm, query, ids)
+    return score_options(lm, context, [query], [ids])[0]
 
 
 @pytest.mark.parametrize("design", ["discrete", "prefix"])
@@ -183,85 +203,58 @@ def test_completions_match_evaluation(tmp_path, tok, design):
     with TestClient(app) as client:
         prompt_id = _create(client, num_demonstrations=1).json()["prompt_id"]
         context = prompt_context(model.base_model.model, store.get(prompt_id))
-        response = client.post(
-            "/v1/completions", json={"prompt_id": prompt_id, "input": INPUTS[:3], "max_new_tokens": 6}
-        )
+        response = _complete(client, prompt_id, prompt=INPUTS[:3], max_tokens=6)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["mode"] == "generate" and [c["input"] for c in body["choices"]] == INPUTS[:3]
-        for choice in body["choices"]:
-            assert choice["text"] == _reference_generation(model, tok, context, choice["input"], 6)
-            assert choice["finish_reason"] in ("stop", "length") and 1 <= choice["num_tokens"] <= 6
-        single = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "nice", "max_new_tokens": 6})
+        assert body["object"] == "text_completion" and body["model"] == f"metal:{prompt_id}"
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        for text, choice in zip(INPUTS[:3], body["choices"]):
+            assert choice["text"] == _reference_generation(model, tok, context, text, 6)
+            assert choice["finish_reason"] in ("stop", "length")
+        assert 3 <= body["usage"]["completion_tokens"] <= 18
+        assert body["usage"]["stored_prompt_tokens"] == context.length
+        single = _complete(client, prompt_id, prompt="nice", max_tokens=6)
         assert single.json()["choices"][0]["text"] == body["choices"][0]["text"]
 
-        scored = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": INPUTS[:2], "options": OPTIONS})
+        scored = _complete(client, prompt_id, prompt=INPUTS[:2], options=OPTIONS)
         assert scored.status_code == 200, scored.text
-        assert scored.json()["mode"] == "options"
-        for choice in scored.json()["choices"]:
-            reference = _reference_scores(model, tok, context, choice["input"], OPTIONS)
-            got = [s["mean_logprob"] for s in choice["scores"]]
+        for text, choice in zip(INPUTS[:2], scored.json()["choices"]):
+            reference = _reference_scores(model, tok, context, text, OPTIONS)
+            got = [s["mean_logprob"] for s in choice["option_scores"]]
             assert got == pytest.approx([s.mean_logprob for s in reference], abs=1e-4)
-            assert [s["option"] for s in choice["scores"]] == OPTIONS
-            assert [s["num_tokens"] for s in choice["scores"]] == [s.num_tokens for s in reference]
-            assert choice["option"] == OPTIONS[max(range(3), key=lambda i: reference[i].mean_logprob)]
+            assert [s["option"] for s in choice["option_scores"]] == OPTIONS
+            assert [s["num_tokens"] for s in choice["option_scores"]] == [s.num_tokens for s in reference]
+            assert choice["text"] == OPTIONS[max(range(3), key=lambda i: reference[i].mean_logprob)]
 
 
-def test_plain_route_is_zero_shot_or_icl(served, tok):
+def test_plain_model_is_zero_shot_or_icl(served, tok):
     client, model, _ = served
     lm, template = model.base_model.model, model.base_model.template
-    zero = client.post("/v1/completions", json={"prompt_id": None, "input": "nice", "max_new_tokens": 5})
+    zero = _complete(client, prompt="nice", max_tokens=5)
     assert zero.status_code == 200
     assert zero.json()["choices"][0]["text"] == _reference_generation(model, tok, empty_context(), "nice", 5)
-    icl = client.post("/v1/completions", json={"input": "nice", "max_new_tokens": 5, "shots": SHOTS})
+    icl = _complete(client, prompt="nice", max_tokens=5, shots=SHOTS)
     assert icl.status_code == 200
     pairs = [(s["input"], s["output"]) for s in SHOTS]
     demos = extend_context(lm, empty_context(), tok(template.format_shots(pairs), add_special_tokens=False)["input_ids"])
     assert icl.json()["choices"][0]["text"] == _reference_generation(model, tok, demos, "nice", 5)
-    scored = client.post("/v1/completions", json={"input": "nice", "options": OPTIONS, "shots": SHOTS})
+    scored = _complete(client, prompt="nice", options=OPTIONS, shots=SHOTS)
     reference = _reference_scores(model, tok, demos, "nice", OPTIONS)
-    got = [s["mean_logprob"] for s in scored.json()["choices"][0]["scores"]]
+    got = [s["mean_logprob"] for s in scored.json()["choices"][0]["option_scores"]]
     assert got == pytest.approx([s.mean_logprob for s in reference], abs=1e-4)
 
 
 def test_sampling_is_seeded(served):
     client, _, _ = served
     prompt_id = _create(client).json()["prompt_id"]
-    body = {"prompt_id": prompt_id, "input": ["nice", "bad"], "max_new_tokens": 8, "temperature": 1.5, "seed": 7}
+    body = {**_body(client.app, prompt_id, prompt=["nice", "bad"], max_tokens=8, seed=7), "temperature": 1.5}
     first = client.post("/v1/completions", json=body)
     assert first.status_code == 200
-    assert client.post("/v1/completions", json=body).json() == first.json()
+    again = client.post("/v1/completions", json=body).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in first.json()["choices"]]
 
 
 # ----------------------------------------------------------------------------------------------------- batching
-
-
-@pytest.mark.parametrize("family,design", [("llama", "discrete"), ("gpt2", "prefix"), ("qwen2", "hidden_state")])
-def test_batched_engine_equals_one_query_at_a_time(tok, family, design):
-    """Left-padded batches (ragged queries, ragged options, after a prompt or after nothing) give what the
-    evaluation path gives each query alone."""
-    model = make_pgm(family, design)
-    lm = model.base_model.model
-    prompt = model.base_model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
-
-    def encode(text):
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    queries = [encode(f"Input: {text}\nOutput:") for text in INPUTS[:4]]
-    options = [[encode(" positive"), encode(" negative")], [encode(" a")], [encode(" b"), encode(" a longer one"), encode(" c")], [encode(" yes")]]
-    for context in (prompt_context(lm, prompt), empty_context()):
-        generations = generate_batch(lm, context, queries, [6, 3, 6, 1], [0.0] * 4, [None] * 4, pad_id=1)
-        scores = score_options_batch(lm, context, queries, options, pad_id=1)
-        for query, n, generation, query_options, got in zip(queries, [6, 3, 6, 1], generations, options, scores):
-            alone = extend_context(lm, context, query)
-            assert generation.tokens == greedy_decode(lm, alone, n) and generation.finish_reason == "length"
-            expected = score_continuations(lm, alone, query_options)
-            assert [s.sum_logprob for s in got] == pytest.approx([s.sum_logprob for s in expected], abs=1e-4)
-            assert [s.num_tokens for s in got] == [s.num_tokens for s in expected]
-        # A cache budget of one byte reads one option row per forward: the same scores.
-        one_row_at_a_time = score_options_batch(lm, context, queries, options, pad_id=1, cache_budget_bytes=1)
-        for together, apart in zip(scores, one_row_at_a_time):
-            assert [s.sum_logprob for s in apart] == pytest.approx([s.sum_logprob for s in together], abs=1e-4)
 
 
 def test_concurrent_requests_are_batched(tmp_path, tok):
@@ -272,7 +265,7 @@ def test_concurrent_requests_are_batched(tmp_path, tok):
             prompt_id = (await client.post("/v1/prompts", json={"task": "t", "shots": SHOTS})).json()["prompt_id"]
 
             def body(text, **extra):
-                return {"prompt_id": prompt_id, "input": text, "max_new_tokens": 6, **extra}
+                return _body(app, prompt_id, prompt=text, max_tokens=6, **extra)
 
             # Unbatched: one request at a time, each a batch of one.
             alone = [(await client.post("/v1/completions", json=body(text))).json() for text in INPUTS]
@@ -296,9 +289,9 @@ def test_concurrent_requests_are_batched(tmp_path, tok):
     assert [r.status_code for r in together] == [200] * len(INPUTS)
     assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
     for got, expected in zip(together_scores, alone_scores):
-        assert got.json()["choices"][0]["option"] == expected["choices"][0]["option"]
-        assert [s["mean_logprob"] for s in got.json()["choices"][0]["scores"]] == pytest.approx(
-            [s["mean_logprob"] for s in expected["choices"][0]["scores"]], abs=1e-4
+        assert got.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+        assert [s["mean_logprob"] for s in got.json()["choices"][0]["option_scores"]] == pytest.approx(
+            [s["mean_logprob"] for s in expected["choices"][0]["option_scores"]], abs=1e-4
         )
 
 
@@ -308,7 +301,7 @@ def test_max_batch_one_never_batches(tmp_path, tok):
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             await asyncio.gather(
-                *(client.post("/v1/completions", json={"input": t, "max_new_tokens": 2}) for t in INPUTS[:4])
+                *(client.post("/v1/completions", json=_body(app, prompt=t, max_tokens=2)) for t in INPUTS[:4])
             )
             return (await client.get("/metrics")).text
 
@@ -324,18 +317,19 @@ def test_too_long_is_413(served):
     client, _, _ = served
     prompt_id = _create(client).json()["prompt_id"]
     long_input = "a" * MAX_POSITIONS
-    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": long_input}).status_code == 413
-    response = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 250})
-    assert response.status_code == 413 and "context" in response.json()["detail"]
-    assert client.post("/v1/completions", json={"input": ["ok", long_input]}).status_code == 413
-    assert client.post("/v1/completions", json={"input": "ok", "shots": [{"input": long_input, "output": "y"}]}).status_code == 413
+    assert _complete(client, prompt_id=prompt_id, prompt=long_input).status_code == 413
+    response = _complete(client, prompt_id=prompt_id, prompt="ok", max_tokens=250)
+    assert response.status_code == 413 and "context" in _message(response)
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert _complete(client, prompt=["ok", long_input]).status_code == 413
+    assert _complete(client, prompt="ok", shots=[{"input": long_input, "output": "y"}]).status_code == 413
     many_long_shots = [{"input": f"word {i} " * 25, "output": "y"} for i in range(4)]  # folded in chunk by chunk
     assert _create(client, shots=many_long_shots).status_code == 201
     one_shot_too_long = [{"input": "word " * 60, "output": "y"}]  # no chunk can hold it
     response = _create(client, shots=one_shot_too_long)
-    assert response.status_code == 413 and "over" in response.json()["detail"]
+    assert response.status_code == 413 and "over" in _message(response)
     # Within the limit still works afterwards.
-    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 4}).status_code == 200
+    assert _complete(client, prompt_id=prompt_id, prompt="ok", max_tokens=4).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -362,33 +356,65 @@ def test_malformed_prompt_requests_are_422(served, body):
 
 
 @pytest.mark.parametrize(
-    "body",
+    "fields",
     [
-        {"input": []},
-        {"input": 3},
-        {"input": ["ok", 3]},
-        {},
-        {"input": "ok", "max_new_tokens": 0},
-        {"input": "ok", "temperature": -1},
-        {"input": "ok", "options": []},
-        {"input": "ok", "options": ["a", "a"]},
-        {"input": "ok", "options": [""]},
-        {"input": "ok", "shots": [{"input": "a"}]},
-        {"input": "ok", "shots": SHOTS, "prompt_id": "0" * 32},
-        {"input": ["ok"] * 65},
+        {"prompt": []},
+        {"prompt": 3},
+        {"prompt": ["ok", 3]},
+        {"prompt": [[1, 2], "ok"]},
+        {"prompt": [10**9]},
+        {"prompt": [-1]},
+        {"prompt": ""},
+        {"model": None},
+        {"prompt": "ok", "max_tokens": 0},
+        {"prompt": "ok", "max_tokens": -1},
+        {"prompt": "ok", "temperature": -1},
+        {"prompt": "ok", "top_p": 0},
+        {"prompt": "ok", "n": 0},
+        {"prompt": "ok", "stop": ["a", "b", "c", "d", "e"]},
+        {"prompt": "ok", "stop": [""]},
+        {"prompt": "ok", "logprobs": 21},
+        {"prompt": "ok", "suffix": "x"},
+        {"prompt": "ok", "best_of": 3},
+        {"prompt": "ok", "presence_penalty": 0.5},
+        {"prompt": "ok", "logit_bias": {"5": 1.0}},
+        {"prompt": "ok", "options": []},
+        {"prompt": "ok", "options": ["a", "a"]},
+        {"prompt": "ok", "options": [""]},
+        {"prompt": "ok", "options": ["a"], "n": 2},
+        {"prompt": "ok", "options": ["a"], "echo": True},
+        {"prompt": "ok", "options": ["a"], "stream": True},
+        {"prompt": [1, 2], "template": True},
+        {"prompt": "ok", "shots": [{"input": "a"}]},
+        {"prompt": ["ok"] * 65},
+        {"prompt": "ok", "unexpected": 1},
     ],
 )
-def test_malformed_completion_requests_are_422(served, body):
+def test_malformed_completion_requests_are_422(served, fields):
     client, _, _ = served
+    body = {"model": client.app.state.service.model_name, **fields}
+    if "prompt" not in fields:
+        body["prompt"] = "ok"
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 422, response.text
-    assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}).status_code == 200
+    assert _message(response) and response.json()["error"]["type"] == "invalid_request_error"
+    assert _complete(client, prompt="ok", max_tokens=2).status_code == 200
+
+
+def test_unknown_model_and_shots_with_a_stored_prompt(served):
+    client, _, _ = served
+    response = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "ok"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert "GET /v1/models" in _message(response)
+    prompt_id = _create(client).json()["prompt_id"]
+    response = _complete(client, prompt_id, prompt="ok", shots=SHOTS)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "shots"
 
 
 def test_invalid_json_is_422(served):
     client, _, _ = served
     response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 422 and _message(response)
 
 
 def test_api_key(tmp_path, tok):
@@ -397,12 +423,13 @@ def test_api_key(tmp_path, tok):
         assert _create(client).status_code == 401
         assert _create(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert _create(client, headers={"Authorization": "s3cret"}).status_code == 401
-        response = client.post("/v1/completions", json={"input": "ok"})
+        response = _complete(client, prompt="ok")
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"]["type"] == "authentication_error"
         assert client.get(f"/v1/prompts/{'0' * 32}").status_code == 401
         good = {"Authorization": "Bearer s3cret"}
         assert _create(client, headers=good).status_code == 201
-        assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}, headers=good).status_code == 200
+        assert _complete(client, prompt="ok", max_tokens=2, headers=good).status_code == 200
         assert client.get("/healthz").status_code == 200  # probes need no key
 
 
@@ -413,12 +440,12 @@ def test_damaged_prompt_is_never_served(served):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
-    response = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"})
-    assert response.status_code == 409 and "damaged" in response.json()["detail"]
+    response = _complete(client, prompt_id=prompt_id, prompt="ok")
+    assert response.status_code == 409 and "damaged" in _message(response)
     assert client.get("/healthz").status_code == 200
     # Asking for the prompt again makes it anew (the store replaces the damaged file); then it is served.
     assert _create(client).json()["prompt_id"] == prompt_id
-    assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok", "max_new_tokens": 2}).status_code == 200
+    assert _complete(client, prompt_id=prompt_id, prompt="ok", max_tokens=2).status_code == 200
 
 
 def test_bug_is_500_and_service_stays_up(served, monkeypatch):
@@ -430,10 +457,10 @@ def test_bug_is_500_and_service_stays_up(served, monkeypatch):
 
     monkeypatch.setattr(service.batcher, "run_batch", broken)
     with TestClient(client.app, raise_server_exceptions=False) as failing:
-        response = failing.post("/v1/completions", json={"input": "ok"})
-    assert response.status_code == 500 and "boom" not in response.text
+        response = _complete(failing, prompt="ok")
+    assert response.status_code == 500 and "boom" not in response.text and _message(response)
     monkeypatch.undo()
-    assert client.post("/v1/completions", json={"input": "ok", "max_new_tokens": 2}).status_code == 200
+    assert _complete(client, prompt="ok", max_tokens=2).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------- health, metrics
@@ -451,9 +478,9 @@ def test_metrics(served):
     client, _, _ = served
     prompt_id = _create(client).json()["prompt_id"]
     _create(client)
-    client.post("/v1/completions", json={"prompt_id": prompt_id, "input": ["a", "b"], "max_new_tokens": 2})
-    client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "a", "options": OPTIONS})
-    client.post("/v1/completions", json={"input": []})
+    _complete(client, prompt_id=prompt_id, prompt=["a", "b"], max_tokens=2)
+    _complete(client, prompt_id=prompt_id, prompt="a", options=OPTIONS)
+    _complete(client, prompt=[])
     client.get("/nowhere")
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
@@ -522,13 +549,13 @@ def test_request_limits_are_refused_with_the_limit_named(tmp_path, tok):
     app, _, _ = _app(tmp_path, tok, max_body_bytes=2000, max_shots=3, max_request_tokens=40)
     with TestClient(app) as client:
         big = client.post("/v1/prompts", content=b"x" * 2001, headers={"content-type": "application/json"})
-        assert big.status_code == 413 and "at most 2000" in big.json()["detail"]
+        assert big.status_code == 413 and "at most 2000" in _message(big)
         many = _create(client, shots=[{"input": "a", "output": "b"}] * 4)
-        assert many.status_code == 422 and "At most 3 shots" in many.json()["detail"]
+        assert many.status_code == 422 and "At most 3 shots" in _message(many)
         prompt_id = _create(client, shots=SHOTS[:3]).json()["prompt_id"]
-        long = client.post("/v1/completions", json={"prompt_id": prompt_id, "input": ["word " * 5] * 3})
-        assert long.status_code == 413 and "at most 40 per request" in long.json()["detail"]
-        assert client.post("/v1/completions", json={"prompt_id": prompt_id, "input": "ok"}).status_code == 200
+        long = _complete(client, prompt_id=prompt_id, prompt=["word " * 5] * 3)
+        assert long.status_code == 413 and "at most 40 per request" in _message(long)
+        assert _complete(client, prompt_id=prompt_id, prompt="ok").status_code == 200
 
         def chunked():
             yield b'{"task": "t", '

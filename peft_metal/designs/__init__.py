@@ -1,6 +1,6 @@
 """The four prompt designs, looked up by the name used in `MetaLPromptConfig.prompt_design`."""
 
-from .base import PGMReadout, PromptDesign
+from .base import EMBEDDINGS, KEYS_VALUES, PGMReadout, PromptDesign
 from .discrete import DiscreteDesign
 from .hidden_state import HiddenStateDesign
 from .prefix import PrefixDesign
@@ -17,4 +17,4 @@ def get_design(name: str) -> PromptDesign:
     return DESIGNS[name]
 
 
-__all__ = ["DESIGNS", "PGMReadout", "PromptDesign", "get_design"]
+__all__ = ["DESIGNS", "EMBEDDINGS", "KEYS_VALUES", "PGMReadout", "PromptDesign", "get_design"]

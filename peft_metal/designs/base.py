@@ -23,11 +23,25 @@ class PGMReadout:
         return self.hidden_states.shape[0]
 
 
+EMBEDDINGS = "embeddings"  # the LM reads the prompt as K input embeddings
+KEYS_VALUES = "keys_values"  # the LM attends to the prompt as K keys/values in every layer
+
+
 class PromptDesign(ABC):
-    """One way to read a prompt out of the PGM (`make`) and to feed it to the LM (`context_embeds`/`context_cache`)."""
+    """One way to read a prompt out of the PGM (`make`) and to feed it to the LM (`context_embeds`/`context_cache`).
+
+    Each design also declares what its prompt is, so nothing outside `designs/` needs to know design names: the
+    payload tensors it carries (and at which axis they hold the K positions), whether the LM reads it as embeddings
+    or keys/values, whether it is made of vocabulary tokens (then it is plain text any LM service can read), and what
+    refinement tunes (`tunable_payload`).
+    """
 
     name: ClassVar[str]
     needs_cache: ClassVar[bool] = False
+    payload: ClassVar[dict[str, int]] = {"embeds": 0}  # tensor name -> the axis of its K positions
+    optional_payload: ClassVar[tuple[str, ...]] = ()  # also saved when present
+    reads_as: ClassVar[str] = EMBEDDINGS
+    is_text: ClassVar[bool] = False
 
     @abstractmethod
     def make(
@@ -42,6 +56,14 @@ class PromptDesign(ABC):
     def context_cache(self, prompt, batch_size: int) -> Optional[Cache]:
         """Keys/values the LM attends to before everything else, or None."""
         return None
+
+    def tunable_payload(self, prompt, lm: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """The tensors prompt tuning (`refine_prompt`) starts from: the prompt as the LM reads it."""
+        return {name: getattr(prompt, name) for name in self.payload}
+
+    def describe(self, prompt) -> str:
+        """A short human description of the prompt's content."""
+        return ", ".join(f"{name} of shape {tuple(getattr(prompt, name).shape)}" for name in self.payload)
 
 
 def pgm_logits(readout: PGMReadout, lm: PreTrainedModel) -> torch.Tensor:

@@ -20,6 +20,9 @@ class DiscreteDesign(PromptDesign):
     """
 
     name = "discrete"
+    payload = {"token_ids": 0}
+    optional_payload = ("embeds",)  # straight-through embeds (train mode) or tuned ones (refine_prompt)
+    is_text = True
 
     def make(
         self, readout: PGMReadout, lm: PreTrainedModel, temperature: float, training: bool
@@ -35,3 +38,10 @@ class DiscreteDesign(PromptDesign):
         if prompt.embeds is not None:  # made in train mode: keep the straight-through path
             return prompt.embeds
         return lm.get_input_embeddings()(prompt.token_ids)
+
+    def tunable_payload(self, prompt, lm: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """The embeddings of its tokens (a refined discrete prompt keeps `token_ids` and reads its tuned embeds)."""
+        return {"embeds": self.context_embeds(prompt, lm)}
+
+    def describe(self, prompt) -> str:
+        return f"text {prompt.text!r}"

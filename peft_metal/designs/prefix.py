@@ -8,7 +8,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from ..compat import expand_cache
-from .base import PGMReadout, PromptDesign
+from .base import KEYS_VALUES, PGMReadout, PromptDesign
 
 
 class PrefixDesign(PromptDesign):
@@ -20,6 +20,8 @@ class PrefixDesign(PromptDesign):
 
     name = "prefix"
     needs_cache = True
+    payload = {"keys": 2, "values": 2}  # layers x kv-heads x K x head-dim
+    reads_as = KEYS_VALUES
 
     def make(
         self, readout: PGMReadout, lm: PreTrainedModel, temperature: float, training: bool

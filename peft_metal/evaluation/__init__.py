@@ -6,19 +6,10 @@ tuning, p-tuning, prefix tuning trained on the shots) on the same seeded shots a
 """
 
 from .baselines import BASELINE_METHODS, DEFAULT_LRS, BaselineOptions, TrainedBaseline, train_baseline
-from .methods import METHODS, ModelParts, prepare_method, resolve_methods
-from .metrics import cut_generation, exact_match, normalize_answer, token_f1
+from .methods import METHODS, prepare_method, resolve_methods
+from .metrics import exact_match, normalize_answer, token_f1
 from .report import markdown_table, mean_scores, method_label, write_results
 from .runner import evaluate, evaluate_seeds, resolve_refine_steps, task_metric
-from .scoring import (
-    Context,
-    ContinuationScore,
-    empty_context,
-    extend_context,
-    greedy_decode,
-    prompt_context,
-    score_continuations,
-)
 from .tasks import check_eval_task, load_eval_tasks
 
 __all__ = [
@@ -27,27 +18,18 @@ __all__ = [
     "DEFAULT_LRS",
     "METHODS",
     "TrainedBaseline",
-    "Context",
-    "ContinuationScore",
-    "ModelParts",
     "check_eval_task",
-    "cut_generation",
-    "empty_context",
     "evaluate",
     "evaluate_seeds",
     "exact_match",
-    "extend_context",
-    "greedy_decode",
     "load_eval_tasks",
     "markdown_table",
     "mean_scores",
     "method_label",
     "normalize_answer",
     "prepare_method",
-    "prompt_context",
     "resolve_methods",
     "resolve_refine_steps",
-    "score_continuations",
     "task_metric",
     "token_f1",
     "train_baseline",

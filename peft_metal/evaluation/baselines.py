@@ -27,8 +27,8 @@ their base layers. The PGM's modules, LoRA weights and LoRA on/off state are nev
 are frozen (as they always are) and their `requires_grad` flags are restored after training.
 
 Scoring: the PEFT model's own forward reads the query (it prepends the virtual tokens, or the prefix as a cache,
-itself) and returns its keys/values and last logits as a `scoring.Context`; the options are then scored and greedy
-decoding runs from that context exactly as for every other method (`score_continuations`, `greedy_decode`).
+itself) and returns its keys/values and last logits as an `inference.Context`; the options are then scored and greedy
+decoding runs from that context exactly as for every other method (`inference.score_options`, `inference.generate`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..compat import cache_layers
+from ..inference import Context, check_fits, model_device
 from ..metal_prompt.queries import QueryBatch, encode_queries
-from ..metal_prompt.reading import model_device
 from ..metal_prompt.template import Shot, ShotTemplate
-from .scoring import Context, check_length
 from .timing import synchronize
 
 PROMPT_TUNING = "prompt_tuning"
@@ -276,7 +275,7 @@ def baseline_context(baseline: TrainedBaseline, token_ids: Sequence[int]) -> Con
     if not token_ids:
         raise ValueError("The PEFT model needs at least one token to read after its virtual tokens.")
     lm = baseline.model.get_base_model()
-    check_length(lm, Context(length=baseline.num_virtual_tokens), len(token_ids), "query")
+    check_fits(lm, baseline.num_virtual_tokens, len(token_ids))
     device = model_device(lm)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     outputs = baseline.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)

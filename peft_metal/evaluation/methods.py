@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import difflib
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..data import Example
-from ..metal_prompt import MetaLPromptModel, ShotTemplate
-from ..metal_prompt.reading import model_device
+from ..inference import Context, ModelParts, empty_context, extend_context, model_device, prompt_context
 from .baselines import BASELINE_METHODS, BaselineOptions, baseline_context, train_baseline
-from .scoring import Context, empty_context, extend_context, prompt_context
 from .timing import synchronize
 
 ZERO_SHOT = "zero_shot"
@@ -59,35 +55,6 @@ def resolve_methods(methods: Any) -> list[str]:
     if duplicates:
         raise ValueError(f"Evaluation method(s) {duplicates} given more than once.")
     return methods
-
-
-@dataclass
-class ModelParts:
-    """The frozen LM, the shot template and (for the MetaL methods) the tuner that generates prompts."""
-
-    lm: PreTrainedModel
-    template: ShotTemplate
-    tuner: Optional[MetaLPromptModel] = None
-
-    @classmethod
-    def from_model(cls, model: Any, template: Optional[ShotTemplate] = None) -> "ModelParts":
-        """From a MetaL-Prompt `PeftModel` (or its tuner); a plain LM is accepted for zero_shot/icl only."""
-        tuner = model.base_model if isinstance(model, PeftModel) else model
-        if isinstance(tuner, MetaLPromptModel):
-            return cls(lm=tuner.model, template=template or tuner.template, tuner=tuner)
-        if isinstance(model, PeftModel):
-            raise TypeError(
-                f"The PeftModel holds a {type(tuner).__name__} adapter, not a MetaL-Prompt PGM (MetaLPromptModel)."
-            )
-        if isinstance(model, PreTrainedModel):
-            return cls(lm=model, template=template or ShotTemplate())
-        raise TypeError(f"model must be a MetaL-Prompt PeftModel or a transformers LM, got {type(model).__name__}.")
-
-    @contextmanager
-    def lora_off(self) -> Iterator[None]:
-        """Every LM read runs with LoRA off (the tuner keeps it off outside the PGM pass; this makes sure)."""
-        with self.tuner.lm_only() if self.tuner is not None else nullcontext():
-            yield
 
 
 @dataclass
@@ -166,14 +133,19 @@ def prepare_method(
     raise ValueError(f"Unknown evaluation method {name!r}; known methods: {', '.join(METHODS)}.")
 
 
-def query_context(parts: ModelParts, tokenizer: PreTrainedTokenizerBase, prepared: PreparedMethod, query: str) -> Context:
-    """The method's context followed by the formatted query (its last logits predict the answer's first token)."""
+def query_input(
+    parts: ModelParts, tokenizer: PreTrainedTokenizerBase, prepared: PreparedMethod, query: str
+) -> tuple[Context, list[int]]:
+    """What the LM reads the formatted query after, and the query's ids. A PEFT baseline reads the query with its
+    own forward (its virtual tokens go first): then the context already ends with the query and no ids are left."""
     ids = encode(tokenizer, parts.template.format_query(query))
     if not ids and (prepared.context.last_logits is None or prepared.read_query is not None):
         raise ValueError("The query formats to no tokens and there is nothing before it to predict an answer from.")
     if prepared.read_query is not None:
-        return prepared.read_query(ids)
-    return extend_context(parts.lm, prepared.context, ids)
+        return prepared.read_query(ids), []
+    if not ids:
+        return prepared.context, []
+    return prepared.context, ids
 
 
 def option_ids(parts: ModelParts, tokenizer: PreTrainedTokenizerBase, options: Iterable[str]) -> list[list[int]]:

@@ -1,13 +1,11 @@
-"""Answer metrics: multiple-choice accuracy from option scores, exact match and token F1 for generated answers."""
+"""Answer metrics for generated answers: exact match and token F1 (multiple choice is scored by `inference`)."""
 
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
-
-from ..metal_prompt.template import ShotTemplate
+from typing import Iterable
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -43,25 +41,3 @@ def token_f1(prediction: str, answers: Iterable[str]) -> float:
     """The best bag-of-words F1 (over normalized whitespace tokens) of the prediction against any answer."""
     predicted = normalize_answer(prediction).split()
     return max((_f1(predicted, normalize_answer(answer).split()) for answer in answers), default=0.0)
-
-
-def cut_generation(text: str, template: ShotTemplate) -> str:
-    """The answer part of generated text: up to the template's shot separator or the first newline, stripped.
-
-    The answer itself follows the query after the template's answer separator (a space), which is dropped first.
-    """
-    text = text.lstrip(" ")
-    stops = [stop for stop in (template.shot_separator, "\n") if stop]
-    end = min((text.find(stop) for stop in stops if stop in text), default=len(text))
-    return text[:end].strip()
-
-
-def has_stop(text: str, template: ShotTemplate) -> bool:
-    """Whether generated text already holds a full answer (a stop string after the leading space)."""
-    text = text.lstrip(" ")
-    return any(stop and stop in text for stop in (template.shot_separator, "\n"))
-
-
-def best_option(scores: Sequence[float]) -> int:
-    """Index of the highest score (the first one on ties)."""
-    return max(range(len(scores)), key=lambda index: (scores[index], -index))

@@ -27,7 +27,17 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import Example, Task
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
-from ..metal_prompt.reading import eos_token_ids, model_device
+from ..inference import (
+    ModelParts,
+    Sampling,
+    best_option,
+    cut_generation,
+    eos_token_ids,
+    generate,
+    has_stop,
+    model_device,
+    score_options,
+)
 from .baselines import BASELINE_METHODS, BaselineOptions
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
@@ -37,15 +47,13 @@ from .methods import (
     METAL_DEMOS,
     METAL_REFINE,
     PGM_METHODS,
-    ModelParts,
     PreparedMethod,
     option_ids,
     prepare_method,
-    query_context,
+    query_input,
     resolve_methods,
 )
-from .metrics import best_option, cut_generation, exact_match, has_stop, token_f1
-from .scoring import greedy_decode, score_continuations
+from .metrics import exact_match, token_f1
 from .timing import synchronize
 
 logger = logging.getLogger(__name__)
@@ -108,8 +116,8 @@ def _score_multiple_choice(parts, tokenizer, prepared: PreparedMethod, queries: 
     for example in queries:
         if example.options is None:
             raise ValueError(f"Query {example.input!r} has no options to score as multiple choice.")
-        context = query_context(parts, tokenizer, prepared, example.input)
-        scores = score_continuations(parts.lm, context, option_ids(parts, tokenizer, example.options))
+        context, query = query_input(parts, tokenizer, prepared, example.input)
+        scores = score_options(parts.lm, context, [query], [option_ids(parts, tokenizer, example.options)])[0]
         mean_hits += example.options[best_option([s.mean_logprob for s in scores])] in example.answers
         sum_hits += example.options[best_option([s.sum_logprob for s in scores])] in example.answers
     return {"score": mean_hits / len(queries), "score_sum": sum_hits / len(queries)}
@@ -126,8 +134,9 @@ def _score_generative(
 
     matches = f1 = 0.0
     for example in queries:
-        context = query_context(parts, tokenizer, prepared, example.input)
-        tokens = greedy_decode(parts.lm, context, max_new_tokens, eos_token_ids=eos, stop=stop)
+        context, query = query_input(parts, tokenizer, prepared, example.input)
+        [generation] = generate(parts.lm, context, [query], [Sampling(max_new_tokens, stop=stop)], eos_token_ids=eos)
+        tokens = generation.tokens
         answer = cut_generation(tokenizer.decode(tokens, skip_special_tokens=True), template)
         matches += exact_match(answer, example.answers)
         f1 += token_f1(answer, example.answers)

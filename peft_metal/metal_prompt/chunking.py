@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from transformers import PreTrainedTokenizerBase
 
+from .reading import ContextTooLongError
 from .template import Shot, ShotTemplate
 
 ChunkSize = Union[int, str, None]
@@ -78,13 +79,13 @@ def _check_fits(
         return
     over = num_tokens - budget
     if single:
-        raise ValueError(
+        raise ContextTooLongError(
             f"The {num_shots} generation shots take {num_tokens} tokens; with K={num_prompt_tokens} padding positions "
             f"that is {num_tokens + num_prompt_tokens}, {over} over the model's context of {context_limit}. Pass fewer "
             f"or shorter shots, keep some as demonstrations (num_demonstrations), or fold them in chunk by chunk "
             f"(chunk_size='auto')."
         )
-    raise ValueError(
+    raise ContextTooLongError(
         f"Chunk {index} ({num_shots} shots, {num_tokens} tokens) is {over} tokens over the {budget} a chunk may take "
         f"(context {context_limit}, K={num_prompt_tokens}). Use a smaller chunk_size or shorter shots."
     )

@@ -9,7 +9,9 @@ from typing import Any, Literal, Optional
 from peft import LoraConfig
 from peft.utils import PeftType
 
-PROMPT_DESIGNS = ("discrete", "weighted_sum", "hidden_state", "prefix")
+from ..designs import DESIGNS
+
+PROMPT_DESIGNS = tuple(DESIGNS)
 PADDING_REPARAMETERIZATIONS = ("lstm", "mlp", "none")
 LORA_SCOPES = ("all", "padding")
 
@@ -23,7 +25,7 @@ class MetaLPromptConfig(LoraConfig):
     `lora_alpha`, `target_modules`, ...) keep their PEFT meaning.
     """
 
-    prompt_design: Literal["discrete", "weighted_sum", "hidden_state", "prefix"] = field(
+    prompt_design: str = field(
         default="prefix", metadata={"help": f"How the prompt is read at the padding positions: one of {PROMPT_DESIGNS}."}
     )
     num_prompt_tokens: int = field(default=16, metadata={"help": "K: padding positions, i.e. prompt length."})

@@ -13,29 +13,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from ..designs import get_design
+from ..designs import DESIGNS, EMBEDDINGS, KEYS_VALUES, get_design
 
 FORMAT_NAME = "peft-metal-prompt"
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "sha256"
 TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
-# Tensors each design must carry; a refined discrete prompt also carries tuned `embeds` (see refine.py).
-PAYLOAD_BY_DESIGN = {
-    "discrete": ("token_ids",),
-    "weighted_sum": ("embeds",),
-    "hidden_state": ("embeds",),
-    "prefix": ("keys", "values"),
-}
 
 
 @dataclass
 class GeneratedPrompt:
     """A task prompt and everything needed to read it safely.
 
-    Payload by design: `token_ids` (discrete, K vocabulary ids), `embeds` (weighted_sum and hidden_state, K x hidden;
-    a discrete prompt made in train mode also carries its straight-through embeds here so gradients reach the PGM),
-    `keys`/`values` (prefix, layers x kv-heads x K x head-dim). `demonstrations` holds the token ids of the shots kept
-    as plain demonstrations (XL), placed between the prompt and each query.
+    The payload is what the design declares (`PromptDesign.payload`): `token_ids` (K vocabulary ids), `embeds`
+    (K x hidden) or `keys`/`values` (layers x kv-heads x K x head-dim). `demonstrations` holds the token ids of the
+    shots kept as plain demonstrations (XL), placed between the prompt and each query.
     """
 
     design: str
@@ -51,13 +43,12 @@ class GeneratedPrompt:
     demonstrations_text: str = ""
 
     def __post_init__(self) -> None:
-        if self.design not in PAYLOAD_BY_DESIGN:
-            raise ValueError(f"Unknown prompt design {self.design!r}; expected one of {list(PAYLOAD_BY_DESIGN)}.")
-        for name in PAYLOAD_BY_DESIGN[self.design]:
+        if self.design not in DESIGNS:
+            raise ValueError(f"Unknown prompt design {self.design!r}; expected one of {list(DESIGNS)}.")
+        for name, token_axis in DESIGNS[self.design].payload.items():
             value = getattr(self, name)
             if value is None:
                 raise ValueError(f"A {self.design} prompt needs `{name}`, which is missing.")
-            token_axis = 0 if name in ("token_ids", "embeds") else 2
             if value.dim() <= token_axis or value.shape[token_axis] != self.num_tokens:
                 raise ValueError(
                     f"`{name}` of shape {tuple(value.shape)} does not hold {self.num_tokens} prompt positions."
@@ -77,9 +68,11 @@ class GeneratedPrompt:
     @property
     def past_key_values(self) -> DynamicCache:
         """A fresh cache over the prefix (batch 1); fresh each time, so nothing that extends it touches the prompt."""
-        if self.design != "prefix":
-            raise ValueError(f"Only prefix prompts carry past_key_values; this prompt is {self.design}.")
-        return get_design("prefix").context_cache(self, batch_size=1)
+        design = get_design(self.design)
+        if design.reads_as != KEYS_VALUES:
+            kv_designs = ", ".join(name for name, other in DESIGNS.items() if other.reads_as == KEYS_VALUES)
+            raise ValueError(f"Only keys/values prompts ({kv_designs}) carry past_key_values; this one is {self.design}.")
+        return design.context_cache(self, batch_size=1)
 
     def to_prompt_embeds(self, lm: Any, input_ids: Any) -> torch.Tensor:
         """The input embeddings of [prompt][demonstrations][query] that engines taking embeddings accept (vLLM's
@@ -91,10 +84,11 @@ class GeneratedPrompt:
         """
         prompt_embeds = get_design(self.design).context_embeds(self, lm)
         if prompt_embeds is None:
+            embedding_designs = ", ".join(name for name, design in DESIGNS.items() if design.reads_as == EMBEDDINGS)
             raise ValueError(
                 f"A {self.design} prompt is keys and values for every layer, not input embeddings: engines that take "
                 "embeddings (vLLM prompt_embeds, SGLang input_embeds) cannot read it. Serve it with `peft-metal "
-                "serve`, or make the prompt with an embedding design (discrete, weighted_sum, hidden_state)."
+                f"serve`, or make the prompt with an embedding design ({embedding_designs})."
             )
         embedding = lm.get_input_embeddings()
         ids = torch.as_tensor(input_ids, device=embedding.weight.device)
@@ -118,9 +112,9 @@ class GeneratedPrompt:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write one safetensors file: the design's payload, the demonstrations and JSON metadata."""
-        tensors = {name: self._tensors()[name] for name in PAYLOAD_BY_DESIGN[self.design]}
-        if self.design == "discrete" and self.embeds is not None:
-            tensors["embeds"] = self.embeds
+        design = get_design(self.design)
+        present = self._tensors()
+        tensors = {name: present[name] for name in (*design.payload, *design.optional_payload) if name in present}
         tensors["demonstrations"] = self.demonstrations
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         metadata = {

@@ -41,15 +41,22 @@ def max_context_length(lm: PreTrainedModel) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_fits(lm: PreTrainedModel, prompt: GeneratedPrompt, query_length: int, new_tokens: int = 0) -> None:
-    """Refuse inputs the LM cannot see whole, instead of letting positions overflow or truncating."""
+class ContextTooLongError(ValueError):
+    """An input the LM cannot see whole: its positions would run past the model's context."""
+
+
+def check_fits(lm: PreTrainedModel, context_length: int, query_length: int, after: int = 0, what: str = "new tokens") -> None:
+    """The one check that an input fits: refuse what the LM cannot see whole, instead of letting positions overflow
+    or truncating. `context_length` is what was read before (prompt and demonstrations), `after` what follows the
+    query (new tokens, or the longest answer option, named by `what`)."""
     limit = max_context_length(lm)
-    total = prompt.context_length + query_length + new_tokens
+    total = context_length + query_length + after
     if limit is not None and total > limit:
-        raise ValueError(
-            f"Prompt ({prompt.num_tokens} tokens) + demonstrations ({prompt.num_demonstration_tokens}) + query "
-            f"({query_length}) + new tokens ({new_tokens}) = {total} tokens, {total - limit} over the model's context "
-            f"of {limit}. Shorten the query, use fewer demonstrations or ask for fewer new tokens."
+        tail = f" + {what} ({after})" if after else ""
+        raise ContextTooLongError(
+            f"Context ({context_length} tokens: prompt and demonstrations) + query ({query_length}){tail} = {total} "
+            f"tokens, {total - limit} over the model's context of {limit}. Send a shorter query, use fewer "
+            "demonstrations or ask for fewer new tokens."
         )
 
 
@@ -109,7 +116,7 @@ def forward_with_prompt(
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
     batch_size, query_length = input_ids.shape
-    check_fits(lm, prompt, query_length)
+    check_fits(lm, prompt.context_length, query_length)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
@@ -161,7 +168,7 @@ def generate_with_prompt(
     """
     batch_size, query_length = input_ids.shape
     generate_kwargs["max_new_tokens"] = _new_token_budget(lm, query_length, generate_kwargs)
-    check_fits(lm, prompt, query_length, generate_kwargs["max_new_tokens"])
+    check_fits(lm, prompt.context_length, query_length, generate_kwargs["max_new_tokens"])
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = expand_cache(context_cache(lm, prompt), batch_size * _expansion(lm, generate_kwargs))

@@ -16,19 +16,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..designs import get_design
 from .prompt import GeneratedPrompt
 from .queries import encode_queries
 from .reading import forward_with_prompt, model_device
 from .template import Shot, ShotTemplate
-
-
-def tunable_payload(lm: PreTrainedModel, prompt: GeneratedPrompt) -> dict[str, torch.Tensor]:
-    """The tensors prompt tuning starts from, by design."""
-    if prompt.design == "prefix":
-        return {"keys": prompt.keys, "values": prompt.values}
-    if prompt.design == "discrete" and prompt.embeds is None:
-        return {"embeds": lm.get_input_embeddings()(prompt.token_ids)}
-    return {"embeds": prompt.embeds}
 
 
 def refine(
@@ -50,7 +42,7 @@ def refine(
     if steps < 0 or lr <= 0 or batch_size <= 0:
         raise ValueError(f"steps must be >= 0, lr > 0 and batch_size > 0 (got steps={steps}, lr={lr}, batch_size={batch_size}).")
     prompt = prompt.detach()
-    start = tunable_payload(lm, prompt)
+    start = get_design(prompt.design).tunable_payload(prompt, lm)
     dtypes = {name: tensor.dtype for name, tensor in start.items()}
     parameters = {name: nn.Parameter(tensor.detach().float().clone()) for name, tensor in start.items()}
     optimizer = torch.optim.Adam(parameters.values(), lr=lr)

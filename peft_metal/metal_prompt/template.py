@@ -10,8 +10,15 @@ Shot = tuple[str, str]
 ShotLike = Union[Sequence[str], Mapping[str, str]]
 
 
-def normalize_shots(shots: Any, *, allow_empty: bool = False) -> list[Shot]:
+class Shots(tuple):
+    """Shots that have been checked: a tuple of (input, output) string pairs. Made once where shots enter (an API
+    call, a request body, a file); `normalize_shots` passes it through, so nothing downstream checks them again."""
+
+
+def normalize_shots(shots: Any, *, allow_empty: bool = False) -> Shots:
     """Accept `[(input, output), ...]` or `[{"input": ..., "output": ...}, ...]`; reject anything else loudly."""
+    if isinstance(shots, Shots) and (shots or allow_empty):
+        return shots
     if isinstance(shots, (str, bytes)) or not isinstance(shots, Sequence):
         raise TypeError(
             f"shots must be a list of (input, output) pairs or {{'input', 'output'}} dicts, got {type(shots).__name__}."
@@ -33,7 +40,7 @@ def normalize_shots(shots: Any, *, allow_empty: bool = False) -> list[Shot]:
             if not isinstance(value, str):
                 raise TypeError(f"Shot {index}: {field_name} must be a string, got {type(value).__name__}.")
         normalized.append(pair)
-    return normalized
+    return Shots(normalized)
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,13 @@ from typing import Any, Awaitable, Callable, Hashable, Optional, Sequence
 
 import torch
 
-from ..evaluation.scoring import Context
+from ..inference import Context, Sampling
 from ..metal_prompt.template import ShotTemplate
 from .metrics import ServerMetrics
 
 GENERATE = "generate"
 OPTIONS = "options"
+ECHO = "echo"  # log-probabilities of the prompt's own tokens
 
 
 class ModelRunner:
@@ -68,12 +69,11 @@ class PromptEntry:
 class Job:
     """One input of a completion request: its query token ids and what to do with them."""
 
-    kind: str  # GENERATE or OPTIONS
+    kind: str  # GENERATE, OPTIONS or ECHO
     query: list[int]
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    generator: Optional[torch.Generator] = None
-    options: Optional[list[list[int]]] = None
+    sampling: Optional[Sampling] = None  # GENERATE
+    options: Optional[list[list[int]]] = None  # OPTIONS
+    top: int = 0  # ECHO: alternatives per token
     future: Optional[asyncio.Future] = field(default=None, repr=False)
 
 
@@ -152,7 +152,7 @@ class Batcher:
 
     async def _run(self, batch: list[tuple[PromptEntry, Job]]) -> None:
         entry = batch[0][0]  # all entries of one queue are the same prompt
-        for kind in (GENERATE, OPTIONS):
+        for kind in (GENERATE, OPTIONS, ECHO):
             jobs = [job for _, job in batch if job.kind == kind]
             if not jobs:
                 continue

@@ -1,14 +1,17 @@
-"""Request and response bodies of the HTTP API."""
+"""Request and response bodies of the HTTP API: the prompt routes, and OpenAI's completions with peft-metal's
+extensions (`options`, `template`, `shots`)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 MAX_INPUTS_PER_REQUEST = 64
 MAX_OPTIONS = 64
 MAX_NEW_TOKENS = 1024
+MAX_CHOICES_PER_PROMPT = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class _Body(BaseModel):
@@ -25,26 +28,55 @@ class CreatePromptRequest(_Body):
 
 class PromptCreated(BaseModel):
     prompt_id: str
+    model: str = Field(description="the name to complete with: metal:<prompt_id>")
     design: str
     num_tokens: int
     num_demonstrations: int
     cached: bool
-    text: Optional[str] = None  # discrete prompts only
+    text: Optional[str] = None  # prompts made of vocabulary tokens (the discrete design) only
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
 
 
 class CompletionRequest(_Body):
-    prompt_id: Optional[StrictStr] = Field(
-        None, description="a stored prompt; null reads the plain LM (zero-shot, or ICL with `shots`)"
+    """OpenAI's `POST /v1/completions` body, plus three extensions. Fields OpenAI has and this server does not
+    implement are accepted only at their neutral values, so a client that sends its defaults still works."""
+
+    model: StrictStr = Field(description="the base model's name, or metal:<prompt_id> to read that stored prompt first")
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+        description="a text, a list of texts, token ids, or a list of token id lists"
     )
-    input: Union[StrictStr, list[StrictStr]] = Field(description="one input or a list of inputs (formatted as queries)")
-    max_new_tokens: StrictInt = Field(16, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy; otherwise sampling")
-    seed: Optional[StrictInt] = Field(None, description="seeds sampling (temperature > 0), per input")
+    max_tokens: Optional[StrictInt] = Field(16, ge=0, le=MAX_NEW_TOKENS, description="new tokens per choice (0 with echo)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES_PER_PROMPT, description="choices per prompt")
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(None, description="up to 4 strings that end a choice")
+    seed: Optional[StrictInt] = Field(None, description="makes sampling repeatable")
+    echo: StrictBool = Field(False, description="return the prompt (and its log-probabilities) before the completion")
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top log-probabilities per token")
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[StrictStr] = None
+    suffix: Optional[StrictStr] = Field(None, description="not supported: must be null")
+    best_of: Optional[StrictInt] = Field(None, description="not supported beyond n: null or equal to n")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="not supported: must be empty")
+    # peft-metal's extensions
     options: Optional[list[StrictStr]] = Field(
-        None, min_length=1, max_length=MAX_OPTIONS, description="score these answers instead of generating"
+        None, min_length=1, max_length=MAX_OPTIONS,
+        description="extension: score these continuations after each prompt instead of generating; the choice's "
+        "text is the option with the highest per-token mean log-likelihood",
+    )
+    template: StrictBool = Field(
+        False,
+        description="extension: format each prompt as a query with the shot template (and each option as its "
+        "answer), and cut generations at the template's stops, as meta-training and evaluation read them",
     )
     shots: Optional[Any] = Field(
-        None, description="with prompt_id null only: shots formatted as in-context demonstrations before each input"
+        None, description="extension, base model only: shots formatted as in-context demonstrations before each prompt"
     )
 
 
@@ -55,17 +87,60 @@ class OptionScore(BaseModel):
     num_tokens: int
 
 
-class Choice(BaseModel):
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
     index: int
-    input: str
-    text: Optional[str] = None  # generation
-    finish_reason: Optional[str] = None
-    num_tokens: Optional[int] = None
-    option: Optional[str] = None  # option scoring: the chosen option (highest length-normalized log-likelihood)
-    scores: Optional[list[OptionScore]] = None
+    logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    option_scores: Optional[list[OptionScore]] = None  # extension: with `options`
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="tokens the LM read of the request (formatting and shots included)")
+    completion_tokens: int
+    total_tokens: int
+    stored_prompt_tokens: int = Field(
+        0, description="extension: the stored prompt and its demonstrations, read once per prompt and cached, "
+        "so not counted in prompt_tokens"
+    )
 
 
 class CompletionResponse(BaseModel):
-    prompt_id: Optional[str]
-    mode: str  # "generate" or "options"
-    choices: list[Choice]
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: Optional[str] = None
+    parent: Optional[str] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,595 @@
+"""The service's domain: prompts generated once by the PGM and stored; completions read after them, in batches.
+
+Nothing here knows HTTP. A refusal is a domain error (`errors.py`, the store's, or the library's
+`ContextTooLongError`); `app.py` maps each to a status code and OpenAI's error envelope.
+
+Completions follow OpenAI's `/v1/completions`: `model` is the base model (the plain LM reads the text) or
+`metal:<prompt_id>` (the LM reads that stored prompt and its demonstrations first, from a cached context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Optional
+
+import torch
+
+from ..designs import DESIGNS, get_design
+from ..inference import (
+    EOS,
+    STOP,
+    ContinuationScore,
+    Generation,
+    ModelParts,
+    Sampling,
+    TokenLogprob,
+    best_option,
+    check_fits,
+    cut_generation,
+    empty_context,
+    eos_token_ids,
+    generate,
+    has_stop,
+    max_context_length,
+    model_device,
+    prompt_context,
+    score_options,
+    score_tokens,
+)
+from ..metal_prompt.fingerprint import base_model_fingerprint, check_same_base
+from ..metal_prompt.model import json_ready
+from ..metal_prompt.prompt import GeneratedPrompt
+from ..metal_prompt.template import Shots, ShotTemplate, normalize_shots
+from .batching import ECHO, GENERATE, OPTIONS, Batcher, ContextCache, Job, ModelRunner, PromptEntry
+from .errors import (
+    IncompatiblePromptError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoPGMError,
+    RequestTooLargeError,
+    TooManyStreamsError,
+)
+from .metrics import ServerMetrics
+from .schemas import (
+    MAX_INPUTS_PER_REQUEST,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Logprobs,
+    ModelCard,
+    ModelList,
+    OptionScore,
+    PromptCreated,
+    Usage,
+)
+from .store import PromptNotFoundError, PromptStore, prompt_key
+
+DEFAULT_BATCH_WINDOW_MS = 5.0
+DEFAULT_MAX_BATCH = 16
+DEFAULT_CONTEXT_CACHE_SIZE = 64
+# Limits on what one request may ask (each refused with a message naming the limit).
+DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
+DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens read of all prompts of one completion request
+DEFAULT_MAX_STREAMS = 16  # streamed completions open at once
+MAX_STOPS = 4
+METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model
+
+
+def pgm_weights_digest(tuner: Any) -> str:
+    """sha256 of the PGM's own weights (LoRA and padding), so prompts of a retrained PGM get other ids."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(tuner.pgm_named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _unix_time(timestamp: str, default: int) -> int:
+    """An ISO-8601 time from the store as Unix seconds (the default for one that does not parse)."""
+    try:
+        return int(datetime.fromisoformat(timestamp).timestamp())
+    except (TypeError, ValueError):
+        return default
+
+
+def _template_of(prompt: GeneratedPrompt, default: ShotTemplate) -> ShotTemplate:
+    """The template the prompt's PGM was configured with (queries must look like its shots), else the server's."""
+    config = prompt.pgm_config or {}
+    try:
+        return ShotTemplate(config["input_prefix"], config["output_prefix"], config["shot_separator"])
+    except (KeyError, TypeError):
+        return default
+
+
+@dataclass
+class _Completion:
+    """A completion request resolved against the model: what is read after which context, and what is asked."""
+
+    entry: PromptEntry
+    template: Optional[ShotTemplate]  # set when the request asked for template formatting
+    queries: list[list[int]]  # one per prompt
+    options: Optional[list[list[int]]]
+    stops: list[str]
+    n: int
+    max_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: f"cmpl-{secrets.token_hex(12)}")
+
+
+class Service:
+    """Everything the routes share: the model parts, the store, the batcher, the context cache and the metrics."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        store: PromptStore,
+        batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        context_cache_size: int = DEFAULT_CONTEXT_CACHE_SIZE,
+        model_name: Optional[str] = None,
+        max_shots: int = DEFAULT_MAX_SHOTS,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        model.eval()
+        self.parts = ModelParts.from_model(model)
+        self.lm, self.template, self.tuner = self.parts.lm, self.parts.template, self.parts.tuner
+        self.tokenizer = tokenizer
+        self.store = store
+        for name, value in (("max_shots", max_shots), ("max_request_tokens", max_request_tokens), ("max_streams", max_streams)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        self.max_shots, self.max_request_tokens, self.max_streams = max_shots, max_request_tokens, max_streams
+        self.model_name = model_name or getattr(self.lm.config, "name_or_path", None) or type(self.lm).__name__
+        self.limit = max_context_length(self.lm)
+        self.vocab_size = self.lm.get_input_embeddings().num_embeddings
+        self.started_at = time.time()
+        self.metrics = ServerMetrics()
+        self.runner = ModelRunner()
+        # Store calls block (file I/O, SQLite locks) and may wait on the model thread (`make`): never on the loop, and
+        # never in the model thread (which must never wait on them).
+        self.store_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="peft-metal-store")
+        self.batcher = Batcher(self.runner, self._run_batch, batch_window_ms / 1000.0, max_batch, self.metrics)
+        self.contexts = ContextCache(context_cache_size, self.metrics)
+        self.tokenizer_lock = threading.Lock()  # the tokenizer is shared by the loop and the model thread
+        self.pad_id = self._pad_id()
+        self.eos_ids = eos_token_ids(self.lm, self.tokenizer)
+        self.plain = PromptEntry(key=None, context=empty_context(), template=self.template)
+        self._creating: dict[str, asyncio.Future] = {}
+        self._open_streams = 0
+        self._plain_fingerprint: Optional[dict[str, Any]] = None
+        if self.tuner is not None:
+            self.base_fingerprint = self.tuner.base_fingerprint()
+            self.pgm_config = {**json_ready(self.tuner.metal_config.to_dict()), "pgm_weights": pgm_weights_digest(self.tuner)}
+        else:
+            self.base_fingerprint, self.pgm_config = None, None
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.lm.generation_config.pad_token_id, self.tokenizer.eos_token_id):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, tokens: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    async def in_store(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.store_executor, function, *args)
+
+    # -------------------------------------------------------------------------------------------------- prompts
+
+    async def create_prompt(self, task: str, shots: Any, num_demonstrations: int) -> tuple[PromptCreated, bool]:
+        """The stored prompt for these shots, made by the PGM unless the same request made it before; returns it and
+        whether it was already stored."""
+        if self.tuner is None:
+            raise NoPGMError("This server runs a plain LM without a PGM: it cannot generate prompts.")
+        if isinstance(shots, list) and len(shots) > self.max_shots:
+            raise InvalidRequestError(f"At most {self.max_shots} shots per prompt, got {len(shots)}.", "shots")
+        try:
+            shots = normalize_shots(shots)
+        except (ValueError, TypeError) as error:
+            raise InvalidRequestError(str(error), "shots") from None
+        if not num_demonstrations < len(shots):
+            raise InvalidRequestError(
+                f"num_demonstrations={num_demonstrations} must be below the number of shots ({len(shots)}): "
+                "at least one shot has to be left for the PGM to read.",
+                "num_demonstrations",
+            )
+        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, self.pgm_config)
+        loop = asyncio.get_running_loop()
+        pending = self._creating.get(key)
+        if pending is not None and pending.get_loop() is loop:  # the same prompt is being made: wait for it
+            prompt_id, prompt, _ = await asyncio.shield(pending)
+            cached = True
+        else:
+            # A task of its own: a client going away does not cancel a generation others may be waiting for.
+            task_ = self._creating[key] = loop.create_task(self._get_or_create(task, shots, num_demonstrations))
+            task_.add_done_callback(lambda done: self._creating.pop(key) if self._creating.get(key) is done else None)
+            prompt_id, prompt, cached = await asyncio.shield(task_)
+        self.metrics.inc(self.metrics.store, "hit" if cached else "miss")
+        created = PromptCreated(
+            prompt_id=prompt_id,
+            model=f"{METAL_MODEL_PREFIX}{prompt_id}",
+            design=prompt.design,
+            num_tokens=prompt.num_tokens,
+            num_demonstrations=num_demonstrations,
+            cached=cached,
+            text=prompt.text if get_design(prompt.design).is_text else None,
+        )
+        return created, cached
+
+    async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int):
+        def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
+            def generate_prompt() -> GeneratedPrompt:
+                with self.tokenizer_lock:  # generate_prompt tokenizes; the loop thread may be tokenizing too
+                    return self.tuner.generate_prompt(
+                        shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto"
+                    )
+
+            return self.runner.call(generate_prompt)
+
+        return await self.in_store(
+            self.store.get_or_create, task, shots, num_demonstrations, self.base_fingerprint, self.pgm_config, make
+        )
+
+    async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
+        """The index row; for a prompt of vocabulary tokens also its `token_ids` and `text` (plain text any LM service
+        can use) and the demonstrations' text, read from its file (a read, not a use: no hit is counted)."""
+        info = await self.in_store(self.store.info, prompt_id)
+        design = DESIGNS.get(info["design"])
+        if design is not None and design.is_text:
+            prompt = await self.in_store(self.store.get, prompt_id, "cpu", False)
+            info.update(token_ids=prompt.token_ids.tolist(), text=prompt.text, demonstrations_text=prompt.demonstrations_text)
+        return info
+
+    async def delete_prompt(self, prompt_id: str) -> None:
+        self.contexts.evict(prompt_id)
+        try:
+            deleted = await self.in_store(self.store.delete, prompt_id)
+        finally:
+            self.contexts.evict(prompt_id)  # again: a load that finished meanwhile must not stay cached
+        if not deleted:
+            raise PromptNotFoundError(f"No prompt with id {prompt_id!r} in this store.")
+
+    async def entry(self, prompt_id: str) -> PromptEntry:
+        return await self.contexts.get(prompt_id, self._load_entry)
+
+    async def _load_entry(self, prompt_id: str) -> PromptEntry:
+        prompt = await self.in_store(self.store.get, prompt_id)
+        try:
+            check_same_base(prompt.base_fingerprint, self.base_fingerprint or self._fingerprint())
+        except ValueError as error:
+            raise IncompatiblePromptError(f"Stored prompt {prompt_id} cannot be served by this model: {error}") from None
+
+        def read() -> PromptEntry:
+            with self.parts.lora_off():
+                context = prompt_context(self.lm, prompt.to(model_device(self.lm)))
+            return PromptEntry(key=prompt_id, context=context, design=prompt.design, template=_template_of(prompt, self.template))
+
+        return await self.runner.run(read)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        if self._plain_fingerprint is None:
+            self._plain_fingerprint = base_model_fingerprint(self.lm)
+        return self._plain_fingerprint
+
+    async def models(self) -> ModelList:
+        """The base model, and every stored prompt as `metal:<prompt_id>` (the base model reading that prompt first)."""
+        created = int(self.started_at)
+        data = [ModelCard(id=self.model_name, created=created, owned_by="peft-metal")]
+        for row in await self.in_store(self.store.list):
+            data.append(
+                ModelCard(
+                    id=f"{METAL_MODEL_PREFIX}{row['prompt_id']}", created=_unix_time(row["created_at"], created),
+                    owned_by="peft-metal", root=self.model_name, parent=self.model_name,
+                )
+            )
+        return ModelList(data=data)
+
+    # ---------------------------------------------------------------------------------------------- completions
+
+    async def _model_entry(self, model: str) -> PromptEntry:
+        if model == self.model_name:
+            return self.plain
+        if model.startswith(METAL_MODEL_PREFIX):
+            return await self.entry(model[len(METAL_MODEL_PREFIX) :])
+        raise ModelNotFoundError(
+            f"Unknown model {model!r}: use {self.model_name!r} (the base model) or metal:<prompt_id> for a stored "
+            "prompt (GET /v1/models lists them).",
+            "model",
+        )
+
+    def _prompt_items(self, prompt: Any) -> list[Any]:
+        """The request's prompts: texts or token id lists."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt is an empty list: send a text, a list of texts or token ids.", "prompt")
+        if all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]
+        if len(prompt) > MAX_INPUTS_PER_REQUEST:
+            raise InvalidRequestError(f"At most {MAX_INPUTS_PER_REQUEST} prompts per request, got {len(prompt)}.", "prompt")
+        return list(prompt)
+
+    async def _resolve(self, body: CompletionRequest) -> _Completion:
+        """Every check a completion request needs, once, before any model work."""
+        if body.suffix is not None:
+            raise InvalidRequestError("suffix is not supported: send it as part of the prompt.", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise InvalidRequestError("best_of is not supported beyond n: leave it out or set it to n.", "best_of")
+        entry = await self._model_entry(body.model)
+        template = (entry.template or self.template) if body.template else None
+        items = self._prompt_items(body.prompt)
+        prefix: list[int] = []
+        if body.shots is not None:
+            if entry.key is not None:
+                raise InvalidRequestError("shots go with the base model only; a stored prompt has its own.", "shots")
+            try:
+                prefix = self.encode((entry.template or self.template).format_shots(normalize_shots(body.shots)))
+            except (ValueError, TypeError) as error:
+                raise InvalidRequestError(str(error), "shots") from None
+        queries = []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                ids = self.encode(template.format_query(item) if template is not None else item)
+            elif template is not None:
+                raise InvalidRequestError("template formats text: send the prompt as text, not token ids.", "prompt")
+            else:
+                ids = list(item)
+                if any(not 0 <= token < self.vocab_size for token in ids):
+                    raise InvalidRequestError(f"prompt {index} holds a token id outside 0..{self.vocab_size - 1}.", "prompt")
+            if not prefix + ids:
+                raise InvalidRequestError(f"prompt {index} has no tokens: send some text.", "prompt")
+            queries.append(prefix + ids)
+        total = sum(len(query) for query in queries)
+        if total > self.max_request_tokens:
+            raise RequestTooLargeError(
+                f"The prompts of this request take {total} tokens (with their formatting and shots); this server reads "
+                f"at most {self.max_request_tokens} per request. Split them over several requests.",
+                "prompt",
+            )
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS or any(not stop for stop in stops):
+            raise InvalidRequestError(f"stop takes at most {MAX_STOPS} non-empty strings.", "stop")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        options = None
+        if body.options is not None:
+            options = self._option_ids(body, template)
+            check_fits(self.lm, entry.context.length, max(map(len, queries)), max(map(len, options)), "longest option")
+        else:
+            if max_tokens == 0 and not body.echo:
+                raise InvalidRequestError("max_tokens 0 generates nothing: set echo to score the prompt.", "max_tokens")
+            check_fits(self.lm, entry.context.length, max(map(len, queries)), max_tokens)
+        return _Completion(entry, template, queries, options, stops, body.n, max_tokens)
+
+    def _option_ids(self, body: CompletionRequest, template: Optional[ShotTemplate]) -> list[list[int]]:
+        for name, conflict in (("stream", body.stream), ("echo", body.echo), ("logprobs", body.logprobs is not None), ("n", body.n > 1)):
+            if conflict:
+                raise InvalidRequestError(f"options (scoring) does not combine with {name}.", name)
+        if any(not option.strip() for option in body.options):
+            raise InvalidRequestError("options holds a blank option; every option needs some text.", "options")
+        if len(set(body.options)) != len(body.options):
+            raise InvalidRequestError(f"options has duplicates: {body.options!r}.", "options")
+        options = [self.encode(template.format_answer(o) if template is not None else o) for o in body.options]
+        if any(not ids for ids in options):
+            raise InvalidRequestError("An option encodes to no tokens; every option must have at least one token.", "options")
+        return options
+
+    def _sampling(self, body: CompletionRequest, plan: _Completion, row: int, on_token=None) -> Sampling:
+        generator = None
+        if body.temperature > 0 and body.seed is not None:
+            generator = torch.Generator().manual_seed(body.seed + row)
+        return Sampling(
+            max_new_tokens=plan.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            generator=generator,
+            stop=self._stop_check(plan),
+            logprobs=body.logprobs,
+            on_token=on_token,
+        )
+
+    def _stop_check(self, plan: _Completion) -> Optional[Callable[[list[int]], bool]]:
+        if not plan.stops and plan.template is None:
+            return None
+
+        def stop(tokens: list[int]) -> bool:
+            text = self.decode(tokens)
+            return any(s in text for s in plan.stops) or (plan.template is not None and has_stop(text, plan.template))
+
+        return stop
+
+    def _answer(self, plan: _Completion, text: str) -> str:
+        """Generated text up to the first stop string (with template, the answer as evaluation cuts it)."""
+        ends = [text.find(stop) for stop in plan.stops if stop in text]
+        text = text[: min(ends)] if ends else text
+        return cut_generation(text, plan.template) if plan.template is not None else text
+
+    def _jobs(self, body: CompletionRequest, plan: _Completion, on_token=None) -> list[Job]:
+        jobs = []
+        for index, query in enumerate(plan.queries):
+            if plan.options is not None:
+                jobs.append(Job(kind=OPTIONS, query=query, options=plan.options))
+                continue
+            if body.echo:
+                jobs.append(Job(kind=ECHO, query=query, top=body.logprobs or 0))
+            if plan.max_tokens > 0:
+                for j in range(plan.n):
+                    row = index * plan.n + j
+                    callback = (lambda token, row=row: on_token(row, token)) if on_token is not None else None
+                    jobs.append(Job(kind=GENERATE, query=query, sampling=self._sampling(body, plan, row, callback)))
+        return jobs
+
+    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+        plan = await self._resolve(body)
+        results = iter(await self.batcher.submit(plan.entry, self._jobs(body, plan)))
+        choices, completion_tokens = [], 0
+        for index, query in enumerate(plan.queries):
+            if plan.options is not None:
+                choices.append(self._option_choice(body, index, next(results)))
+                continue
+            echoed: Optional[list[TokenLogprob]] = next(results) if body.echo else None
+            for j in range(plan.n):
+                generation = next(results) if plan.max_tokens > 0 else Generation([], "length")
+                completion_tokens += len(generation.tokens)
+                choices.append(self._choice(body, plan, index * plan.n + j, query, echoed, generation))
+        prompt_tokens = sum(len(query) for query in plan.queries)
+        usage = Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+            stored_prompt_tokens=plan.entry.context.length if plan.entry.key is not None else 0,
+        )
+        return CompletionResponse(id=plan.id, created=plan.created, model=body.model, choices=choices, usage=usage)
+
+    def _option_choice(self, body: CompletionRequest, index: int, scores: list[ContinuationScore]) -> CompletionChoice:
+        best = best_option([s.mean_logprob for s in scores])
+        option_scores = [
+            OptionScore(option=option, mean_logprob=s.mean_logprob, sum_logprob=s.sum_logprob, num_tokens=s.num_tokens)
+            for option, s in zip(body.options, scores)
+        ]
+        return CompletionChoice(text=body.options[best], index=index, finish_reason="stop", option_scores=option_scores)
+
+    def _choice(
+        self,
+        body: CompletionRequest,
+        plan: _Completion,
+        index: int,
+        query: list[int],
+        echoed: Optional[list[TokenLogprob]],
+        generation: Generation,
+    ) -> CompletionChoice:
+        raw = self.decode(generation.tokens)
+        text = self._answer(plan, raw)
+        cut = len(text) < len(raw) or generation.finish_reason in (STOP, EOS)
+        prefix = self.decode(query) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = self._logprobs(echoed or [], generation, kept_chars=raw.find(text) + len(text) if cut else None)
+        return CompletionChoice(
+            text=prefix + text, index=index, logprobs=logprobs, finish_reason="stop" if cut else "length"
+        )
+
+    def _logprobs(self, echoed: list[TokenLogprob], generation: Generation, kept_chars: Optional[int]) -> Logprobs:
+        """OpenAI's logprobs object over the echoed prompt tokens, then the generated ones up to where the text was
+        cut (`kept_chars` of the generated text)."""
+        tokens, values, tops, offsets, offset = [], [], [], [], 0
+        for item in echoed:
+            piece = self.decode([item.token_id])
+            tokens.append(piece), values.append(item.logprob), offsets.append(offset)
+            tops.append({self.decode([t]): v for t, v in item.top.items()} if item.logprob is not None else None)
+            offset += len(piece)
+        generated = 0
+        for token, value, top in zip(generation.tokens, generation.token_logprobs, generation.top_logprobs):
+            if kept_chars is not None and generated >= kept_chars:
+                break
+            piece = self.decode([token])
+            tokens.append(piece), values.append(value), offsets.append(offset)
+            tops.append({self.decode([t]): v for t, v in top.items()})
+            offset += len(piece)
+            generated += len(piece)
+        return Logprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    async def open_stream(self, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """Checks the request and reserves a stream slot (so refusals come before any byte is sent); returns the
+        chunks: text as it is generated, per choice, then a last chunk per choice with its finish reason."""
+        if body.logprobs is not None:
+            raise InvalidRequestError("logprobs is not returned when streaming: leave stream off to get them.", "logprobs")
+        if body.options is not None:
+            raise InvalidRequestError("options (scoring) does not combine with stream.", "stream")
+        plan = await self._resolve(body)
+        if self._open_streams >= self.max_streams:
+            raise TooManyStreamsError(
+                f"This server streams at most {self.max_streams} completions at once; retry shortly or set stream off."
+            )
+        self._open_streams += 1
+        return self._stream(body, plan)
+
+    async def _stream(self, body: CompletionRequest, plan: _Completion) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        arrivals: asyncio.Queue = asyncio.Queue()
+        num_rows = len(plan.queries) * plan.n
+
+        def on_token(row: int, token: int) -> None:  # in the model thread
+            loop.call_soon_threadsafe(arrivals.put_nowait, (row, token))
+
+        def chunk(index: int, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+            return {"id": plan.id, "object": "text_completion", "created": plan.created, "model": body.model, "choices": [choice]}
+
+        submitted = loop.create_task(self.batcher.submit(plan.entry, self._jobs(body, plan, on_token)))
+        submitted.add_done_callback(lambda _: arrivals.put_nowait(None))
+        tokens: list[list[int]] = [[] for _ in range(num_rows)]
+        sent = [""] * num_rows
+        holdback = max((len(stop) for stop in [*plan.stops, "\n", plan.template.shot_separator if plan.template else ""]), default=1) - 1
+        try:
+            if body.echo:
+                for row in range(num_rows):
+                    yield chunk(row, self.decode(plan.queries[row // plan.n]))
+            while (arrival := await arrivals.get()) is not None:
+                row, token = arrival
+                tokens[row].append(token)
+                safe = self._answer(plan, self.decode(tokens[row]))
+                safe = safe[: max(0, len(safe) - holdback)] if not safe.endswith("\ufffd") else ""
+                if len(safe) > len(sent[row]) and safe.startswith(sent[row]):
+                    yield chunk(row, safe[len(sent[row]) :])
+                    sent[row] = safe
+            results = [result for result in submitted.result() if isinstance(result, Generation)]
+            completion_tokens = 0
+            for row, generation in enumerate(results):
+                raw = self.decode(generation.tokens)
+                text = self._answer(plan, raw)
+                cut = len(text) < len(raw) or generation.finish_reason in (STOP, EOS)
+                rest = text[len(sent[row]) :] if text.startswith(sent[row]) else ""
+                completion_tokens += len(generation.tokens)
+                yield chunk(row, rest, "stop" if cut else "length")
+            if body.stream_options is not None and body.stream_options.include_usage:
+                prompt_tokens = sum(len(query) for query in plan.queries)
+                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens)
+                yield {"id": plan.id, "object": "text_completion", "created": plan.created, "model": body.model,
+                       "choices": [], "usage": usage.model_dump()}
+        finally:
+            self._open_streams -= 1
+            if not submitted.done():
+                submitted.cancel()
+
+    def _run_batch(self, entry: PromptEntry, jobs: list[Job]) -> list[Any]:
+        """In the model thread: one batched LM call for jobs of one kind after the same context."""
+        queries = [job.query for job in jobs]
+        with self.parts.lora_off():
+            if jobs[0].kind == OPTIONS:
+                return score_options(self.lm, entry.context, queries, [job.options for job in jobs], self.pad_id)
+            if jobs[0].kind == ECHO:
+                return [score_tokens(self.lm, entry.context, job.query, job.top) for job in jobs]
+            return generate(
+                self.lm, entry.context, queries, [job.sampling for job in jobs], eos_token_ids=self.eos_ids, pad_id=self.pad_id
+            )
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "design": self.tuner.metal_config.prompt_design if self.tuner is not None else None,
+            "max_context": self.limit,
+            "batch_window_ms": self.batcher.window_s * 1000.0,
+            "max_batch": self.batcher.max_batch,
+            "cached_contexts": len(self.contexts),
+            "open_streams": self._open_streams,
+        }
+
+    def close(self) -> None:
+        self.batcher.cancel()
