@@ -40,9 +40,11 @@ class Sampling:
 class Generation:
     tokens: list[int]
     finish_reason: str  # STOP (a stop), EOS or LENGTH
-    # With `Sampling.logprobs`: per new token, its log-probability and the top alternatives (token id -> logprob).
+    # With `Sampling.logprobs`: per new token, its log-probability and the top alternatives (token id -> logprob);
+    # a row ended by an end-of-sequence token has one more entry, for that token (`eos_token`, not in `tokens`).
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    eos_token: Optional[int] = None
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling) -> int:
@@ -89,10 +91,7 @@ def generate(
                 top = torch.topk(logprobs, settings.logprobs) if settings.logprobs > 0 else None
                 result.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())) if top else {})
             if token in eos:
-                result.finish_reason = EOS
-                if settings.logprobs is not None:  # the end-of-sequence token is not returned, nor its logprob
-                    result.token_logprobs.pop()
-                    result.top_logprobs.pop()
+                result.finish_reason, result.eos_token = EOS, token
                 continue
             result.tokens.append(token)
             if settings.on_token is not None:

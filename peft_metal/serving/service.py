@@ -493,8 +493,9 @@ class Service:
             tops.append({self.decode([t]): v for t, v in item.top.items()} if item.logprob is not None else None)
             offset += len(piece)
         generated = 0
-        for token, value, top in zip(generation.tokens, generation.token_logprobs, generation.top_logprobs):
-            if kept_chars is not None and generated >= kept_chars:
+        new_tokens = generation.tokens + ([generation.eos_token] if generation.eos_token is not None else [])
+        for token, value, top in zip(new_tokens, generation.token_logprobs, generation.top_logprobs):
+            if kept_chars is not None and generated >= kept_chars and token != generation.eos_token:
                 break
             piece = self.decode([token])
             tokens.append(piece), values.append(value), offsets.append(offset)
