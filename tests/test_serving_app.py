@@ -566,6 +566,37 @@ def test_request_limits_are_refused_with_the_limit_named(tmp_path, tok):
         _app(tmp_path / "other", tok, max_shots=0)
 
 
+def test_open_streams_are_bounded(tmp_path, tok):
+    """A stream slot is taken before any byte is sent (429 when none is free) and given back when the stream ends or
+    never starts."""
+    from peft_metal.serving.errors import TooManyStreamsError
+    from peft_metal.serving.schemas import CompletionRequest
+
+    app, _, _ = _app(tmp_path, tok, max_streams=1)
+    service = app.state.service
+    request = CompletionRequest(**_body(app, prompt="ok", max_tokens=2, stream=True))
+
+    async def main():
+        chunks, release = await service.open_stream(request)
+        with pytest.raises(TooManyStreamsError, match="at most 1"):
+            await service.open_stream(request)
+        release()  # the client went away before the first byte: the generator never ran
+        chunks, _ = await service.open_stream(request)
+        texts = [chunk async for chunk in chunks]  # run to the end: the slot comes back by itself
+        assert texts[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert service.health()["open_streams"] == 0
+
+    asyncio.run(main())
+    with TestClient(app) as client:
+        service._open_streams = 1  # as if another client held the only slot
+        response = client.post("/v1/completions", json=_body(app, prompt="ok", stream=True))
+        assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_streams"
+        service._open_streams = 0
+        streamed = client.post("/v1/completions", json=_body(app, prompt="ok", max_tokens=2, stream=True))
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+        assert service.health()["open_streams"] == 0
+
+
 def test_models_lists_the_base_model_and_every_stored_prompt(served):
     client, _, _ = served
     first = _create(client).json()["prompt_id"]

@@ -39,6 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference import ContextTooLongError
@@ -226,7 +227,8 @@ def create_app(
     async def completions(body: CompletionRequest) -> Any:
         if not body.stream:
             return await service.complete(body)
-        return StreamingResponse(_events(await service.open_stream(body)), media_type="text/event-stream")
+        chunks, release = await service.open_stream(body)
+        return StreamingResponse(_events(chunks), media_type="text/event-stream", background=BackgroundTask(release))
 
     @v1.get("/models", response_model=ModelList)
     async def models() -> ModelList:

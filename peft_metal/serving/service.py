@@ -504,9 +504,11 @@ class Service:
             generated += len(piece)
         return Logprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
-    async def open_stream(self, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def open_stream(self, body: CompletionRequest) -> tuple[AsyncIterator[dict[str, Any]], Callable[[], None]]:
         """Checks the request and reserves a stream slot (so refusals come before any byte is sent); returns the
-        chunks: text as it is generated, per choice, then a last chunk per choice with its finish reason."""
+        chunks (text as it is generated, per choice, then a last chunk per choice with its finish reason) and the
+        slot's release, which the chunks call when they end and the caller calls too in case they never start (a
+        client gone before the first byte); releasing twice is harmless."""
         if body.logprobs is not None:
             raise InvalidRequestError("logprobs is not returned when streaming: leave stream off to get them.", "logprobs")
         if body.options is not None:
@@ -517,9 +519,19 @@ class Service:
                 f"This server streams at most {self.max_streams} completions at once; retry shortly or set stream off."
             )
         self._open_streams += 1
-        return self._stream(body, plan)
+        released = False
 
-    async def _stream(self, body: CompletionRequest, plan: _Completion) -> AsyncIterator[dict[str, Any]]:
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._open_streams -= 1
+
+        return self._stream(body, plan, release), release
+
+    async def _stream(
+        self, body: CompletionRequest, plan: _Completion, release: Callable[[], None]
+    ) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
         num_rows = len(plan.queries) * plan.n
@@ -564,7 +576,7 @@ class Service:
                 yield {"id": plan.id, "object": "text_completion", "created": plan.created, "model": body.model,
                        "choices": [], "usage": usage.model_dump()}
         finally:
-            self._open_streams -= 1
+            release()
             if not submitted.done():
                 submitted.cancel()
 
