@@ -26,7 +26,7 @@ from report import write_report  # benchmarks/report.py: the JSON + markdown eve
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
-from peft_metal.evaluation import evaluate_seeds, load_eval_tasks
+from peft_metal.evaluation import EvaluationSettings, evaluate_seeds, load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import summary
 from peft_metal.precision import cast_frozen_weights
@@ -70,7 +70,7 @@ def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) 
         model = PeftModel.from_pretrained(lm, str(pgm))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
-    merged = evaluate_seeds(model, tokenizer, tasks, methods, DEV_PANEL.shots, queries, DEV_PANEL.seeds, progress=False)
+    merged = evaluate_seeds(model, tokenizer, tasks, EvaluationSettings(methods, DEV_PANEL.shots, queries), DEV_PANEL.seeds, progress=False)
     return {"precision": precision, "summary": summary(merged), "records": merged}
 
 

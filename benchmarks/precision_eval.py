@@ -19,7 +19,7 @@ import torch
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
-from peft_metal.evaluation import evaluate_seeds, load_eval_tasks
+from peft_metal.evaluation import EvaluationSettings, evaluate_seeds, load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import summary
 from peft_metal.pgm import load_pgm
@@ -41,7 +41,7 @@ def main() -> None:
         model, tokenizer, pgm = load_pgm(args.model, args.pgm, None, 0)
         assert cast_frozen_weights(model, precision) == precision
         started = time.perf_counter()
-        records = evaluate_seeds(model, tokenizer, tasks, args.methods, DEV_PANEL.shots, args.queries, DEV_PANEL.seeds)
+        records = evaluate_seeds(model, tokenizer, tasks, EvaluationSettings(args.methods, DEV_PANEL.shots, args.queries), DEV_PANEL.seeds)
         runs[precision] = {"seconds": round(time.perf_counter() - started, 1), "summary": summary(records), "records": records}
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -84,60 +84,47 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .evaluation import (
         BaselineOptions,
+        EvaluationSettings,
         evaluate_seeds,
         load_eval_tasks,
         markdown_table,
-        resolve_methods,
-        resolve_refine_steps,
         write_results,
     )
     from .evaluation.panels import PANELS, get_panel
     from .precision import cast_frozen_weights
 
     try:
-        methods = resolve_methods(args.methods)
-        refine_steps = resolve_refine_steps(args.refine_steps)
-        baseline_options = BaselineOptions(
-            steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,
-            prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
-        )
         panel = get_panel(args.split) if args.split in PANELS else None
         if panel is not None:
             tasks = load_eval_tasks(names=list(panel.tasks), task_dir=args.task_dir)
         else:
             tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
         seeds = _seeds(args.seed, panel.seeds if panel else (0,))
-        queries = args.queries if args.queries is not None else (panel.queries if panel else 50)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        run = EvaluationSettings(
+            args.methods, args.shots, args.queries if args.queries is not None else (panel.queries if panel else 50),
+            num_demonstrations=args.num_demonstrations, max_new_tokens=args.max_new_tokens,
+            metric=None if args.metric == "auto" else args.metric, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+            baseline=BaselineOptions(
+                steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,
+                prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
+            ),
+        )
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
     model, tokenizer, pgm = _load_pgm(args, seed=seeds[0])
     precision = cast_frozen_weights(model, args.precision)
-    metric = None if args.metric == "auto" else args.metric
     try:
-        results = evaluate_seeds(
-            model, tokenizer, tasks, methods, args.shots, queries, seeds,
-            progress=not args.no_progress, num_demonstrations=args.num_demonstrations,
-            max_new_tokens=args.max_new_tokens, metric=metric, baseline_options=baseline_options,
-            refine_steps=refine_steps, refine_lr=args.refine_lr,
-        )
+        results = evaluate_seeds(model, tokenizer, tasks, run, seeds, progress=not args.no_progress)
     except (ValueError, TypeError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
     settings = {
-        "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "methods": methods,
-        "shots": args.shots, "queries": queries, "seeds": list(seeds), "metric": args.metric,
-        "num_demonstrations": args.num_demonstrations, "max_new_tokens": args.max_new_tokens, "precision": precision,
-        "panel": panel.name if panel else None,
+        "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "seeds": list(seeds),
+        **run.to_dict(), "metric": args.metric, "precision": precision, "panel": panel.name if panel else None,
     }
-    if "metal+refine" in methods:
-        settings.update(refine_steps=refine_steps, refine_lr=args.refine_lr)
-    if any(method in ("prompt_tuning", "p_tuning", "prefix_tuning") for method in methods):
-        settings["baseline"] = dataclasses.asdict(baseline_options)
     paths = write_results(results, args.output, settings=settings)
     print(markdown_table(results))
     print("Wrote " + ", ".join(str(path) for path in paths.values()))

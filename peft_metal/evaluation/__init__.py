@@ -9,7 +9,8 @@ from .baselines import BASELINE_METHODS, DEFAULT_LRS, BaselineOptions, TrainedBa
 from .methods import METHODS, prepare_method, resolve_methods
 from .metrics import exact_match, normalize_answer, token_f1
 from .report import markdown_table, mean_scores, method_label, write_results
-from .runner import evaluate, evaluate_seeds, resolve_refine_steps, task_metric
+from .runner import evaluate, evaluate_seeds, run_evaluation, task_metric
+from .settings import EvaluationSettings, resolve_refine_steps
 from .tasks import check_eval_task, load_eval_tasks
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "check_eval_task",
     "evaluate",
     "evaluate_seeds",
+    "EvaluationSettings",
+    "run_evaluation",
     "exact_match",
     "load_eval_tasks",
     "markdown_table",

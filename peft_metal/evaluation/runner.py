@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -38,53 +38,19 @@ from ..inference import (
     model_device,
     score_options,
 )
-from .baselines import BASELINE_METHODS, BaselineOptions
+from .baselines import BaselineOptions
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
-    DEFAULT_REFINE_BATCH_SIZE,
-    DEFAULT_REFINE_LR,
-    DEFAULT_REFINE_STEPS,
-    METAL_DEMOS,
-    METAL_REFINE,
-    PGM_METHODS,
     PreparedMethod,
     option_ids,
     prepare_method,
     query_input,
-    resolve_methods,
 )
 from .metrics import exact_match, token_f1
+from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_NEW_TOKENS = 16
-METRICS = (MULTIPLE_CHOICE, GENERATIVE)
-
-
-def _check_count(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-
-def resolve_refine_steps(refine_steps: Any) -> list[int]:
-    """Refinement step counts as a list of distinct ints >= 0 (an int, a sequence, or a string like "0,5,10")."""
-    if isinstance(refine_steps, str):
-        try:
-            refine_steps = [int(part) for part in refine_steps.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"refine_steps must be comma-separated ints, got {refine_steps!r}.") from None
-    steps = [refine_steps] if isinstance(refine_steps, int) and not isinstance(refine_steps, bool) else list(refine_steps)
-    if not steps:
-        raise ValueError("refine_steps is empty: give at least one step count.")
-    for value in steps:
-        _check_count(value, "refine_steps", 0)
-    if len(set(steps)) != len(steps):
-        raise ValueError(f"refine_steps {steps} has repeated step counts.")
-    return steps
-
 
 def task_metric(task: Task, metric: Optional[str] = None) -> str:
     """The metric to score `task` with: its own (`task.metric`) by default; multiple choice only if it has options."""
@@ -200,73 +166,49 @@ def evaluate(
     seed: int,
     progress: bool = True,
     *,
-    num_demonstrations: int = DEFAULT_NUM_DEMONSTRATIONS,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    metric: Optional[str] = None,
     raise_errors: Optional[bool] = None,
     baseline_steps: Optional[int] = None,
     baseline_options: Optional[BaselineOptions] = None,
-    refine_steps: Union[int, Sequence[int], str] = DEFAULT_REFINE_STEPS,
-    refine_lr: float = DEFAULT_REFINE_LR,
-    refine_batch_size: int = DEFAULT_REFINE_BATCH_SIZE,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """Score every method on every task; every method sees the same `task.split(shots, queries, seed)`.
 
     Multiple-choice tasks are scored by option log-likelihood (`score`: accuracy by the mean log-prob per token of
     `template.format_answer(option)`; `score_sum`: by the summed log-prob), generative tasks by greedy decoding
-    (`score`: exact match, `token_f1`). `metric` forces one of `"multiple_choice"`/`"generative"` for all tasks.
-
-    `metal+refine` runs once per count in `refine_steps` (Adam steps of `model.refine_prompt`, lr `refine_lr`), each
-    record carrying `refine_steps` (0 steps: the metal prompt). The PEFT baselines (prompt_tuning, p_tuning,
-    prefix_tuning) train `baseline_steps` steps (default `baseline_options.steps`, 50) with `baseline_options`.
-    Training is seeded by `seed`.
+    (`score`: exact match, `token_f1`). `settings` are `EvaluationSettings`' other fields (`num_demonstrations`,
+    `max_new_tokens`, `metric`, `refine_steps`, `refine_lr`, `refine_batch_size`); the PEFT baselines train
+    `baseline_steps` steps (default `baseline_options.steps`, 50) with `baseline_options`.
 
     Bad arguments raise at once. A task or method that fails is raised when `raise_errors` is true (the default for a
     single task) and otherwise recorded as `{"task", "method", "error"}` while the run goes on (the default for
     several tasks).
     """
-    methods = resolve_methods(methods)
-    _check_count(shots, "shots", 0)
-    _check_count(queries, "queries", 1)
-    _check_count(max_new_tokens, "max_new_tokens", 1)
+    baseline = baseline_options if baseline_options is not None else BaselineOptions()
+    if baseline_steps is not None:
+        if not isinstance(baseline, BaselineOptions):
+            raise TypeError(f"baseline_options must be a BaselineOptions, got {type(baseline).__name__}.")
+        baseline = dataclasses.replace(baseline, steps=baseline_steps)  # validated by the options
+    run_settings = EvaluationSettings(methods, shots, queries, baseline=baseline, **settings)
+    return run_evaluation(model, tokenizer, tasks, run_settings, seed, progress, raise_errors)
+
+
+def run_evaluation(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    settings: EvaluationSettings,
+    seed: int,
+    progress: bool = True,
+    raise_errors: Optional[bool] = None,
+) -> list[dict[str, Any]]:
+    """`evaluate` with its settings already checked (`EvaluationSettings`)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
-    if metric is not None and metric not in METRICS:
-        raise ValueError(f"Unknown metric {metric!r}; expected one of {list(METRICS)} (or None for the task's own).")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"tokenizer must be the base model's tokenizer, got {type(tokenizer).__name__}.")
     parts = ModelParts.from_model(model)
-    pgm_methods = [name for name in methods if name in PGM_METHODS]
-    if pgm_methods and parts.tuner is None:
-        raise TypeError(f"Methods {pgm_methods} need a MetaL-Prompt PGM; got a plain {type(model).__name__}.")
-    if pgm_methods and shots < 1:
-        raise ValueError(f"Methods {pgm_methods} generate a prompt from the shots: shots must be >= 1, got {shots}.")
-    baseline_methods = [name for name in methods if name in BASELINE_METHODS]
-    if baseline_methods and shots < 1:
-        raise ValueError(f"Methods {baseline_methods} train on the shots: shots must be >= 1, got {shots}.")
-    baseline_options = baseline_options if baseline_options is not None else BaselineOptions()
-    if not isinstance(baseline_options, BaselineOptions):
-        raise TypeError(f"baseline_options must be a BaselineOptions, got {type(baseline_options).__name__}.")
-    if baseline_steps is not None:
-        baseline_options = dataclasses.replace(baseline_options, steps=baseline_steps)  # validated by the options
-    steps_list = resolve_refine_steps(refine_steps)
-    _check_count(refine_batch_size, "refine_batch_size", 1)
-    if not isinstance(refine_lr, (int, float)) or isinstance(refine_lr, bool) or not refine_lr > 0:
-        raise ValueError(f"refine_lr must be a number > 0, got {refine_lr!r}.")
-    # One run per method, metal+refine once per step count.
-    runs: list[tuple[str, dict[str, Any]]] = []
-    for name in methods:
-        if name == METAL_REFINE:
-            runs.extend((name, {"refine_steps": n}) for n in steps_list)
-        else:
-            runs.append((name, {}))
-    if METAL_DEMOS in methods:
-        _check_count(num_demonstrations, "num_demonstrations", 1)
-        if num_demonstrations >= shots:
-            raise ValueError(
-                f"{METAL_DEMOS!r} keeps the last num_demonstrations={num_demonstrations} of the {shots} shots as "
-                f"demonstrations and gives the rest to the PGM: it needs shots > num_demonstrations."
-            )
+    if settings.pgm_methods and parts.tuner is None:
+        raise TypeError(f"Methods {list(settings.pgm_methods)} need a MetaL-Prompt PGM; got a plain {type(model).__name__}.")
     tasks = list(tasks)
     if not tasks:
         raise ValueError("No tasks to evaluate.")
@@ -276,16 +218,19 @@ def evaluate(
     if raise_errors is None:
         raise_errors = len(tasks) == 1
 
+    runs = settings.runs
     results: list[dict[str, Any]] = []
-    options = dict(baseline=baseline_options, refine_lr=refine_lr, refine_batch_size=refine_batch_size, seed=seed)
+    options = dict(
+        baseline=settings.baseline, refine_lr=settings.refine_lr, refine_batch_size=settings.refine_batch_size, seed=seed
+    )
     bar = tqdm(total=len(tasks) * len(runs), desc="eval", unit="run", disable=not progress)
     with _eval_mode(model), parts.lora_off(), torch.no_grad(), bar:
-        if pgm_methods:
+        if settings.pgm_methods:
             _warm_up_pgm(parts, tokenizer)
         for task in tasks:
             try:
-                metric_name = task_metric(task, metric)
-                task_shots, task_queries = task.split(shots, queries, seed)
+                metric_name = task_metric(task, settings.metric)
+                task_shots, task_queries = task.split(settings.shots, settings.queries, seed)
             except Exception as error:  # noqa: BLE001 - recorded, the run goes on
                 if raise_errors:
                     raise
@@ -298,7 +243,8 @@ def evaluate(
                 try:
                     record = evaluate_method(
                         parts, tokenizer, task, method, task_shots, task_queries, metric_name,
-                        num_demonstrations=num_demonstrations, max_new_tokens=max_new_tokens, **options, **fields,
+                        num_demonstrations=settings.num_demonstrations, max_new_tokens=settings.max_new_tokens,
+                        **options, **fields,
                     )
                 except Exception as error:  # noqa: BLE001 - recorded, the run goes on
                     if raise_errors:
@@ -314,17 +260,15 @@ def evaluate_seeds(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[Task],
-    methods: Any,
-    shots: int,
-    queries: int,
+    settings: EvaluationSettings,
     seeds: Sequence[int],
-    **options: Any,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """`evaluate` once per seed; with several seeds, one record per task and method merged over them (`merge_seeds`),
-    with one seed the records as they are, tagged with it. `options` are `evaluate`'s keyword arguments."""
+    """`run_evaluation` once per seed; with several seeds, one record per task and method merged over them
+    (`merge_seeds`), with one seed the records as they are, tagged with it."""
     from .report import merge_seeds
 
     records = []
     for seed in seeds:
-        records += [dict(record, seed=seed) for record in evaluate(model, tokenizer, tasks, methods, shots, queries, seed, **options)]
+        records += [dict(record, seed=seed) for record in run_evaluation(model, tokenizer, tasks, settings, seed, progress)]
     return merge_seeds(records) if len(seeds) > 1 else records
