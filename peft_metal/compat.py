@@ -5,8 +5,9 @@ Each function here is covered by `tests/test_compat.py`, which fails loudly when
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -50,6 +51,25 @@ def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
     return cache_from_layers(
         [(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in layers]
     )
+
+
+@contextmanager
+def attention_implementation(lm: PreTrainedModel, implementation: str) -> Iterator[None]:
+    """Run `lm` with another attention implementation for a while ("eager", "sdpa", ...).
+
+    transformers 5 looks the implementation up in `config._attn_implementation` at every attention call, so
+    `set_attn_implementation` takes effect at once and costs well under a millisecond; the current one is only
+    readable from that private attribute.
+    """
+    previous = lm.config._attn_implementation
+    if previous == implementation:
+        yield
+        return
+    lm.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(previous)
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:

@@ -108,10 +108,15 @@ def forward_with_prompt(
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     use_cache: bool = False,
+    only_labelled_logits: bool = False,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
     """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them;
     with `use_cache`, also the keys/values over [context][queries] (continuations such as answer options go on there).
+
+    With `only_labelled_logits` (and `labels`), the LM head runs only from the first position that predicts a
+    labelled token to the end, and `logits` covers just those last positions: the loss is the same, and training on
+    answers (a few tokens at the end of left-padded queries) skips the full-vocabulary head over everything else.
 
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
@@ -123,15 +128,21 @@ def forward_with_prompt(
     # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
     cache = expand_cache(_context_layers(lm, prompt), batch_size)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
+    kept = query_length
+    if only_labelled_logits and labels is not None:
+        labelled = (labels[:, 1:] != -100).any(dim=0).nonzero()
+        kept = query_length - int(labelled[0]) if len(labelled) else 1
     if keeps_logits(lm):
-        kwargs["logits_to_keep"] = query_length
+        kwargs["logits_to_keep"] = kept
     query_embeds = lm.get_input_embeddings()(input_ids)
     outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
-    logits = outputs.logits[:, -query_length:]
+    logits = outputs.logits[:, -kept:]
     loss = None
     if labels is not None:
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, query_length - kept + 1 :].reshape(-1),
+            ignore_index=-100,
         )
     return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
 

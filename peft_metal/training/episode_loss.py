@@ -7,14 +7,15 @@ wrapper's forward, and the PGM's work happens inside this forward).
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import nullcontext
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..compat import cache_from_layers, cache_layers, expand_cache
+from ..compat import attention_implementation, cache_from_layers, cache_layers, expand_cache
 from ..data import Episode
 from ..data.text import TextEpisode
 from ..metal_prompt import ShotTemplate
@@ -38,6 +39,7 @@ class EpisodeLoss(nn.Module):
         distillation_weight: float = 0.0,
         chunk_size: Optional[int] = None,
         option_distillation_weight: float = 0.0,
+        graded_attention: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -45,6 +47,14 @@ class EpisodeLoss(nn.Module):
         self.distillation_weight = distillation_weight
         self.option_distillation_weight = option_distillation_weight
         self.chunk_size = chunk_size
+        # The attention implementation for the passes that carry a gradient (the PGM and the student LM), when it
+        # differs from the model's own, which the no-grad reads (shots, teacher) keep.
+        self.graded_attention = graded_attention
+
+    def _graded(self) -> ContextManager[None]:
+        if self.graded_attention is None or not torch.is_grad_enabled():
+            return nullcontext()
+        return attention_implementation(self.model.get_base_model(), self.graded_attention)
 
     @property
     def template(self) -> ShotTemplate:
@@ -65,32 +75,34 @@ class EpisodeLoss(nn.Module):
         tuner = self.model.base_model
         xl_shots = [example.as_shot() for example in episode.xl]
         xp_ids, xl_ids = self._encode(episode.xp), self._encode(episode.xl)
-        shots_read = None
-        if self._reads_shots_once:
-            shots_read = tuner.read_shots(xp_ids)
-            prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
-        else:
-            prompt = self.model.generate_prompt(
-                [example.as_shot() for example in episode.xp] + xl_shots,
-                tokenizer=self.tokenizer,
-                num_demonstrations=len(xl_shots),
-                chunk_size=self.chunk_size,
-            )
+        shots_read = tuner.read_shots(xp_ids) if self._reads_shots_once else None
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
-        options = None
-        if self.option_distillation_weight > 0:
-            options = encode_options(
-                episode.queries, self.tokenizer, self.template, device,
-                self._option_row_bytes(max(prompt.context_length, len(xp_ids) + len(xl_ids)) + batch.input_ids.shape[1]),
+        with self._graded():
+            if shots_read is not None:
+                prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
+            else:
+                prompt = self.model.generate_prompt(
+                    [example.as_shot() for example in episode.xp] + xl_shots,
+                    tokenizer=self.tokenizer,
+                    num_demonstrations=len(xl_shots),
+                    chunk_size=self.chunk_size,
+                )
+            options = None
+            if self.option_distillation_weight > 0:
+                options = encode_options(
+                    episode.queries, self.tokenizer, self.template, device,
+                    self._option_row_bytes(max(prompt.context_length, len(xp_ids) + len(xl_ids)) + batch.input_ids.shape[1]),
+                )
+            outputs = self.model(
+                prompt=prompt,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                labels=batch.labels,
+                use_cache=options is not None,
+                # Without distillation only the answers' logits are needed.
+                only_labelled_logits=self.distillation_weight == 0 and options is None,
             )
-        outputs = self.model(
-            prompt=prompt,
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            labels=batch.labels,
-            use_cache=options is not None,
-        )
         losses = {"lm_loss": outputs.loss}
         if self.distillation_weight > 0 or options is not None:
             if shots_read is None:
@@ -148,7 +160,7 @@ class EpisodeLoss(nn.Module):
     def _option_distillation(self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset) -> torch.Tensor:
         """KL from the teacher's distribution over each multiple-choice query's options to the student's."""
         lm = self.model.get_base_model()
-        with self.model.base_model.lm_only():
+        with self.model.base_model.lm_only(), self._graded():
             student = option_scores(lm, cache_layers(outputs.past_key_values), batch, outputs.logits, options)
             with torch.no_grad():
                 teacher = option_scores(lm, teacher_layers, batch, teacher_logits, options, teacher_offset)

@@ -112,9 +112,13 @@ class MetaTrainer:
             model, tokenizer = build_pgm(args)
         if device == "cpu":
             cast_frozen_weights(model, self.precision)
-        attention = "eager" if args.attn_implementation == "auto" and device == "cpu" else args.attn_implementation
-        if attention != "auto":
-            model.get_base_model().set_attn_implementation(attention)
+        reads, graded = args.attn_implementation, None
+        if args.attn_implementation == "auto" and device == "cpu":
+            # Measured on this CPU (benchmarks/train_throughput.py): SDPA reads without gradient several times faster
+            # than eager attention, but its backward is slower, so the passes that train use eager attention.
+            reads, graded = "sdpa", "eager"
+        if reads != "auto":
+            model.get_base_model().set_attn_implementation(reads)
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(args.output_dir)
         train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)
@@ -134,7 +138,11 @@ class MetaTrainer:
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            EpisodeLoss(self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight), optimizer, scheduler
+            EpisodeLoss(
+                self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded
+            ),
+            optimizer,
+            scheduler,
         )
         self.step = 0
         self.skipped_long = 0
