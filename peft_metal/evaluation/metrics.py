@@ -1,11 +1,24 @@
-"""Answer metrics: multiple-choice accuracy from option scores, exact match and token F1 for generated answers."""
+"""Answer metrics, named as lm-evaluation-harness names them: multiple-choice accuracy by three choice rules (`acc`,
+`acc_norm`, `acc_per_token`), exact match and token F1 for generated answers, each with its standard error.
+
+The choice rules pick the option whose continuation `template.format_answer(option)` is most likely after the query:
+
+* `acc`: by the summed log-likelihood (lm-eval's `acc`).
+* `acc_norm`: by the summed log-likelihood divided by the option's length in characters (lm-eval's `acc_norm`, which
+  divides by `len(choice)` of the choice string without the space before it; lm-eval's `acc_bytes` would use UTF-8
+  bytes). Results agree with lm-eval's for a task formatted the same way.
+* `acc_per_token`: by the mean log-likelihood per token. Meta-training's option loss and the server choose options
+  this way, so it stays the headline `score` of a multiple-choice record (results recorded before these names were
+  introduced are this number).
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ..metal_prompt.template import ShotTemplate
 
@@ -65,3 +78,31 @@ def has_stop(text: str, template: ShotTemplate) -> bool:
 def best_option(scores: Sequence[float]) -> int:
     """Index of the highest score (the first one on ties)."""
     return max(range(len(scores)), key=lambda index: (scores[index], -index))
+
+
+MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "acc_per_token")
+GENERATIVE_METRICS = ("exact_match", "token_f1")
+
+
+def choice_hits(
+    options: Sequence[str], answers: Iterable[str], sum_logprobs: Sequence[float], mean_logprobs: Sequence[float]
+) -> dict[str, float]:
+    """1.0/0.0 per choice rule: whether the option it picks is an answer (see the module docstring for the rules)."""
+    answers = set(answers)
+    # An empty option has no characters to divide by; it is then divided by 1 (lm-eval would divide by 0).
+    by_rule = {
+        "acc": sum_logprobs,
+        "acc_norm": [value / max(len(option), 1) for value, option in zip(sum_logprobs, options)],
+        "acc_per_token": mean_logprobs,
+    }
+    return {name: float(options[best_option(values)] in answers) for name, values in by_rule.items()}
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """The mean of per-example values and its standard error as lm-eval computes it (sample standard deviation over
+    sqrt(n)); the error is None for fewer than two values, where lm-eval reports "N/A"."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1) / n)
