@@ -184,7 +184,8 @@ def test_metal_refine_one_record_per_step_count(pgm, tok):
         ("metal", None), ("metal+refine", 0), ("metal+refine", 1), ("metal+refine", 3)
     ]
     metal, zero = results[0], results[1]
-    assert [zero[k] for k in ("acc", "acc_norm", "acc_per_token")] == [metal[k] for k in ("acc", "acc_norm", "acc_per_token")]
+    names = ("acc", "acc_norm", "acc_per_token")
+    assert [zero[name] for name in names] == [metal[name] for name in names]
     table = markdown_table(results)
     assert "| metal | metal+refine@0 | metal+refine@1 | metal+refine@3 |" in table
 

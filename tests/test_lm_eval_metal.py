@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_lm, make_pgm
+from conftest import build_tokenizer, make_lm, make_pgm
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported (through lm_eval), which reads them once
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -49,11 +49,14 @@ def _no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tok):
-    """The tiny base LM and its tokenizer, a PGM over it, and the task YAMLs pointing at the fixtures' JSONL."""
+def folders(tmp_path_factory):
+    """The tiny base LM and its tokenizer (with "~" as BOS, for empty request contexts), a PGM over it, and the task
+    YAMLs pointing at the fixtures' JSONL."""
     root = tmp_path_factory.mktemp("lm_eval_metal")
     base, pgm, tasks = root / "base", root / "pgm", root / "tasks"
     make_lm("llama").save_pretrained(base)
+    tok = build_tokenizer()
+    tok.bos_token = "~"
     tok.save_pretrained(base)
     make_pgm("llama", "discrete").save_pretrained(pgm)
     tasks.mkdir()
@@ -69,8 +72,11 @@ def rows(split: str) -> list[dict]:
 def evaluate(folders, tasks, **kwargs):
     model_args = dict(folders, metal_shots=SHOTS, precision="fp32")
     return lm_eval.simple_evaluate(
-        model="metal", model_args=model_args, tasks=tasks,
-        task_manager=TaskManager(include_path=folders["include_path"], include_defaults=False), **kwargs,
+        model="metal",
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=folders["include_path"], include_defaults=False),
+        **kwargs,
     )
 
 
@@ -105,7 +111,9 @@ def test_multiple_choice_matches_the_projects_scoring(folders, reference):
             scores = score_continuations(tuner.model, query, [encode(tokenizer, " " + c) for c in row["choices"]])
             sums = [s.sum_logprob for s in scores]
             expected_sums.append(sums)
-            row_hits = choice_hits(row["choices"], [row["choices"][row["label"]]], sums, [s.mean_logprob for s in scores])
+            row_hits = choice_hits(
+                row["choices"], [row["choices"][row["label"]]], sums, [s.mean_logprob for s in scores]
+            )
             for name in hits:
                 hits[name].append(row_hits[name])
 
@@ -137,6 +145,23 @@ def test_generation_matches_the_projects_decoding(folders, reference):
     assert "exact_match,none" in out["results"]["metal_toy_gen"]
 
 
+def test_rolling_loglikelihood_is_the_text_after_the_prompt_and_bos(folders, reference):
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    tuner, tokenizer, context = reference(lambda row: row["choices"][row["label"]])
+    texts = ["Input: ab\nOutput: yes", "no way"]
+    with tuner.lm_only(), torch.no_grad():
+        after_bos = extend_context(tuner.model, context, [tokenizer.bos_token_id])
+        expected = [score_continuations(tuner.model, after_bos, [encode(tokenizer, t)])[0].sum_logprob for t in texts]
+    model = get_model("metal")(**folders, metal_shots=SHOTS, precision="fp32")
+    requests = [
+        Instance("loglikelihood_rolling", {}, (text,), index, metadata=("metal_toy_mc", index, 1))
+        for index, text in enumerate(texts)
+    ]
+    assert model.loglikelihood_rolling(requests, disable_tqdm=True) == pytest.approx(expected, abs=1e-5)
+
+
 def test_refuses_shots_from_the_evaluated_split(folders):
     with pytest.raises(ValueError, match="evaluated on"):
         evaluate(folders, ["metal_toy_leaky"])
@@ -144,11 +169,26 @@ def test_refuses_shots_from_the_evaluated_split(folders):
 
 def test_command_line(folders, tmp_path):
     """`python -m peft_metal.integrations.lm_eval` is lm-eval's CLI with `metal` registered."""
-    model_args = ",".join(f"{key}={value}" for key, value in dict(folders, metal_shots=SHOTS, precision="fp32").items())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    model_args = ",".join(
+        f"{key}={value}" for key, value in dict(folders, metal_shots=SHOTS, precision="fp32").items()
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
     command = [
-        sys.executable, "-m", "peft_metal.integrations.lm_eval", "--model", "metal", "--model_args", model_args,
-        "--tasks", "metal_toy_mc", "--include_path", folders["include_path"], "--output_path", str(tmp_path),
+        sys.executable,
+        "-m",
+        "peft_metal.integrations.lm_eval",
+        "--model",
+        "metal",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "metal_toy_mc",
+        "--include_path",
+        folders["include_path"],
+        "--output_path",
+        str(tmp_path),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]

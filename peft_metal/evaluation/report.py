@@ -49,7 +49,7 @@ def standard_error(record: dict[str, Any]) -> float:
 
 def summary(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per method: mean score over tasks, its standard error (per-task errors combined as independent), tasks,
-    questions, and the mean and standard error of each metric (`acc`, `acc_stderr`, ...) over the tasks that have it."""
+    questions, and each metric's mean and standard error (`acc`, `acc_stderr`, ...) over the tasks that have it."""
     table = {}
     for method in _methods(results):
         records = [record for record in _ok(results) if method_label(record) == method]

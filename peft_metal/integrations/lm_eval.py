@@ -82,14 +82,18 @@ def task_shots(task: Task, k: int, seed: int) -> list[Example]:
         )
     docs = list(task.fewshot_docs())
     if len(docs) < k:
-        raise ValueError(f"Task {task.config.task!r} has {len(docs)} few-shot examples; metal_shots={k} asks for more.")
+        raise ValueError(
+            f"Task {task.config.task!r} has {len(docs)} few-shot examples; metal_shots={k} asks for more."
+        )
     return [_shot(task, doc) for doc in random.Random(seed).sample(docs, k)]
 
 
 def _shot(task: Task, doc: dict) -> Example:
     text = task.doc_to_text(doc)
     if not isinstance(text, str):
-        raise ValueError(f"Task {task.config.task!r} has several inputs per doc (multiple_input), which metal cannot read.")
+        raise ValueError(
+            f"Task {task.config.task!r} has several inputs per doc (multiple_input), which metal cannot read."
+        )
     target = task.doc_to_target(doc)
     if isinstance(target, list):
         target = target[0]
@@ -145,7 +149,9 @@ class MetalLM(LM):
 
         if not self._task_managers:
             self._task_managers.append(
-                TaskManager(include_path=self.include_path, include_defaults=False) if self.include_path else TaskManager()
+                TaskManager(include_path=self.include_path, include_defaults=False)
+                if self.include_path
+                else TaskManager()
             )
         if name not in self._task_managers[-1].all_tasks and self.include_path and len(self._task_managers) == 1:
             self._task_managers.append(TaskManager(include_path=self.include_path))
@@ -172,7 +178,13 @@ class MetalLM(LM):
         HF model conditions on one: the prompt alone leaves no next-token logits to score a first token with."""
         ids = encode(self.tokenizer, text)
         if not ids:
-            prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            prefix = (
+                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            )
+            if prefix is None:
+                raise ValueError(
+                    "An empty request context needs a BOS or EOS token to condition on; the tokenizer has neither."
+                )
             ids = [prefix]
         return extend_context(self.parts.lm, self.prepared(request.task_name).context, ids)
 
@@ -209,7 +221,9 @@ class MetalLM(LM):
         with self.parts.lora_off(), torch.no_grad():
             for request in tqdm(requests, desc="metal loglikelihood_rolling", disable=disable_tqdm):
                 (text,) = request.args
-                score = score_continuations(self.parts.lm, self._context(request, ""), [encode(self.tokenizer, text)])[0]
+                score = score_continuations(self.parts.lm, self._context(request, ""), [encode(self.tokenizer, text)])[
+                    0
+                ]
                 results.append(score.sum_logprob)
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), score.sum_logprob)
         return results
@@ -232,7 +246,9 @@ class MetalLM(LM):
                 def stop(tokens: list[int]) -> bool:
                     return any(s in self.tokenizer.decode(tokens) for s in stops)
 
-                tokens = greedy_decode(self.parts.lm, self._context(request, text), max_new, eos_token_ids=eos, stop=stop)
+                tokens = greedy_decode(
+                    self.parts.lm, self._context(request, text), max_new, eos_token_ids=eos, stop=stop
+                )
                 output = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 for s in stops:
                     output = output.split(s, 1)[0]
@@ -247,8 +263,12 @@ class MetalLM(LM):
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under `config`."""
         return {
-            "pretrained": self.pretrained, "pgm": self.pgm_source, "metal_shots": self.metal_shots,
-            "num_demonstrations": self.num_demonstrations, "shot_seed": self.shot_seed, "precision": self.precision,
+            "pretrained": self.pretrained,
+            "pgm": self.pgm_source,
+            "metal_shots": self.metal_shots,
+            "num_demonstrations": self.num_demonstrations,
+            "shot_seed": self.shot_seed,
+            "precision": self.precision,
         }
 
 
