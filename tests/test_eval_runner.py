@@ -51,8 +51,12 @@ def test_records_for_every_task_and_method(pgm, tok):
         assert record["n"] == 2 and 0.0 <= record["score"] <= 1.0 and record["eval_seconds"] > 0
         assert (record["prompt_seconds"] > 0) == record["method"].startswith("metal")
     by = {(r["task"], r["method"]): r for r in results}
-    assert by["vowel", "zero_shot"]["metric"] == "accuracy" and "score_sum" in by["vowel", "icl"]
+    assert by["vowel", "zero_shot"]["metric"] == "acc_per_token" and "acc" in by["vowel", "icl"]
+    for name in ("acc", "acc_norm", "acc_per_token"):
+        assert 0.0 <= by["vowel", "icl"][name] <= 1.0 and by["vowel", "icl"][f"{name}_stderr"] >= 0.0
+    assert by["vowel", "icl"]["score"] == by["vowel", "icl"]["acc_per_token"]
     assert by["upper", "icl"]["metric"] == "exact_match" and 0.0 <= by["upper", "icl"]["token_f1"] <= 1.0
+    assert by["upper", "icl"]["score"] == by["upper", "icl"]["exact_match"] and "token_f1_stderr" in by["upper", "icl"]
     assert by["vowel", "zero_shot"]["context_tokens"] == 0
     assert by["vowel", "metal"]["context_tokens"] == 4  # K, no demonstrations
     assert by["vowel", "metal+demos"]["context_tokens"] > 4
@@ -107,11 +111,11 @@ def test_write_results(tmp_path):
     paths = write_results(results, tmp_path / "out" / "results.json")
     written = json.loads(paths["json"].read_text())
     assert written["results"] == results
-    # the mean carries one binomial standard error: sqrt(0.5 * 0.5 / 2)
-    assert written["summary"] == {"icl": {"mean": 0.5, "se": pytest.approx(0.35355, abs=1e-5), "tasks": 1, "questions": 2}}
+    # a record without `_stderr` fields: the sample standard error of its 0/1 score, as lm-eval's: sqrt(0.25 / (2 - 1))
+    assert written["summary"] == {"icl": {"mean": 0.5, "se": 0.5, "tasks": 1, "questions": 2}}
     markdown = paths["markdown"].read_text()
     assert "| a | accuracy | 0.500 | error |" in markdown
-    assert "**0.500** ± 0.354" in markdown
+    assert "**0.500** ± 0.500" in markdown
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,3 +133,33 @@ def test_merge_seeds_weights_scores_by_questions():
     assert merged[0]["eval_seconds"] == 3.0 and merged[0]["context_tokens"] == 15
     assert "seed" not in merged[0]
     assert "error" in merged[1] and merged[1]["seeds"] == [0, 1]
+
+
+def test_merged_standard_errors_are_those_of_the_pooled_questions():
+    from peft_metal.evaluation.metrics import mean_stderr
+
+    seeds = {0: [1.0, 1.0], 1: [1.0, 0.0, 0.0, 1.0], 2: [0.0]}
+    records = []
+    for seed, hits in seeds.items():
+        acc, acc_stderr = mean_stderr(hits)
+        records.append({"task": "a", "method": "icl", "metric": "acc", "score": acc, "acc": acc,
+                        "acc_stderr": acc_stderr, "n": len(hits), "seed": seed})
+    merged = merge_seeds(records)[0]
+    pooled = mean_stderr([hit for hits in seeds.values() for hit in hits])
+    assert (merged["acc"], merged["acc_stderr"]) == pytest.approx(pooled)
+    assert merged["score"] == pytest.approx(pooled[0])
+
+
+def test_results_json_names_metrics_as_lm_eval(pgm, tok, tmp_path):
+    results = evaluate(pgm, tok, [mc_task(), gen_task()], ["icl"], shots=3, queries=3, seed=0, progress=False,
+                       max_new_tokens=3)
+    written = json.loads(write_results(results, tmp_path / "results.json")["json"].read_text())
+    mc, gen = written["results"]
+    for name in ("acc", "acc_norm", "acc_per_token"):
+        assert {name, f"{name}_stderr"} <= set(mc) and 0.0 <= mc[name] <= 1.0
+        assert written["summary"]["icl"][name] == mc[name]  # one task has it
+    assert mc["metric"] == "acc_per_token" and gen["metric"] == "exact_match"
+    assert {"exact_match", "exact_match_stderr", "token_f1", "token_f1_stderr"} <= set(gen)
+    assert "score_sum" not in mc and "accuracy" not in json.dumps(written)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| method | acc | acc_norm | acc_per_token | exact_match | token_f1 |" in markdown

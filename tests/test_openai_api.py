@@ -224,7 +224,7 @@ def test_lm_eval_local_completions_scores_as_peft_metal_eval(server, prompt_id, 
         got = results["results"]["local_sentiment"]["acc,none"]
         if method == "zero_shot":
             [record] = evaluate(model, tok, [task], ["zero_shot"], shots=0, queries=len(examples), seed=0, progress=False)
-            expected = record["score_sum"]
+            expected = record["acc"]  # lm-eval's acc: the option with the largest summed log-likelihood
         else:  # the stored prompt read before every query, options chosen by their summed log-likelihood
             lm = _lm(server)
             context = prompt_context(lm, store.get(prompt_id))

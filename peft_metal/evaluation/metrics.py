@@ -1,11 +1,26 @@
-"""Answer metrics for generated answers: exact match and token F1 (multiple choice is scored by `inference`)."""
+"""Answer metrics, named as lm-evaluation-harness names them: multiple-choice accuracy by three choice rules (`acc`,
+`acc_norm`, `acc_per_token`), exact match and token F1 for generated answers, each with its standard error.
+
+The choice rules pick the option whose continuation `template.format_answer(option)` is most likely after the query:
+
+* `acc`: by the summed log-likelihood (lm-eval's `acc`).
+* `acc_norm`: by the summed log-likelihood divided by the option's length in characters (lm-eval's `acc_norm`, which
+  divides by `len(choice)` of the choice string without the space before it; lm-eval's `acc_bytes` would use UTF-8
+  bytes). Results agree with lm-eval's for a task formatted the same way.
+* `acc_per_token`: by the mean log-likelihood per token. Meta-training's option loss and the server choose options
+  this way, so it stays the headline `score` of a multiple-choice record (results recorded before these names were
+  introduced are this number).
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
+
+from ..inference import best_option
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -41,3 +56,31 @@ def token_f1(prediction: str, answers: Iterable[str]) -> float:
     """The best bag-of-words F1 (over normalized whitespace tokens) of the prediction against any answer."""
     predicted = normalize_answer(prediction).split()
     return max((_f1(predicted, normalize_answer(answer).split()) for answer in answers), default=0.0)
+
+
+MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "acc_per_token")
+GENERATIVE_METRICS = ("exact_match", "token_f1")
+
+
+def choice_hits(
+    options: Sequence[str], answers: Iterable[str], sum_logprobs: Sequence[float], mean_logprobs: Sequence[float]
+) -> dict[str, float]:
+    """1.0/0.0 per choice rule: whether the option it picks is an answer (see the module docstring for the rules)."""
+    answers = set(answers)
+    # An empty option has no characters to divide by; it is then divided by 1 (lm-eval would divide by 0).
+    by_rule = {
+        "acc": sum_logprobs,
+        "acc_norm": [value / max(len(option), 1) for value, option in zip(sum_logprobs, options)],
+        "acc_per_token": mean_logprobs,
+    }
+    return {name: float(options[best_option(values)] in answers) for name, values in by_rule.items()}
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """The mean of per-example values and its standard error as lm-eval computes it (sample standard deviation over
+    sqrt(n)); the error is None for fewer than two values, where lm-eval reports "N/A"."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1) / n)

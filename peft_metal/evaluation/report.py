@@ -1,4 +1,8 @@
-"""Writing evaluation records: `results.json`, a markdown table `results.md` and a bar plot `results.png` beside it."""
+"""Writing evaluation records: `results.json`, a markdown table `results.md` and a bar plot `results.png` beside it.
+
+Metrics carry lm-eval's names and standard errors (`acc`, `acc_stderr`, ...; see `metrics`); a record's `metric`
+names the one its `score` is.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .metrics import GENERATIVE_METRICS, MULTIPLE_CHOICE_METRICS
+
+METRIC_NAMES = MULTIPLE_CHOICE_METRICS + GENERATIVE_METRICS
 
 
 def method_label(record: dict[str, Any]) -> str:
@@ -30,13 +38,18 @@ def _ok(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def standard_error(record: dict[str, Any]) -> float:
-    """Binomial standard error of a record's score (accuracy or exact match) over its `n` questions."""
+    """The standard error of a record's score: its metric's `_stderr`, else (records written before those existed)
+    the sample standard error of a 0/1 score over its `n` questions, as lm-eval computes it; nan when unknown."""
+    stderr = record.get(f"{record.get('metric')}_stderr")
+    if stderr is not None:
+        return stderr
     n, p = record.get("n"), record["score"]
-    return math.sqrt(p * (1 - p) / n) if n else math.nan
+    return math.sqrt(p * (1 - p) / (n - 1)) if n and n > 1 else math.nan
 
 
 def summary(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per method: mean score over tasks, its standard error (per-task errors combined as independent), questions."""
+    """Per method: mean score over tasks, its standard error (per-task errors combined as independent), tasks,
+    questions, and each metric's mean and standard error (`acc`, `acc_stderr`, ...) over the tasks that have it."""
     table = {}
     for method in _methods(results):
         records = [record for record in _ok(results) if method_label(record) == method]
@@ -47,6 +60,10 @@ def summary(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "tasks": len(records),
                 "questions": sum(record.get("n", 0) for record in records),
             }
+            for name in METRIC_NAMES:
+                stats = metric_means(records, name)
+                if stats is not None:
+                    table[method][name], table[method][f"{name}_stderr"] = stats[0], stats[1]
     return table
 
 
@@ -72,12 +89,28 @@ def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if key.endswith("seconds"):
                 combined[key] = sum(record[key] for record in records)
-            elif key in ("score", "score_sum", "token_f1"):
+            elif key == "score" or key in METRIC_NAMES:
                 combined[key] = sum(record[key] * record["n"] for record in records) / n
+                if key in METRIC_NAMES:
+                    combined[f"{key}_stderr"] = _pooled_stderr(records, key, combined[key])
             elif key == "context_tokens":
                 combined[key] = sum(record[key] for record in records) / len(records)
         merged.append(combined)
     return merged
+
+
+def _pooled_stderr(records: Sequence[dict[str, Any]], key: str, mean: float) -> Optional[float]:
+    """The standard error of `key` over all questions of several seeds, from each seed's mean and standard error:
+    each seed's sum of squares is recovered from its error (sample variance = stderr^2 * n) and pooled around the
+    overall mean, giving what lm-eval would report on the pooled questions."""
+    n = sum(record["n"] for record in records)
+    if n < 2:
+        return None
+    squares = 0.0
+    for record in records:
+        stderr = record.get(f"{key}_stderr") or 0.0  # None: a single question, no spread of its own
+        squares += stderr**2 * record["n"] * (record["n"] - 1) + record["n"] * (record[key] - mean) ** 2
+    return math.sqrt(squares / (n - 1) / n)
 
 
 def mean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -95,10 +128,38 @@ def _mean(records: Sequence[dict[str, Any]], key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def metric_means(records: Sequence[dict[str, Any]], name: str) -> Optional[tuple[float, float, int]]:
+    """(mean over the records that have metric `name`, its standard error with per-task errors combined as
+    independent, how many records), or None when none has it."""
+    having = [record for record in records if name in record]
+    if not having:
+        return None
+    errors = [record.get(f"{name}_stderr") for record in having]
+    se = math.sqrt(sum(e**2 for e in errors)) / len(having) if None not in errors else math.nan
+    return sum(record[name] for record in having) / len(having), se, len(having)
+
+
+def metrics_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines of a method x metric table (lm-eval's names; mean over tasks ± standard error), empty when no record
+    carries these metrics (records written before they existed)."""
+    names = [name for name in METRIC_NAMES if any(name in record for record in _ok(results))]
+    if not names:
+        return []
+    lines = ["", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for method in _methods(results):
+        records = [record for record in _ok(results) if method_label(record) == method]
+        cells = []
+        for name in names:
+            stats = metric_means(records, name)
+            cells.append(f"{stats[0]:.3f} ± {stats[1]:.3f}" if stats else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """Task x method scores (accuracy for multiple choice, exact match for generative), their means per method with
-    standard errors (± one binomial standard error, per-task errors combined), the cost of each method, and any
-    errors."""
+    """Task x method scores (the headline metric named in the metric column: `acc_per_token` for multiple choice,
+    `exact_match` for generative), their means per method with standard errors (± one standard error, per-task errors
+    combined), each metric's mean per method, the cost of each method, and any errors."""
     methods, tasks = _methods(results), _tasks(results)
     by_key = {(record["task"], method_label(record)): record for record in results}
     lines = ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -124,6 +185,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     )
     lines.append("| questions | | " + " | ".join(str(means[m]["questions"]) if m in means else "-" for m in methods) + " |")
 
+    lines += metrics_table(results)
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
     for method in methods:
         records = [record for record in _ok(results) if method_label(record) == method]

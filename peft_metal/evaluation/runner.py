@@ -1,13 +1,17 @@
 """`evaluate`: every method on every task, with the same seeded shots and queries, as one list of records.
 
 Multiple-choice tasks are scored by the log-likelihood of each option's continuation `template.format_answer(option)`
-after the query, and the option with the highest **mean log-probability per token** is the prediction. Options differ
-in length (in tokens), and the summed log-likelihood drops with every extra token, so summing favours short options
-whatever they say; the per-token mean takes that bias out. Accuracy by the sum is kept as `score_sum` alongside.
+after the query. Each record carries accuracy by three choice rules, named as lm-evaluation-harness names them (see
+`metrics`): `acc` (summed log-likelihood), `acc_norm` (summed log-likelihood over the option's length in characters,
+lm-eval's definition) and `acc_per_token` (mean log-likelihood per token). Options differ in length, and the summed
+log-likelihood drops with every extra token, so the sum favours short options whatever they say; both normalizations
+take that bias out. The headline `score` (and `metric`) is `acc_per_token`, the rule meta-training and serving use.
 
 Generative tasks are decoded greedily from the same cached context (up to `max_new_tokens`, cut at the template's shot
-separator or a newline) and scored by exact match (`score`) and token F1 (`token_f1`) against any of the example's
+separator or a newline) and scored by `exact_match` (the headline `score`) and `token_f1` against any of the example's
 answers, after lower-casing and removing punctuation and extra whitespace.
+
+Every metric has its standard error beside it (`acc_stderr`, ...), computed as lm-eval computes it.
 
 `metal+refine` gives one record per refinement step count (`refine_steps` may be a list: accuracy against steps),
 each with a `refine_steps` field; the PEFT baselines add `train_steps` (and their first/last minibatch loss).
@@ -30,7 +34,6 @@ from ..data.task import GENERATIVE, MULTIPLE_CHOICE
 from ..inference import (
     ModelParts,
     Sampling,
-    best_option,
     cut_generation,
     eos_token_ids,
     generate,
@@ -46,11 +49,15 @@ from .methods import (
     prepare_method,
     query_input,
 )
-from .metrics import exact_match, token_f1
+from .metrics import choice_hits, exact_match, mean_stderr, token_f1
 from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
 logger = logging.getLogger(__name__)
+
+# The metric each kind of task reports as its `score`.
+HEADLINE = {MULTIPLE_CHOICE: "acc_per_token", GENERATIVE: "exact_match"}
+
 
 def task_metric(task: Task, metric: Optional[str] = None) -> str:
     """The metric to score `task` with: its own (`task.metric`) by default; multiple choice only if it has options."""
@@ -77,36 +84,39 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _score_multiple_choice(parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]) -> dict[str, float]:
-    mean_hits = sum_hits = 0
+def _score_multiple_choice(
+    parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]
+) -> dict[str, list[float]]:
+    hits: dict[str, list[float]] = {}
     for example in queries:
         if example.options is None:
             raise ValueError(f"Query {example.input!r} has no options to score as multiple choice.")
         context, query = query_input(parts, tokenizer, prepared, example.input)
         scores = score_options(parts.lm, context, [query], [option_ids(parts, tokenizer, example.options)])[0]
-        mean_hits += example.options[best_option([s.mean_logprob for s in scores])] in example.answers
-        sum_hits += example.options[best_option([s.sum_logprob for s in scores])] in example.answers
-    return {"score": mean_hits / len(queries), "score_sum": sum_hits / len(queries)}
+        sums, means = [s.sum_logprob for s in scores], [s.mean_logprob for s in scores]
+        for name, hit in choice_hits(example.options, example.answers, sums, means).items():
+            hits.setdefault(name, []).append(hit)
+    return hits
 
 
 def _score_generative(
     parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example], max_new_tokens: int
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     eos = eos_token_ids(parts.lm, tokenizer)
     template = parts.template
 
     def stop(tokens: list[int]) -> bool:
         return has_stop(tokenizer.decode(tokens), template)
 
-    matches = f1 = 0.0
+    values: dict[str, list[float]] = {"exact_match": [], "token_f1": []}
     for example in queries:
         context, query = query_input(parts, tokenizer, prepared, example.input)
         [generation] = generate(parts.lm, context, [query], [Sampling(max_new_tokens, stop=stop)], eos_token_ids=eos)
         tokens = generation.tokens
         answer = cut_generation(tokenizer.decode(tokens, skip_special_tokens=True), template)
-        matches += exact_match(answer, example.answers)
-        f1 += token_f1(answer, example.answers)
-    return {"score": matches / len(queries), "token_f1": f1 / len(queries)}
+        values["exact_match"].append(exact_match(answer, example.answers))
+        values["token_f1"].append(token_f1(answer, example.answers))
+    return values
 
 
 def evaluate_method(
@@ -126,22 +136,24 @@ def evaluate_method(
     start = time.perf_counter()
     prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
     if metric == MULTIPLE_CHOICE:
-        scores = _score_multiple_choice(parts, tokenizer, prepared, queries)
+        values = _score_multiple_choice(parts, tokenizer, prepared, queries)
     else:
-        scores = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
+        values = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
     synchronize(device)
     seconds = time.perf_counter() - start - prepared.prompt_seconds
     record = {
         "task": task.name,
         "method": method,
-        "metric": "accuracy" if metric == MULTIPLE_CHOICE else "exact_match",
-        "score": scores["score"],
+        "metric": HEADLINE[metric],
+        "score": None,
         "n": len(queries),
         "prompt_seconds": prepared.prompt_seconds,
         "context_tokens": prepared.context_tokens,
         "eval_seconds": seconds,
     }
-    record.update({key: value for key, value in scores.items() if key != "score"})
+    for name, per_query in values.items():
+        record[name], record[f"{name}_stderr"] = mean_stderr(per_query)
+    record["score"] = record[HEADLINE[metric]]
     record.update(prepared.info or {})
     return record
 
@@ -173,11 +185,11 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Score every method on every task; every method sees the same `task.split(shots, queries, seed)`.
 
-    Multiple-choice tasks are scored by option log-likelihood (`score`: accuracy by the mean log-prob per token of
-    `template.format_answer(option)`; `score_sum`: by the summed log-prob), generative tasks by greedy decoding
-    (`score`: exact match, `token_f1`). `settings` are `EvaluationSettings`' other fields (`num_demonstrations`,
-    `max_new_tokens`, `metric`, `refine_steps`, `refine_lr`, `refine_batch_size`); the PEFT baselines train
-    `baseline_steps` steps (default `baseline_options.steps`, 50) with `baseline_options`.
+    Multiple-choice tasks are scored by option log-likelihood (`acc`, `acc_norm`, `acc_per_token`; `score` is
+    `acc_per_token`), generative tasks by greedy decoding (`exact_match`, which is `score`, and `token_f1`), each
+    metric with its `_stderr` (see `metrics`). `settings` are `EvaluationSettings`' other fields
+    (`num_demonstrations`, `max_new_tokens`, `metric`, `refine_steps`, `refine_lr`, `refine_batch_size`); the PEFT
+    baselines train `baseline_steps` steps (default `baseline_options.steps`, 50) with `baseline_options`.
 
     Bad arguments raise at once. A task or method that fails is raised when `raise_errors` is true (the default for a
     single task) and otherwise recorded as `{"task", "method", "error"}` while the run goes on (the default for
