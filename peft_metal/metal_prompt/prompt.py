@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from transformers import DynamicCache
 
 from ..designs import DESIGNS, EMBEDDINGS, KEYS_VALUES, get_design
@@ -128,7 +128,11 @@ class GeneratedPrompt:
             "demonstrations_text": json.dumps(self.demonstrations_text),
         }
         metadata[CHECKSUM_KEY] = _content_checksum(metadata, tensors)
-        save_file(tensors, os.fspath(path), metadata=metadata)
+        # Serialized in memory and written here, not with `save_file`: safetensors >= 0.8 writes through a temporary
+        # file of its own naming next to the target, which a writer killed mid-save leaves behind where the prompt
+        # store (which writes and renames its own temporary files) cannot tell it from someone else's file.
+        with open(os.fspath(path), "wb") as file:
+            file.write(safetensors_bytes(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "GeneratedPrompt":
