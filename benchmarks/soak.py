@@ -9,8 +9,9 @@ Starts the real server (`peft-metal serve`, or serving_load.py's tiny random PGM
 prompt creation from shots of a dev task (some repeated, so the store's cache answers), completions generated and
 scored by options, after a stored prompt and on the plain LM, prompt reads and deletes (a request for a prompt that a
 concurrent client deleted gets 404, as it should). Reports throughput, p50/p99 latency per kind, errors (any 5xx, a connection failure or an
-unexpected status; target 0) and the server's resident memory (VmRSS) after warm-up, at the middle and at the end
-(target: the end within 10% of the warm-up figure). Writes `soak.json` and `soak.md`.
+unexpected status; target 0) and the server's resident memory (VmRSS) after the first request, after each quarter of
+the requests and at the end. The first quarter is the warm-up (the context cache fills, the allocator reaches its
+working set); the target is the end within 10% of the figure after it. Writes `soak.json` and `soak.md`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ async def soak(url: str, pid: int, mix: Mix, clients: int, requests: int, max_se
         mix.base = (await client.get("/v1/models")).json()["data"][0]["id"]
         warm = {"model": f"metal:{mix.stored[0]}", "prompt": "warm-up", "max_tokens": 2, "template": True}
         (await client.post("/v1/completions", json=warm)).raise_for_status()
-        memory["after_warm_up"] = resident_mb(pid)
+        memory["after_first_request"] = resident_mb(pid)
         start = time.perf_counter()
         deadline = start + max_seconds
 
@@ -110,8 +111,9 @@ async def soak(url: str, pid: int, mix: Mix, clients: int, requests: int, max_se
             nonlocal done
             while done < requests and time.perf_counter() < deadline:
                 done += 1
-                if done == requests // 2:
-                    memory["middle"] = resident_mb(pid)
+                for quarter in (1, 2, 3):
+                    if done == requests * quarter // 4:
+                        memory[f"after_{25 * quarter}%"] = resident_mb(pid)
                 kind, method, path, body, expected = mix.next()
                 sent = time.perf_counter()
                 try:
@@ -139,7 +141,7 @@ async def soak(url: str, pid: int, mix: Mix, clients: int, requests: int, max_se
         "errors": errors,
         "healthz_after": health,
         "memory_mib": {key: round(value, 1) for key, value in memory.items()},
-        "memory_growth": round(memory["end"] / memory["after_warm_up"] - 1, 4),
+        "memory_growth": round(memory["end"] / memory["after_25%"] - 1, 4),
         "by_kind": {
             kind: {
                 "requests": len(values),
@@ -183,7 +185,7 @@ def main() -> None:
         f"{result['wall_s']} s, {result['throughput_rps']} req/s; {machine}).",
         "",
         f"Errors: {sum(result['errors'].values())} {result['errors'] or ''}; /healthz after: {result['healthz_after']}.",
-        f"Server memory (MiB): {result['memory_mib']}; end vs after warm-up: {100 * result['memory_growth']:+.1f}%.",
+        f"Server memory (MiB): {result['memory_mib']}; end vs after the warm-up quarter: {100 * result['memory_growth']:+.1f}%.",
         "",
         "| kind | requests | p50 ms | p99 ms |",
         "|---|---|---|---|",
