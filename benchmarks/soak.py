@@ -169,17 +169,32 @@ def main() -> None:
 
     examples = task_examples(args.task)
     with tempfile.TemporaryDirectory() as folder:
-        server = Server(args, Path(folder) / "store", args.batch_window_ms, args.max_batch, Path(folder) / "server.log")
+        server = Server(
+            args, Path(folder) / "store", args.batch_window_ms, args.max_batch, Path(folder) / "server.log"
+        )
         try:
             server.wait_ready()
             result = asyncio.run(
-                soak(server.url, server.process.pid, Mix(examples, args.seed), args.clients, args.requests, args.max_seconds)
+                soak(
+                    server.url,
+                    server.process.pid,
+                    Mix(examples, args.seed),
+                    args.clients,
+                    args.requests,
+                    args.max_seconds,
+                )
             )
         finally:
             server.stop()
     machine = f"{platform.machine()}, torch CPU; server and clients share the machine"
-    report = {"command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]), "machine": machine,
-              "model": args.model, "pgm": args.pgm, "task": args.task, **result}
+    report = {
+        "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
+        "machine": machine,
+        "model": args.model,
+        "pgm": args.pgm,
+        "task": args.task,
+        **result,
+    }
     lines = [
         f"Soak test ({args.model}, {result['clients']} loopback clients, {result['requests']} requests in "
         f"{result['wall_s']} s, {result['throughput_rps']} req/s; {machine}).",
