@@ -49,8 +49,9 @@ class TrainingArguments:
     # texts made from train-task inputs and predict (and distil) the rest; the task episodes follow.
     text_stage_steps: int = 0
     mixed_precision: str = "auto"
-    # "auto": eager attention on a CPU (2% faster than SDPA per episode in benchmarks/train_throughput.py), the model's
-    # own choice on a GPU; or any transformers attention name.
+    # "auto": on a CPU, SDPA for the reads without gradient and eager attention for the passes that train (7% more
+    # episodes/s than eager throughout: benchmarks/results/train_throughput_attention.md); the model's own choice on a
+    # GPU; or any transformers attention name, used for every pass.
     attn_implementation: str = "auto"
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
