@@ -75,7 +75,7 @@ def _tiny_server(args: argparse.Namespace) -> None:
     model = get_peft_model(lm, MetaLPromptConfig(task_type="CAUSAL_LM", r=4)).eval()
     app = create_app(
         model, tokenizer, PromptStore(args.store), batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-        model_name="tiny",
+        model_name="tiny", api_key=os.environ.get("PEFT_METAL_API_KEY"),  # as `peft-metal serve` reads it
     )
     uvicorn.run(app, host=HOST, port=args.port, log_level="warning")
 

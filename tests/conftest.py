@@ -231,3 +231,29 @@ def reference_greedy(lm, prompt, query_ids: torch.Tensor, n: int) -> list[int]:
         ids = torch.cat([query_ids, torch.tensor(new, dtype=torch.long)])
         new.append(int(reference_logits(lm, prompt, ids)[-1].argmax()))
     return new
+
+
+@contextmanager
+def serve_on_loopback(app, timeout: float = 30.0) -> Iterator[str]:
+    """`app` under uvicorn on a free loopback port in a daemon thread, as `peft-metal serve` runs it; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -216,3 +216,13 @@ def test_answer_normalization_exact_match_and_f1():
     assert cut_generation(" Paris\n\nInput: next", template) == "Paris"
     assert cut_generation(" New York\nmore", template) == "New York"
     assert cut_generation(" 42", template) == "42"
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 5e-324}, {"temperature": 1.0, "top_p": 5e-324}])
+def test_sampling_near_zero_settings_keeps_the_top_token(settings):
+    """A temperature or top_p so small that float32 rounds it to zero still samples (the greedy token), not NaNs."""
+    lm = make_lm("llama")
+    query = [5, 6, 7, 8]
+    expected = greedy(lm, empty_context(), query, 4)
+    generator = torch.Generator().manual_seed(0)
+    assert greedy(lm, empty_context(), query, 4, settings={**settings, "generator": generator}) == expected

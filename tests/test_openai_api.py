@@ -4,13 +4,10 @@ against `create_app` served by uvicorn on loopback, with a tiny model; answers e
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 import torch
-from conftest import make_pgm
+from conftest import make_pgm, serve_on_loopback
 
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import evaluate
@@ -30,12 +27,6 @@ SHOTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`create_app` under uvicorn on 127.0.0.1, as `peft-metal serve` runs it; yields (base url, model, store)."""
@@ -46,17 +37,8 @@ def server(tmp_path_factory):
     tok = build_tokenizer()
     store = PromptStore(tmp_path_factory.mktemp("store"))
     app = create_app(model, tok, store, api_key=API_KEY, model_name="tiny-llama")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model, tok, store
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_on_loopback(app) as url:
+        yield url, model, tok, store
 
 
 @pytest.fixture(scope="module")

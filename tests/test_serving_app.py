@@ -417,6 +417,32 @@ def test_invalid_json_is_422(served):
     assert response.status_code == 422 and _message(response)
 
 
+@pytest.mark.parametrize("value, status", [(2, 200), (2.0, 200), (2.5, 422), (True, 422), ("2", 422)])
+def test_integers_are_json_schema_integers(served, value, status):
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema says); 2.5, true and "2" are not integers."""
+    client, _, _ = served
+    prompt_id = _create(client).json()["prompt_id"]
+    response = _complete(client, prompt_id, prompt=["ok"], max_tokens=value, n=value, temperature=1.0, seed=value)
+    assert response.status_code == status, response.text
+    assert _create(client, num_demonstrations=float(len(SHOTS) - 1)).status_code in (200, 201)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 5e-324}, {"top_p": 5e-324}, {"seed": 2**70}, {"seed": -3}])
+def test_extreme_sampling_settings_are_served(served, settings):
+    """Found by schemathesis: a top_p that float32 rounds to 0 emptied the nucleus (500); seeds are any integer."""
+    client, _, _ = served
+    response = _complete(client, prompt="ok", max_tokens=3, **{"temperature": 1.0, "seed": 0, **settings})
+    assert response.status_code == 200, response.text
+
+
+def test_method_not_allowed_names_every_method_of_the_path(served):
+    """Found by schemathesis: a 405 named only the first route's methods (GET), not DELETE on the same path."""
+    client, _, _ = served
+    response = client.put("/v1/prompts/abc", json={})
+    assert response.status_code == 405
+    assert {"GET", "DELETE"} <= {method.strip() for method in response.headers["allow"].split(",")}
+
+
 def test_api_key(tmp_path, tok):
     app, _, _ = _app(tmp_path, tok, api_key="s3cret")
     with TestClient(app) as client:

@@ -51,10 +51,14 @@ def _pick(logits: torch.Tensor, sampling: Sampling) -> int:
     """Greedy at temperature 0; otherwise a draw from softmax(logits / T), cut to the top-p nucleus."""
     if sampling.temperature <= 0:
         return int(logits.argmax())
-    probabilities = F.softmax(logits.float() / sampling.temperature, dim=-1).cpu()
+    # Shifted by the maximum and in float64, so a temperature or top_p near zero (5e-324) leaves the top token
+    # rather than an infinity, a NaN or an empty nucleus.
+    logits = logits.double()
+    probabilities = F.softmax((logits - logits.max()) / sampling.temperature, dim=-1).cpu()
     if sampling.top_p < 1.0:
         ordered, order = probabilities.sort(descending=True)
         outside = ordered.cumsum(-1) - ordered >= sampling.top_p  # the smallest prefix reaching top_p stays
+        outside[0] = False
         probabilities = probabilities.scatter(0, order[outside], 0.0)
     return int(torch.multinomial(probabilities, 1, generator=sampling.generator))
 

@@ -39,8 +39,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..inference import ContextTooLongError
 from .errors import (
@@ -59,6 +61,7 @@ from .schemas import (
     ErrorResponse,
     ModelList,
     PromptCreated,
+    as_shots,
 )
 from .service import Service
 from .store import DamagedPromptError, PromptNotFoundError, PromptStore
@@ -85,7 +88,7 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (401, "missing or wrong API key"), (404, "unknown prompt or model"), (409, "damaged or incompatible prompt"),
+        (400, "body that is not JSON"), (401, "missing or wrong API key"), (404, "unknown prompt or model"), (409, "damaged or incompatible prompt"),
         (411, "body without Content-Length"), (413, "request or context too large"), (422, "invalid request"),
         (429, "too many open streams"), (501, "no PGM on this server"),
     )
@@ -115,6 +118,13 @@ def _validation_message(error: RequestValidationError) -> tuple[str, Optional[st
     first = error.errors()[0].get("loc", ()) if error.errors() else ()
     param = next((str(part) for part in first if part != "body"), None)
     return "; ".join(problems) or "Invalid request body.", param
+
+
+def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route serves at the request's path (asked of each route, included routers too)."""
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    routes = app.router.routes
+    return [m for m in methods if any(route.matches({**scope, "method": m})[0] is Match.FULL for route in routes)]
 
 
 def create_app(
@@ -186,28 +196,32 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+        headers = getattr(error, "headers", None)
+        if error.status_code == 405:  # Starlette names only the first route's methods; a path has one per method
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return error_response(error.status_code, str(error.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("Unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, f"Internal server error: {type(error).__name__}.", "server_error")
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+    # Declared as an HTTP bearer scheme, so the OpenAPI document (and /docs) says how to authenticate.
+    bearer = HTTPBearer(auto_error=False, description="the server's API key: Authorization: Bearer <key>")
+
+    def authorize(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        token = credentials.credentials.strip().encode() if credentials is not None else b""
+        if not secrets.compare_digest(token, api_key.encode()):
             raise StarletteHTTPException(
                 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", headers={"WWW-Authenticate": "Bearer"}
             )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)] if api_key is not None else [])
 
     @v1.post("/prompts", response_model=PromptCreated, response_model_exclude_none=True, status_code=201,
              responses={200: {"model": PromptCreated, "description": "the same prompt, stored before"}})
     async def create_prompt(body: CreatePromptRequest, response: Response) -> PromptCreated:
-        created, cached = await service.create_prompt(body.task, body.shots, body.num_demonstrations)
+        created, cached = await service.create_prompt(body.task, as_shots(body.shots), body.num_demonstrations)
         response.status_code = 200 if cached else 201
         return created
 

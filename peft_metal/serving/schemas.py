@@ -3,27 +3,72 @@ extensions (`options`, `template`, `shots`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from ..metal_prompt.template import Shots
 
 MAX_INPUTS_PER_REQUEST = 64
 MAX_OPTIONS = 64
 MAX_NEW_TOKENS = 1024
 MAX_CHOICES_PER_PROMPT = 16
 MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 4
+
+# The schema states every rule about one field, so clients (and schema-driven fuzzers) learn them from
+# /openapi.json; rules that tie fields together (best_of equal to n, options without stream, a context that fits the
+# model) are the service's and answer 422 or 413.
+
+NonBlank = Annotated[StrictStr, Field(pattern=r"\S")]
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+
+
+def _whole_numbers(value: Any) -> Any:
+    """3.0 as 3, all through a JSON value: JSON has one number type and JSON Schema counts 3.0 as an integer, which
+    pydantic's strict ints would refuse. Floats stay floats where a float is wanted (an int validates as one)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    return value
 
 
 class _Body(BaseModel):
+    """A request body: unknown fields refused, integers as JSON Schema defines them (3 or 3.0; never true or "3")."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_as_json_schema_has_them(cls, data: Any) -> Any:
+        return _whole_numbers(data)
+
+
+class Shot(_Body):
+    input: StrictStr
+    output: StrictStr
+
+
+ShotList = list[Union[Shot, tuple[StrictStr, StrictStr]]]
+
+
+def as_shots(shots: ShotList) -> Shots:
+    """A request's shots (objects or pairs, already checked by the schema) as the library's checked `Shots`."""
+    return Shots((shot.input, shot.output) if isinstance(shot, Shot) else tuple(shot) for shot in shots)
 
 
 class CreatePromptRequest(_Body):
     task: StrictStr = Field(min_length=1, max_length=200, description="a name for the task (stored with the prompt)")
-    # Shots are checked by the library's `normalize_shots` ([{"input", "output"}] or [[input, output]]), so
-    # malformed ones get its messages (422).
-    shots: Any = Field(description='[{"input": str, "output": str}, ...]')
-    num_demonstrations: StrictInt = Field(0, ge=0, description="the last d shots are kept as plain demonstrations")
+    shots: ShotList = Field(
+        min_length=1, description='[{"input": str, "output": str}, ...] or [[input, output], ...]; at most the '
+        "server's --max-shots (default 512)"
+    )
+    num_demonstrations: StrictInt = Field(
+        0, ge=0, description="the last d shots are kept as plain demonstrations (fewer than the shots)"
+    )
 
 
 class PromptCreated(BaseModel):
@@ -45,28 +90,38 @@ class CompletionRequest(_Body):
     implement are accepted only at their neutral values, so a client that sends its defaults still works."""
 
     model: StrictStr = Field(description="the base model's name, or metal:<prompt_id> to read that stored prompt first")
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
-        description="a text, a list of texts, token ids, or a list of token id lists"
-    )
+    prompt: Union[
+        StrictStr,
+        Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)],
+        Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)],
+        Annotated[
+            list[Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST),
+        ],
+    ] = Field(description="a text, a list of texts, token ids (below the vocabulary size), or a list of token id lists")
     max_tokens: Optional[StrictInt] = Field(16, ge=0, le=MAX_NEW_TOKENS, description="new tokens per choice (0 with echo)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES_PER_PROMPT, description="choices per prompt")
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(None, description="up to 4 strings that end a choice")
-    seed: Optional[StrictInt] = Field(None, description="makes sampling repeatable")
+    stop: Optional[Union[NonEmpty, Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)]]] = Field(
+        None, description="up to 4 strings that end a choice"
+    )
+    seed: Optional[StrictInt] = Field(None, description="makes sampling repeatable (any integer)")
     echo: StrictBool = Field(False, description="return the prompt (and its log-probabilities) before the completion")
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top log-probabilities per token")
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None
-    suffix: Optional[StrictStr] = Field(None, description="not supported: must be null")
-    best_of: Optional[StrictInt] = Field(None, description="not supported beyond n: null or equal to n")
+    suffix: None = Field(None, description="not supported: must be null")
+    best_of: Optional[StrictInt] = Field(
+        None, ge=1, le=MAX_CHOICES_PER_PROMPT, description="not supported beyond n: null or equal to n"
+    )
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="not supported: must be empty")
     # peft-metal's extensions
-    options: Optional[list[StrictStr]] = Field(
-        None, min_length=1, max_length=MAX_OPTIONS,
+    options: Optional[list[NonBlank]] = Field(
+        None, min_length=1, max_length=MAX_OPTIONS, json_schema_extra={"uniqueItems": True},
         description="extension: score these continuations after each prompt instead of generating; the choice's "
         "text is the option with the highest per-token mean log-likelihood",
     )
@@ -75,7 +130,7 @@ class CompletionRequest(_Body):
         description="extension: format each prompt as a query with the shot template (and each option as its "
         "answer), and cut generations at the template's stops, as meta-training and evaluation read them",
     )
-    shots: Optional[Any] = Field(
+    shots: Optional[ShotList] = Field(
         None, description="extension, base model only: shots formatted as in-context demonstrations before each prompt"
     )
 

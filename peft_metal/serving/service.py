@@ -59,6 +59,7 @@ from .errors import (
 from .metrics import ServerMetrics
 from .schemas import (
     MAX_INPUTS_PER_REQUEST,
+    MAX_STOPS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -68,6 +69,7 @@ from .schemas import (
     OptionScore,
     PromptCreated,
     Usage,
+    as_shots,
 )
 from .store import PromptNotFoundError, PromptStore, prompt_key
 
@@ -78,7 +80,6 @@ DEFAULT_CONTEXT_CACHE_SIZE = 64
 DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
 DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens read of all prompts of one completion request
 DEFAULT_MAX_STREAMS = 16  # streamed completions open at once
-MAX_STOPS = 4
 METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model
 
 
@@ -198,7 +199,7 @@ class Service:
         whether it was already stored."""
         if self.tuner is None:
             raise NoPGMError("This server runs a plain LM without a PGM: it cannot generate prompts.")
-        if isinstance(shots, list) and len(shots) > self.max_shots:
+        if isinstance(shots, (list, tuple)) and len(shots) > self.max_shots:
             raise InvalidRequestError(f"At most {self.max_shots} shots per prompt, got {len(shots)}.", "shots")
         try:
             shots = normalize_shots(shots)
@@ -339,10 +340,7 @@ class Service:
         if body.shots is not None:
             if entry.key is not None:
                 raise InvalidRequestError("shots go with the base model only; a stored prompt has its own.", "shots")
-            try:
-                prefix = self.encode((entry.template or self.template).format_shots(normalize_shots(body.shots)))
-            except (ValueError, TypeError) as error:
-                raise InvalidRequestError(str(error), "shots") from None
+            prefix = self.encode((entry.template or self.template).format_shots(as_shots(body.shots)))
         queries = []
         for index, item in enumerate(items):
             if isinstance(item, str):
@@ -393,7 +391,7 @@ class Service:
     def _sampling(self, body: CompletionRequest, plan: _Completion, row: int, on_token=None) -> Sampling:
         generator = None
         if body.temperature > 0 and body.seed is not None:
-            generator = torch.Generator().manual_seed(body.seed + row)
+            generator = torch.Generator().manual_seed((body.seed + row) % 2**64)  # any int, as OpenAI takes
         return Sampling(
             max_new_tokens=plan.max_tokens,
             temperature=body.temperature,
