@@ -3,14 +3,52 @@ fresh (untrained) one with a warning."""
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 SHIPPED_PGMS = {"smollm2-135m": "smollm2-135m"}  # base model name -> folder under peft_metal/shipped
+
+
+def check_pgm_folder(folder: Union[str, os.PathLike]) -> None:
+    """Refuse, by name, a folder that is not a saved MetaL-Prompt PGM before PEFT reads it (PEFT answers a missing or
+    foreign `peft_type` with a bare KeyError). The config's own fields are checked by `MetaLPromptConfig` as it loads."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no adapter_config.json: it is not a saved PGM (save one with save_pretrained).")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a JSON file ({error}); re-save the PGM with save_pretrained.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the object of a PEFT config.")
+    if config.get("peft_type") != "METAL_PROMPT":
+        raise ValueError(
+            f"{path} has peft_type {config.get('peft_type')!r}: it is not a MetaL-Prompt PGM (peft_type METAL_PROMPT)."
+        )
+
+
+def attach_pgm(lm: Any, source: Union[str, os.PathLike], is_trainable: bool = False) -> Any:
+    """`lm` with the PGM saved at `source` (a folder, checked first, or a Hub id) as PEFT loads it."""
+    from peft import PeftModel
+
+    if Path(source).is_dir():
+        check_pgm_folder(source)
+    try:
+        return PeftModel.from_pretrained(lm, source, is_trainable=is_trainable)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        problems = str(error).split("\n\t", 1)[-1].splitlines()[0]
+        raise ValueError(
+            f"The PGM at {source} does not fit its own adapter_config.json ({problems}): the config was edited, or "
+            "the weights belong to another PGM. Re-save it with save_pretrained."
+        ) from None
 
 
 def shipped_pgm(model_name: str) -> Optional[str]:
@@ -23,7 +61,7 @@ def load_pgm(
     model_name: str, pgm: Optional[str] = None, device: Optional[str] = None, seed: int = 0, warn_untrained: bool = True
 ) -> tuple[Any, Any, Optional[str]]:
     """(PEFT model in eval mode, tokenizer, where the PGM came from or None for a fresh one)."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     from .base_models import load_base_model
     from .metal_prompt import MetaLPromptConfig
@@ -32,7 +70,7 @@ def load_pgm(
     lm, tokenizer = load_base_model(model_name, device=device)
     source = pgm or shipped_pgm(model_name)
     if source is not None:
-        return PeftModel.from_pretrained(lm, source).eval(), tokenizer, source
+        return attach_pgm(lm, source).eval(), tokenizer, source
     if warn_untrained:
         warnings.warn(
             f"No PGM given and none is shipped for {model_name!r}: using a fresh, untrained PGM. Its metal scores "

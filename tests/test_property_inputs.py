@@ -9,13 +9,14 @@ import struct
 
 import pytest
 import torch
-from conftest import DESIGNS, SHOTS, build_tokenizer, make_pgm
+from conftest import DESIGNS, SHOTS, build_tokenizer, make_lm, make_pgm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
 from peft_metal import GeneratedPrompt, MetaLPromptConfig
 from peft_metal.metal_prompt.template import normalize_shots
+from peft_metal.pgm import attach_pgm
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -172,3 +173,48 @@ def test_prompt_saved_by_save_file_without_checksum_still_loads(prompt_files, tm
         contents = {k: reader.get_tensor(k) for k in reader.keys()}
     save_file(contents, str(path), metadata=meta)
     assert same_prompt(GeneratedPrompt.load(path), prompt_files["prefix"][1])
+
+
+@pytest.fixture(scope="module")
+def pgm_folder(tmp_path_factory):
+    """A saved tiny PGM (adapter_config.json + adapter_model.safetensors), copied for each example."""
+    folder = tmp_path_factory.mktemp("pgm")
+    make_pgm("llama", "hidden_state").save_pretrained(folder)
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+config_edits = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(OWN_FIELDS + ("peft_type", "r", "lora_alpha", "task_type")), json_like),
+    st.tuples(st.just("drop"), st.sampled_from(OWN_FIELDS + ("peft_type", "r", "task_type"))),
+    st.tuples(st.just("replace"), st.binary(max_size=64)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=config_edits)
+def test_pgm_folders_with_edited_configs_load_or_fail_clearly(pgm_folder, tmp_path_factory, edit):
+    """A PGM folder whose adapter_config.json was edited (a field set to any JSON value or removed, or the file
+    overwritten) loads as a working PGM (`attach_pgm`: PEFT's `PeftModel.from_pretrained` after a check of the
+    folder, as the CLI, the service and `init_from` load PGMs), or fails with a ValueError or TypeError naming the
+    problem."""
+    folder = tmp_path_factory.mktemp("edited")
+    for name, data in pgm_folder.items():
+        (folder / name).write_bytes(data)
+    config_path = folder / "adapter_config.json"
+    if edit[0] == "replace":
+        config_path.write_bytes(edit[1])
+    else:
+        config = json.loads(config_path.read_text())
+        if edit[0] == "set":
+            config[edit[1]] = edit[2]
+        else:
+            config.pop(edit[1], None)
+        config_path.write_text(json.dumps(config, default=repr))
+    try:
+        model = attach_pgm(make_lm("llama"), folder)
+    except (ValueError, TypeError) as error:
+        assert str(error)
+        return
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=build_tokenizer())
+    assert prompt.num_tokens == model.peft_config["default"].num_prompt_tokens

@@ -363,7 +363,10 @@ class PromptStore:
     @staticmethod
     def _as_dict(row: sqlite3.Row) -> dict[str, Any]:
         info = {name: row[name] for name in _COLUMNS}
-        info["base_fingerprint"] = json.loads(info["base_fingerprint"])
+        try:
+            info["base_fingerprint"] = json.loads(info["base_fingerprint"])
+        except (TypeError, ValueError):
+            raise DamagedPromptError(str(info["prompt_id"]), "its index row's base_fingerprint is not JSON") from None
         return info
 
     def __contains__(self, prompt_id: object) -> bool:
@@ -381,11 +384,19 @@ class PromptStore:
         return self._as_dict(self._row(prompt_id))
 
     def list(self, task: Optional[str] = None) -> list[dict[str, Any]]:
-        """Index rows, oldest first; only those of `task` if given."""
+        """Index rows, oldest first; only those of `task` if given. Rows damaged on disk are left out (and logged):
+        `verify` reports them."""
         query = "SELECT * FROM prompts" + (" WHERE task = ?" if task is not None else "") + " ORDER BY created_at, rowid"
         with self._lock:
             rows = self._db.execute(query, (task,) if task is not None else ()).fetchall()
-        return [self._as_dict(row) for row in rows]
+        listed = []
+        for row in rows:
+            try:
+                self._path(row["prompt_id"])
+                listed.append(self._as_dict(row))
+            except (PromptNotFoundError, DamagedPromptError) as error:
+                logger.warning("Prompt store %s: index row not listed, %s; run `verify`.", self.root, error)
+        return listed
 
     def get(self, prompt_id: str, device: str = "cpu", count_hit: bool = True) -> GeneratedPrompt:
         """Load a stored prompt after checking its file against the index; counts a hit unless told not to.
@@ -598,6 +609,9 @@ class PromptStore:
         damaged: dict[str, str] = {}
         for row in rows:
             prompt_id = row["prompt_id"]
+            if not isinstance(prompt_id, str) or not _ID_PATTERN.match(prompt_id):
+                damaged[str(prompt_id)] = f"its index row has an id that is not {KEY_LENGTH} lowercase hex digits"
+                continue
             path = self._path(prompt_id)
             problem = _file_problem(path, row["sha256"], row["size"])
             if problem is None:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -25,6 +25,7 @@ from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
 from ..data.text import TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
+from ..pgm import attach_pgm, check_pgm_folder
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
 from .checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -74,6 +75,8 @@ def _token_ids(tokenizer, text: Optional[str]) -> Optional[list[int]]:
 
 
 def _saved_pgm(lm, args: TrainingArguments):
+    if Path(args.init_from).is_dir():
+        check_pgm_folder(args.init_from)
     saved = PeftConfig.from_pretrained(args.init_from)
     if not isinstance(saved, MetaLPromptConfig):
         raise ValueError(f"init_from={args.init_from!r} holds a {type(saved).__name__}, not a MetaL-Prompt PGM.")
@@ -84,7 +87,7 @@ def _saved_pgm(lm, args: TrainingArguments):
             f"init_from={args.init_from!r} does not match this run's settings ({listed}). Set them as the saved PGM "
             "has them (a baked PGM has padding_reparameterization 'none'), or start from a fresh PGM."
         )
-    return PeftModel.from_pretrained(lm, args.init_from, is_trainable=True)
+    return attach_pgm(lm, args.init_from, is_trainable=True)
 
 
 class MetaTrainer:
@@ -302,7 +305,7 @@ def export_checkpoint(
     steps = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
     state = json.loads((checkpoint / "state.json").read_text())
     lm, _ = load_base_model(args.model)
-    model = PeftModel.from_pretrained(lm, str(checkpoint / "pgm"))
+    model = attach_pgm(lm, checkpoint / "pgm")
     log_path = output_dir / "log.jsonl"
     losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.exists() else []
     losses = [loss for loss in losses if loss is not None]
