@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import FAMILIES, make_lm
 from transformers import DynamicCache
 
-from peft_metal.compat import cache_from_layers, cache_layers, has_shift_invariant_positions
+from peft_metal.compat import attention_implementation, cache_from_layers, cache_layers, has_shift_invariant_positions
 
 
 def test_rotary_families_are_shift_invariant_and_gpt2_is_not():
@@ -77,3 +78,21 @@ def test_forget_gguf_quantizer_lets_the_model_save(tmp_path):
     forget_gguf_quantizer(lm)
     assert lm.hf_quantizer is None and not hasattr(lm.config, "quantization_config")
     lm.save_pretrained(tmp_path)
+
+
+def test_attention_implementation_switches_for_a_while_and_back():
+    """Reads `config._attn_implementation` (private in transformers 5): fails loudly if it moves. The switch takes
+    effect at once, computes the same logits, and is undone on leaving, also after an error."""
+    lm = make_lm("llama")
+    before = lm.config._attn_implementation
+    other = "eager" if before == "sdpa" else "sdpa"
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = lm(ids).logits
+        with attention_implementation(lm, other):
+            assert lm.config._attn_implementation == other
+            torch.testing.assert_close(lm(ids).logits, expected, atol=1e-5, rtol=0)
+        assert lm.config._attn_implementation == before
+        with pytest.raises(RuntimeError), attention_implementation(lm, other):
+            raise RuntimeError("inside")
+    assert lm.config._attn_implementation == before

@@ -220,3 +220,23 @@ def test_generate_num_return_sequences(design, tok):
         )
     assert out.shape == (6, batch.input_ids.shape[1] + 3)
     assert torch.equal(out[:3, : batch.input_ids.shape[1]], batch.input_ids[:1].expand(3, -1))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_only_labelled_logits_gives_the_same_loss_and_logits(family, design, tok):
+    """Meta-training's shortcut (the LM head only over positions that predict answer tokens) changes nothing it uses:
+    the loss, and the logits of those positions, equal the full forward's (left-padded queries, answers at the end)."""
+    from peft_metal.metal_prompt.reading import forward_with_prompt
+
+    _, prompt, reference = setup(family, design, tok)
+    batch = left_padded(tok, [QUERIES[0] + " positive", QUERIES[1] + " negative!"])
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -9:], labels[1, -10:] = input_ids[0, -9:], input_ids[1, -10:]
+    with torch.no_grad():
+        full = forward_with_prompt(reference, prompt, input_ids, attention_mask, labels=labels)
+        short = forward_with_prompt(reference, prompt, input_ids, attention_mask, labels=labels, only_labelled_logits=True)
+    assert short.logits.shape[1] == 11  # from the position predicting the first answer token to the end
+    torch.testing.assert_close(short.loss, full.loss, atol=ATOL, rtol=0)
+    torch.testing.assert_close(short.logits, full.logits[:, -11:], atol=ATOL, rtol=0)
