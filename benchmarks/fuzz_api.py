@@ -59,6 +59,8 @@ def run_schemathesis(url: str, models: list[str], args: argparse.Namespace, repo
         "--header", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--mode", "all",
         "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(args.max_examples),
         "--max-time", str(args.max_time), "--request-timeout", str(args.request_timeout), "--seed", str(args.seed),
+        # A bounded request may take minutes on this CPU (thousands of new tokens); latency is soak.py's to measure.
+        "--max-response-time", str(args.request_timeout),
         "--workers", "1", "--report", "json", "--report-dir", str(report_dir),
     ]
     env = {

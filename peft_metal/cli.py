@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-shots", type=int, default=512, help="shots per prompt request at most (default 512)")
     serve.add_argument(
         "--max-request-tokens", type=int, default=32768,
-        help="prompt tokens of all prompts of one completion request at most (default 32768)",
+        help="tokens one completion request makes the LM read and generate, at most (default 32768)",
     )
     serve.add_argument(
         "--max-streams", type=int, default=16, help="streamed completions open at once at most (default 16; then 429)"

@@ -580,8 +580,12 @@ def test_request_limits_are_refused_with_the_limit_named(tmp_path, tok):
         assert many.status_code == 422 and "At most 3 shots" in _message(many)
         prompt_id = _create(client, shots=SHOTS[:3]).json()["prompt_id"]
         long = _complete(client, prompt_id=prompt_id, prompt=["word " * 5] * 3)
-        assert long.status_code == 413 and "at most 40 per request" in _message(long)
-        assert _complete(client, prompt_id=prompt_id, prompt="ok").status_code == 200
+        assert long.status_code == 413 and "at most 40 tokens per request" in _message(long)
+        assert long.json()["error"]["param"] == "prompt"
+        # Generation counts too: three choices of 16 new tokens are 48 tokens to write.
+        wordy = _complete(client, prompt_id=prompt_id, prompt="ok", max_tokens=16, n=3, temperature=1.0)
+        assert wordy.status_code == 413 and wordy.json()["error"]["param"] == "max_tokens", wordy.text
+        assert _complete(client, prompt_id=prompt_id, prompt="ok", max_tokens=4).status_code == 200
 
         def chunked():
             yield b'{"task": "t", '
@@ -634,3 +638,11 @@ def test_models_lists_the_base_model_and_every_stored_prompt(served):
     assert all(model["object"] == "model" and isinstance(model["created"], int) for model in listing["data"])
     client.delete(f"/v1/prompts/{first}")
     assert [model["id"] for model in client.get("/v1/models").json()["data"]][1:] == [f"metal:{second}"]
+
+
+@pytest.mark.parametrize("value, status", [(1, 200), (0.5, 200), (True, 422), ("0.5", 422)])
+def test_numbers_are_json_schema_numbers(served, value, status):
+    """Found by schemathesis: `temperature: false` was taken as 0 (pydantic's lax floats); a number is 1 or 0.5."""
+    client, _, _ = served
+    response = _complete(client, prompt="ok", max_tokens=2, temperature=value, top_p=value)
+    assert response.status_code == status, response.text

@@ -21,8 +21,8 @@ or made for another base model (never served), 429 too many open streams, 501 pr
 only.
 
 Limits (each a `create_app` setting and a `peft-metal serve` flag): a request body of at most 1 MiB (413; a body sent
-without Content-Length gets 411), 512 shots per prompt (422), 64 prompts per completion request (422), 32,768 prompt
-tokens per completion request (413) and 16 open streams (429).
+without Content-Length gets 411), 512 shots per prompt (422), 64 prompts per completion request (422), 32,768
+tokens read and generated per completion request (413) and 16 open streams (429).
 """
 
 from __future__ import annotations

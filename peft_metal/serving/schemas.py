@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from ..metal_prompt.template import Shots
 
@@ -37,7 +37,8 @@ def _whole_numbers(value: Any) -> Any:
 
 
 class _Body(BaseModel):
-    """A request body: unknown fields refused, integers as JSON Schema defines them (3 or 3.0; never true or "3")."""
+    """A request body: unknown fields refused, numbers as JSON Schema defines them (an integer is 3 or 3.0, a number
+    3 or 3.5; never true or "3")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -100,8 +101,8 @@ class CompletionRequest(_Body):
         ],
     ] = Field(description="a text, a list of texts, token ids (below the vocabulary size), or a list of token id lists")
     max_tokens: Optional[StrictInt] = Field(16, ge=0, le=MAX_NEW_TOKENS, description="new tokens per choice (0 with echo)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES_PER_PROMPT, description="choices per prompt")
     stop: Optional[Union[NonEmpty, Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)]]] = Field(
         None, description="up to 4 strings that end a choice"
@@ -116,9 +117,9 @@ class CompletionRequest(_Body):
     best_of: Optional[StrictInt] = Field(
         None, ge=1, le=MAX_CHOICES_PER_PROMPT, description="not supported beyond n: null or equal to n"
     )
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="not supported: must be empty")
+    presence_penalty: StrictFloat = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: StrictFloat = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    logit_bias: Optional[dict[str, StrictFloat]] = Field(None, max_length=0, description="not supported: must be empty")
     # peft-metal's extensions
     options: Optional[list[NonBlank]] = Field(
         None, min_length=1, max_length=MAX_OPTIONS, json_schema_extra={"uniqueItems": True},

@@ -78,7 +78,7 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_CONTEXT_CACHE_SIZE = 64
 # Limits on what one request may ask (each refused with a message naming the limit).
 DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
-DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens read of all prompts of one completion request
+DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens one completion request makes the LM read and generate
 DEFAULT_MAX_STREAMS = 16  # streamed completions open at once
 METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model
 
@@ -354,13 +354,6 @@ class Service:
             if not prefix + ids:
                 raise InvalidRequestError(f"prompt {index} has no tokens: send some text.", "prompt")
             queries.append(prefix + ids)
-        total = sum(len(query) for query in queries)
-        if total > self.max_request_tokens:
-            raise RequestTooLargeError(
-                f"The prompts of this request take {total} tokens (with their formatting and shots); this server reads "
-                f"at most {self.max_request_tokens} per request. Split them over several requests.",
-                "prompt",
-            )
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS or any(not stop for stop in stops):
             raise InvalidRequestError(f"stop takes at most {MAX_STOPS} non-empty strings.", "stop")
@@ -373,7 +366,24 @@ class Service:
             if max_tokens == 0 and not body.echo:
                 raise InvalidRequestError("max_tokens 0 generates nothing: set echo to score the prompt.", "max_tokens")
             check_fits(self.lm, entry.context.length, max(map(len, queries)), max_tokens)
+        self._check_request_tokens(queries, options, body.n, max_tokens)
         return _Completion(entry, template, queries, options, stops, body.n, max_tokens)
+
+    def _check_request_tokens(
+        self, queries: list[list[int]], options: Optional[list[list[int]]], n: int, max_tokens: int
+    ) -> None:
+        """One request may make the LM read and write at most `max_request_tokens`: its prompts (with formatting and
+        shots), then the options scored after each, or n choices of up to max_tokens new tokens each."""
+        read = sum(len(query) for query in queries)
+        more = len(queries) * (sum(map(len, options)) if options is not None else n * max_tokens)
+        if read + more > self.max_request_tokens:
+            what = "scores its options over" if options is not None else f"may generate (n={n} x max_tokens={max_tokens})"
+            raise RequestTooLargeError(
+                f"This request reads {read} prompt tokens (with their formatting and shots) and {what} {more} more; "
+                f"this server handles at most {self.max_request_tokens} tokens per request. Lower max_tokens or n, "
+                "or split the prompts over several requests.",
+                "prompt" if read >= more else ("options" if options is not None else "max_tokens"),
+            )
 
     def _option_ids(self, body: CompletionRequest, template: Optional[ShotTemplate]) -> list[list[int]]:
         for name, conflict in (("stream", body.stream), ("echo", body.echo), ("logprobs", body.logprobs is not None), ("n", body.n > 1)):
