@@ -1,5 +1,5 @@
 """Property tests (hypothesis) for what the project reads: prompt files damaged in every way, foreign safetensors
-files, shots of every odd shape and PGM configs with edited fields. Each must end in a clear ValueError or TypeError
+files, shots of every odd shape (as values and over HTTP) and PGM configs and folders with edited fields. Each must end in a clear ValueError or TypeError
 (or load unchanged), never another exception, a hang or a different prompt."""
 
 from __future__ import annotations
@@ -218,3 +218,46 @@ def test_pgm_folders_with_edited_configs_load_or_fail_clearly(pgm_folder, tmp_pa
     with torch.no_grad():
         prompt = model.generate_prompt(SHOTS, tokenizer=build_tokenizer())
     assert prompt.num_tokens == model.peft_config["default"].num_prompt_tokens
+
+
+odd_text = st.one_of(st.text(max_size=20), st.just(""), st.just("\u202e\u0000\U0001f600 é"), st.just("x" * 300_000))
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), odd_text),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)),
+    max_leaves=12,
+)
+odd_shots = st.one_of(
+    json_values,
+    st.lists(st.one_of(st.tuples(odd_text, odd_text), st.fixed_dictionaries({"input": odd_text, "output": odd_text})),
+             max_size=4),
+)
+
+
+@pytest.fixture(scope="module")
+def prompt_service(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from peft_metal.serving.app import create_app
+    from peft_metal.serving.store import PromptStore
+
+    app = create_app(make_pgm("llama", "discrete"), build_tokenizer(), PromptStore(tmp_path_factory.mktemp("store")))
+    with TestClient(app) as client:
+        yield client
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shots=odd_shots, demonstrations=st.one_of(st.integers(-1, 5), st.none()))
+def test_shots_of_any_shape_over_http_make_a_prompt_or_a_4xx(prompt_service, shots, demonstrations):
+    """Shots of every odd shape sent to POST /v1/prompts (empty strings, control and right-to-left characters, 300 kB
+    inputs, nested values): a stored prompt that reads back as made from them, or a 4xx naming the problem."""
+    body = {"task": "odd", "shots": shots}
+    if demonstrations is not None:
+        body["num_demonstrations"] = demonstrations
+    response = prompt_service.post("/v1/prompts", json=body)
+    assert response.status_code in (200, 201, 413, 422), response.text
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
+        return
+    stored = prompt_service.get(f"/v1/prompts/{response.json()['prompt_id']}")
+    assert stored.status_code == 200 and stored.json()["task"] == "odd"
+    assert stored.json()["num_demonstrations"] == (demonstrations or 0)
