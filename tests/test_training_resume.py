@@ -220,14 +220,14 @@ def test_text_stage_then_task_episodes_and_resume_exactly(tmp_path):
     settings = dict(scope="padding", distillation_weight=1.0, text_stage_steps=3)
     uninterrupted = make_trainer(tmp_path / "a", "prefix", **settings)
     drawn = []
-    original = uninterrupted._next_episode
+    original = uninterrupted.next_episode
 
     def record():
         episode = original()
         drawn.append(type(episode))
         return episode
 
-    uninterrupted._next_episode = record
+    uninterrupted.next_episode = record
     uninterrupted.train()
     assert drawn == [TextEpisode] * 6 + [type(uninterrupted.sampler.episode(0))] * 2  # 2 episodes per step
     killed = make_trainer(tmp_path / "b", "prefix", **settings)

@@ -167,7 +167,7 @@ class MetaTrainer:
             text = self.model.base_model.template.format_shots([e.as_shot() for e in episode.xp])
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens
 
-    def _next_episode(self):
+    def next_episode(self):
         """The next episode (a text one during the text stage) whose PGM input fits `max_pgm_tokens`; skipped ones
         are counted and logged, not hidden."""
         text_stage = self.step < self.args.text_stage_steps
@@ -213,7 +213,7 @@ class MetaTrainer:
         while self.step < args.max_steps:
             for _ in range(args.gradient_accumulation_steps):
                 with self.accelerator.accumulate(self.loss_module):
-                    losses = self.loss_module(self._next_episode())
+                    losses = self.loss_module(self.next_episode())
                     self.accelerator.backward(losses["loss"])
                     if self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
