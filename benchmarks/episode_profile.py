@@ -1,7 +1,7 @@
 """Where one meta-training episode's time goes: the parts of `EpisodeLoss` timed apart, on real train-family episodes.
 
     python benchmarks/episode_profile.py [--config examples/train_smollm2_compressed_ce.json] [--episodes 16]
-        [--warmup 2] [--name episode_profile]
+        [--warmup 2] [--attn-implementation sdpa] [--name episode_profile]
 
 The trainer is built as `peft-metal train` builds it (precision, attention, the PGM); then each episode runs as in
 training (the loss, then its backward) with timers around the parts, which run one after another on the CPU: the
@@ -51,12 +51,15 @@ def main() -> None:
     parser.add_argument("--config", default="examples/train_smollm2_compressed_ce.json")
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--attn-implementation", help="overrides the config's (auto: SDPA reads, eager graded passes)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="episode_profile")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as output_dir:
-        settings = TrainingArguments.from_json(args.config, output_dir=output_dir, init_from=None)
+        settings = TrainingArguments.from_json(
+            args.config, output_dir=output_dir, init_from=None, attn_implementation=args.attn_implementation
+        )
         if settings.lora_scope != "padding":
             raise SystemExit(f"{args.config} has lora_scope {settings.lora_scope!r}; this profile times the 'padding' scope.")
         trainer = MetaTrainer(settings, train_tasks=load_split_tasks("train"), dev_tasks=[])
@@ -98,7 +101,8 @@ def main() -> None:
     }
     mean_tokens = {key: statistics.fmean(count[key] for count in tokens) for key in tokens[0]}
     lines = [
-        f"One meta-training episode, `{args.config}` ({trainer.precision}; {machine}): {len(rows)} episodes after "
+        f"One meta-training episode, `{args.config}` ({trainer.precision}, attention "
+        f"{settings.attn_implementation}; {machine}): {len(rows)} episodes after "
         f"{args.warmup} untimed, {mean_total:.2f} s each on average; per episode {mean_tokens['shot_tokens']:.0f} shot "
         f"tokens, {mean_tokens['demonstration_tokens']:.0f} demonstration tokens, {mean_tokens['queries']:.0f} queries of "
         f"{mean_tokens['query_tokens']:.0f} tokens in all, {mean_tokens['query_batch_tokens']:.0f} with the batch's padding.",

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .compat import forget_gguf_quantizer
+from .compat import forget_gguf_quantizer, give_the_head_contiguous_input
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,4 +82,5 @@ def load_base_model(
         model.config.name_or_path = model.name_or_path = SMOLLM2_HUB_ID
     if device is not None:
         model.to(device)
+    give_the_head_contiguous_input(model)
     return model.eval(), tokenizer

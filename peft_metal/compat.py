@@ -107,3 +107,22 @@ def forget_gguf_quantizer(model: Any) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
+    """Hand the LM head a contiguous input, once per model.
+
+    transformers' `logits_to_keep` gives the head a slice of the hidden states (`hidden[:, -k:]`), which is not
+    contiguous; torch's CPU matmul then broadcasts the head's weight to the batch and copies it (for SmolLM2's
+    49152x576 head, 290 ms at batch 4 against 8 ms for the same product on a contiguous copy of the slice). Every
+    read that keeps one position's logits, and meta-training's labelled-only logits, pays that copy otherwise.
+    """
+    head = lm.get_output_embeddings()
+    if head is None or getattr(head, "_peft_metal_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(_contiguous_input)
+    head._peft_metal_contiguous_input = True

@@ -96,3 +96,23 @@ def test_attention_implementation_switches_for_a_while_and_back():
         with pytest.raises(RuntimeError), attention_implementation(lm, other):
             raise RuntimeError("inside")
     assert lm.config._attn_implementation == before
+
+
+def test_the_head_gets_contiguous_input_and_the_same_logits():
+    """`logits_to_keep` slices the hidden states; with the hook the head sees a contiguous tensor (torch's CPU matmul
+    copies the whole weight for a non-contiguous 3-D input) and the logits are unchanged. Installing twice is once."""
+    from peft_metal.compat import give_the_head_contiguous_input
+
+    lm = make_lm("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    with torch.no_grad():
+        expected = lm(ids, logits_to_keep=2).logits
+        give_the_head_contiguous_input(lm)
+        give_the_head_contiguous_input(lm)
+        seen = []
+        handle = lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        got = lm(ids, logits_to_keep=2).logits
+        handle.remove()
+    assert len(lm.get_output_embeddings()._forward_pre_hooks) == 1
+    assert seen[0].is_contiguous() and seen[0].shape == (2, 2, lm.config.hidden_size)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
