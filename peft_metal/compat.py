@@ -118,8 +118,8 @@ def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
 
     transformers' `logits_to_keep` gives the head a slice of the hidden states (`hidden[:, -k:]`), which is not
     contiguous; torch's CPU matmul then broadcasts the head's weight to the batch and copies it (for SmolLM2's
-    49152x576 head, 290 ms at batch 4 against 8 ms for the same product on a contiguous copy of the slice). Every
-    read that keeps one position's logits, and meta-training's labelled-only logits, pays that copy otherwise.
+    49152x576 head, 279 ms at batch 4 against 4 ms on a contiguous copy of the slice: benchmarks/head_matmul.py).
+    Every read that keeps one position's logits, and meta-training's labelled-only logits, pays that copy otherwise.
     """
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "_peft_metal_contiguous_input", False):
