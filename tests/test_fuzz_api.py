@@ -1,7 +1,7 @@
 """The HTTP API fuzzed from its own OpenAPI document by schemathesis, as CI can afford it (a tiny model, ~1 minute).
 
 Every route and method, positive and negative cases (coverage and fuzzing phases) and stateful sequences (prompt
-created, read, completed with, deleted: links inferred from the schema), with every check schemathesis has (no 5xx,
+created, then read, completed with or deleted: the OpenAPI links the app declares), with every check schemathesis has (no 5xx,
 responses and status codes as documented, schema-invalid requests refused, schema-valid ones accepted unless a
 cross-field rule in `schemathesis_hooks.py` explains the refusal, the API key enforced). The server must still answer
 afterwards. `benchmarks/fuzz_api.py` runs the same against SmolLM2-135M for longer.

@@ -94,6 +94,13 @@ ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
     )
 }
 
+# OpenAPI links: what a client (or a stateful fuzzer) can do next with a stored prompt.
+PROMPT_LINKS = {
+    "ReadThePrompt": {"operationId": "get_prompt", "parameters": {"prompt_id": "$response.body#/prompt_id"}},
+    "CompleteWithThePrompt": {"operationId": "create_completion", "requestBody": {"model": "$response.body#/model"}},
+    "DeleteThePrompt": {"operationId": "delete_prompt", "parameters": {"prompt_id": "$response.body#/prompt_id"}},
+}
+
 
 def error_response(status: int, message: str, type_: Optional[str] = None, code: Optional[str] = None,
                    param: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
@@ -219,23 +226,25 @@ def create_app(
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)] if api_key is not None else [])
 
     @v1.post("/prompts", response_model=PromptCreated, response_model_exclude_none=True, status_code=201,
-             responses={200: {"model": PromptCreated, "description": "the same prompt, stored before"}})
+             operation_id="create_prompt",
+             responses={200: {"model": PromptCreated, "description": "the same prompt, stored before"},
+                        201: {"description": "a new prompt, stored", "links": PROMPT_LINKS}})
     async def create_prompt(body: CreatePromptRequest, response: Response) -> PromptCreated:
         created, cached = await service.create_prompt(body.task, as_shots(body.shots), body.num_demonstrations)
         response.status_code = 200 if cached else 201
         return created
 
-    @v1.get("/prompts/{prompt_id}")
+    @v1.get("/prompts/{prompt_id}", operation_id="get_prompt")
     async def get_prompt(prompt_id: str) -> dict[str, Any]:
         return jsonable_encoder(await service.prompt_info(prompt_id))
 
-    @v1.delete("/prompts/{prompt_id}", status_code=204)
+    @v1.delete("/prompts/{prompt_id}", status_code=204, operation_id="delete_prompt")
     async def delete_prompt(prompt_id: str) -> Response:
         await service.delete_prompt(prompt_id)
         return Response(status_code=204)
 
     @v1.post(
-        "/completions", response_model=CompletionResponse,
+        "/completions", response_model=CompletionResponse, operation_id="create_completion",
         responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: server-sent events"}},
     )
     async def completions(body: CompletionRequest) -> Any:
@@ -244,7 +253,7 @@ def create_app(
         chunks, release = await service.open_stream(body)
         return StreamingResponse(_events(chunks), media_type="text/event-stream", background=BackgroundTask(release))
 
-    @v1.get("/models", response_model=ModelList)
+    @v1.get("/models", response_model=ModelList, operation_id="list_models")
     async def models() -> ModelList:
         return await service.models()
 
