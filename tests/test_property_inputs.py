@@ -157,6 +157,16 @@ def test_edited_pgm_configs_load_or_fail_clearly(field, value):
     json.dumps(config.to_dict(), default=str)
 
 
+def test_a_checksum_renamed_by_a_flip_does_not_pass_as_an_old_file(prompt_files, tmp_path):
+    """Found by hypothesis (CI, draw [208, 1392]): one flip renamed "sha256" to "rha256", so the file read as one
+    from before checksums, and a second flip in its metadata then loaded as a different prompt."""
+    original, _ = prompt_files["discrete"]
+    damaged = original.replace(b'"sha256"', b'"rha256"', 1)
+    assert damaged != original
+    with pytest.raises(ValueError, match="unexpected metadata"):
+        load_bytes(tmp_path, damaged)
+
+
 def test_a_saved_prompt_still_loads_as_itself(prompt_files, tmp_path):
     for original, prompt in prompt_files.values():
         assert same_prompt(load_bytes(tmp_path, original), prompt)

@@ -19,6 +19,8 @@ FORMAT_NAME = "peft-metal-prompt"
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "sha256"
 TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
+METADATA_FIELDS = ("format", "format_version", "design", "num_tokens", "base_fingerprint", "pgm_config", "text",
+                   "demonstrations_text", CHECKSUM_KEY)
 
 
 @dataclass
@@ -156,6 +158,10 @@ class GeneratedPrompt:
         unknown = set(tensors) - set(TENSOR_FIELDS)
         if unknown:
             raise ValueError(f"{path} holds unexpected tensors {sorted(unknown)}.")
+        # Every key is known, so damage cannot rename the checksum away and pass as a file from before checksums.
+        unknown = set(metadata) - set(METADATA_FIELDS)
+        if unknown:
+            raise ValueError(f"{path} is damaged or foreign: unexpected metadata {sorted(unknown)}.")
         stored_checksum = metadata.pop(CHECKSUM_KEY, None)  # files written before checksums have none
         if stored_checksum is not None and stored_checksum != _content_checksum(metadata, tensors):
             raise ValueError(f"{path} is damaged: its contents no longer match the checksum written with them.")
