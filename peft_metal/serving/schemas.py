@@ -37,10 +37,12 @@ def _whole_numbers(value: Any) -> Any:
 
 
 class _Body(BaseModel):
-    """A request body: unknown fields refused, numbers as JSON Schema defines them (an integer is 3 or 3.0, a number
-    3 or 3.5; never true or "3")."""
-
     model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Body):
+    """A whole request body: unknown fields refused, numbers as JSON Schema defines them (an integer is 3 or 3.0, a
+    number 3 or 3.5; never true or "3"). Converted once here, for the nested parts too."""
 
     @model_validator(mode="before")
     @classmethod
@@ -61,7 +63,7 @@ def as_shots(shots: ShotList) -> Shots:
     return Shots((shot.input, shot.output) if isinstance(shot, Shot) else tuple(shot) for shot in shots)
 
 
-class CreatePromptRequest(_Body):
+class CreatePromptRequest(_Request):
     task: StrictStr = Field(min_length=1, max_length=200, description="a name for the task (stored with the prompt)")
     shots: ShotList = Field(
         min_length=1, description='[{"input": str, "output": str}, ...] or [[input, output], ...]; at most the '
@@ -86,7 +88,7 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class CompletionRequest(_Body):
+class CompletionRequest(_Request):
     """OpenAI's `POST /v1/completions` body, plus three extensions. Fields OpenAI has and this server does not
     implement are accepted only at their neutral values, so a client that sends its defaults still works."""
 
