@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -53,16 +53,20 @@ def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
     )
 
 
+def current_attention_implementation(lm: PreTrainedModel) -> str:
+    """The attention implementation `lm` runs with now; only readable from a private config attribute."""
+    return lm.config._attn_implementation
+
+
 @contextmanager
-def attention_implementation(lm: PreTrainedModel, implementation: str) -> Iterator[None]:
-    """Run `lm` with another attention implementation for a while ("eager", "sdpa", ...).
+def attention_implementation(lm: PreTrainedModel, implementation: Optional[str]) -> Iterator[None]:
+    """Run `lm` with another attention implementation for a while ("eager", "sdpa", ...; None: keep its own).
 
     transformers 5 looks the implementation up in `config._attn_implementation` at every attention call, so
-    `set_attn_implementation` takes effect at once and costs well under a millisecond; the current one is only
-    readable from that private attribute.
+    `set_attn_implementation` takes effect at once and costs well under a millisecond.
     """
-    previous = lm.config._attn_implementation
-    if previous == implementation:
+    previous = current_attention_implementation(lm)
+    if implementation is None or previous == implementation:
         yield
         return
     lm.set_attn_implementation(implementation)

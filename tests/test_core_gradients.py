@@ -129,3 +129,53 @@ def test_gradient_checkpointing_is_refused_clearly(design, tok):
     model.eval()
     with torch.no_grad():
         assert model.generate_prompt(SHOTS, tokenizer=tok).design == design
+
+
+def answer_gradients(model, tok, answer_length, answers_only):
+    """Loss and PGM gradients of one train step on left-padded queries whose last `answer_length` tokens are labelled."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch = left_padded(tok, QUERIES)
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[:, -answer_length:] = batch.input_ids[:, -answer_length:]
+    torch.manual_seed(0)  # the discrete design's Gumbel noise, the same in both passes
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+    loss = model(
+        prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+        only_labelled_logits=True, gradient_from_answers_only=answers_only,
+    ).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_from_answers_only_keeps_the_loss_and_trains_the_pgm(family, design, scope, tok):
+    """Reading the query tokens before the answers without gradient gives the same loss, a gradient on every PGM
+    parameter the full pass trains (only the paths through the query's earlier tokens are cut, so it differs), and
+    exactly the full gradient when the whole query is the answer (nothing left to cut)."""
+    model = make_pgm(family, design, lora_scope=scope)
+    for module in model.modules():  # GPT-2's dropout would draw different masks in the two passes
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    full_loss, full = answer_gradients(model, tok, answer_length=3, answers_only=False)
+    cut_loss, cut = answer_gradients(model, tok, answer_length=3, answers_only=True)
+    torch.testing.assert_close(cut_loss, full_loss, atol=1e-5, rtol=0)
+    assert set(cut) == set(full) and all(is_adapter(name) for name in cut)
+    assert all(cut[name].abs().sum() > 0 for name in full if full[name].abs().sum() > 0)
+    assert any(not torch.allclose(cut[name], full[name], atol=1e-6) for name in full)
+    whole = left_padded(tok, QUERIES).input_ids.shape[1]
+    _, full_whole = answer_gradients(model, tok, answer_length=whole, answers_only=False)
+    _, cut_whole = answer_gradients(model, tok, answer_length=whole, answers_only=True)
+    for name in full_whole:
+        torch.testing.assert_close(cut_whole[name], full_whole[name], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_from_answers_only_needs_labels(tok):
+    model = make_pgm("llama", "prefix")
+    batch = left_padded(tok, QUERIES)
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, gradient_from_answers_only=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..compat import cache_layers, expand_cache
+from ..compat import attention_implementation, cache_from_layers, cache_layers, expand_cache
 from ..designs import get_design
 from .prompt import GeneratedPrompt
 
@@ -109,6 +109,8 @@ def forward_with_prompt(
     labels: Optional[torch.Tensor] = None,
     use_cache: bool = False,
     only_labelled_logits: bool = False,
+    gradient_from_answers_only: bool = False,
+    reading_attention: Optional[str] = None,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
     """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them;
@@ -118,23 +120,40 @@ def forward_with_prompt(
     labelled token to the end, and `logits` covers just those last positions: the loss is the same, and training on
     answers (a few tokens at the end of left-padded queries) skips the full-vocabulary head over everything else.
 
+    With `gradient_from_answers_only` (implies `only_labelled_logits`), the query tokens before those positions are
+    read without gradient and only the answer positions are read with it: the loss is the same, but its gradient
+    reaches the prompt only through the answer positions' own attention to it, not through how the prompt changed
+    the query's earlier hidden states. Meta-training uses it because the graded pass over whole queries is most of
+    an episode's cost (benchmarks/results/episode_profile_contiguous_head.md). `reading_attention` names the
+    attention implementation for that read without gradient (default: the model's current one).
+
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
     batch_size, query_length = input_ids.shape
     check_fits(lm, prompt.context_length, query_length)
+    if gradient_from_answers_only and labels is None:
+        raise ValueError("gradient_from_answers_only needs labels: they say where the answers start.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
     # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
-    cache = expand_cache(_context_layers(lm, prompt), batch_size)
+    layers = _context_layers(lm, prompt)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
     kept = query_length
-    if only_labelled_logits and labels is not None:
+    if (only_labelled_logits or gradient_from_answers_only) and labels is not None:
         labelled = (labels[:, 1:] != -100).any(dim=0).nonzero()
         kept = query_length - int(labelled[0]) if len(labelled) else 1
     if keeps_logits(lm):
         kwargs["logits_to_keep"] = kept
     query_embeds = lm.get_input_embeddings()(input_ids)
+    ungraded = query_length - kept if gradient_from_answers_only else 0
+    if ungraded:
+        with attention_implementation(lm, reading_attention):
+            layers = _extend_without_gradient(
+                lm, layers, query_embeds[:, :ungraded], full_mask[:, : prompt.context_length + ungraded]
+            )
+        query_embeds = query_embeds[:, ungraded:]
+    cache = expand_cache(layers, batch_size) if not ungraded else cache_from_layers(layers)
     outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
     logits = outputs.logits[:, -kept:]
     loss = None
@@ -145,6 +164,27 @@ def forward_with_prompt(
             ignore_index=-100,
         )
     return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+
+
+def _extend_without_gradient(
+    lm: PreTrainedModel,
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    query_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values (batch rows) of the context (batch 1, its graph kept) followed by `query_embeds`,
+    which are read without gradient from a detached copy of the context."""
+    batch_size = query_embeds.shape[0]
+    detached = [(k.detach(), v.detach()) for k, v in layers]
+    with torch.no_grad():
+        extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
+        cache = _run_after_cache(lm, query_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra).past_key_values
+    context_length = layers[0][0].shape[2]
+    return [
+        (torch.cat([k.expand(batch_size, -1, -1, -1), read_k[:, :, context_length:]], dim=2),
+         torch.cat([v.expand(batch_size, -1, -1, -1), read_v[:, :, context_length:]], dim=2))
+        for (k, v), (read_k, read_v) in zip(layers, cache_layers(cache))
+    ]
 
 
 def _context_layers(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:

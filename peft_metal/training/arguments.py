@@ -53,6 +53,9 @@ class TrainingArguments:
     # episodes/s than eager throughout: benchmarks/results/train_throughput_attention.md); the model's own choice on a
     # GPU; or any transformers attention name, used for every pass.
     attn_implementation: str = "auto"
+    # Read each query's tokens before its answer without gradient, so only the answer positions take the graded
+    # pass: the same loss, a gradient cut to the answers' own attention to the prompt, and a cheaper episode.
+    gradient_from_answers_only: bool = False
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +70,12 @@ class TrainingArguments:
         for name in ("distillation_weight", "option_distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):
+            raise ValueError(
+                "gradient_from_answers_only keeps the student's logits at the answers only, but distillation needs them "
+                "at every query token (and option distillation over every option): set the distillation weights to 0 "
+                "or gradient_from_answers_only to false."
+            )
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 

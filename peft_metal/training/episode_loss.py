@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..compat import attention_implementation, cache_from_layers, cache_layers, expand_cache
+from ..compat import (
+    attention_implementation,
+    cache_from_layers,
+    cache_layers,
+    current_attention_implementation,
+    expand_cache,
+)
 from ..data import Episode
 from ..data.text import TextEpisode
 from ..metal_prompt import ShotTemplate
@@ -40,6 +46,7 @@ class EpisodeLoss(nn.Module):
         chunk_size: Optional[int] = None,
         option_distillation_weight: float = 0.0,
         graded_attention: Optional[str] = None,
+        gradient_from_answers_only: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -50,6 +57,9 @@ class EpisodeLoss(nn.Module):
         # The attention implementation for the passes that carry a gradient (the PGM and the student LM), when it
         # differs from the model's own, which the no-grad reads (shots, teacher) keep.
         self.graded_attention = graded_attention
+        # The query tokens before the answers read without gradient (see `forward_with_prompt`).
+        self.gradient_from_answers_only = gradient_from_answers_only
+        self.reading_attention = current_attention_implementation(model.get_base_model())
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -102,6 +112,8 @@ class EpisodeLoss(nn.Module):
                 use_cache=options is not None,
                 # Without distillation only the answers' logits are needed.
                 only_labelled_logits=self.distillation_weight == 0 and options is None,
+                gradient_from_answers_only=self.gradient_from_answers_only,
+                reading_attention=self.reading_attention,
             )
         losses = {"lm_loss": outputs.loss}
         if self.distillation_weight > 0 or options is not None:

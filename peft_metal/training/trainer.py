@@ -142,7 +142,8 @@ class MetaTrainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             EpisodeLoss(
-                self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded
+                self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded,
+                args.gradient_from_answers_only,
             ),
             optimizer,
             scheduler,
