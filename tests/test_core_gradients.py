@@ -131,7 +131,7 @@ def test_gradient_checkpointing_is_refused_clearly(design, tok):
         assert model.generate_prompt(SHOTS, tokenizer=tok).design == design
 
 
-def answer_gradients(model, tok, answer_length, answers_only):
+def answer_gradients(model, tok, answer_length, answers_only, num_demonstrations=1):
     """Loss and PGM gradients of one train step on left-padded queries whose last `answer_length` tokens are labelled."""
     model.train()
     model.zero_grad(set_to_none=True)
@@ -139,7 +139,7 @@ def answer_gradients(model, tok, answer_length, answers_only):
     labels = torch.full_like(batch.input_ids, -100)
     labels[:, -answer_length:] = batch.input_ids[:, -answer_length:]
     torch.manual_seed(0)  # the discrete design's Gumbel noise, the same in both passes
-    prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+    prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=num_demonstrations)
     loss = model(
         prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
         only_labelled_logits=True, gradient_from_answers_only=answers_only,
@@ -153,9 +153,9 @@ def answer_gradients(model, tok, answer_length, answers_only):
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_from_answers_only_keeps_the_loss_and_trains_the_pgm(family, design, scope, tok):
-    """Reading the query tokens before the answers without gradient gives the same loss, a gradient on every PGM
-    parameter the full pass trains (only the paths through the query's earlier tokens are cut, so it differs), and
-    exactly the full gradient when the whole query is the answer (nothing left to cut)."""
+    """Reading the demonstrations and the query tokens before the answers without gradient gives the same loss, a
+    gradient on every PGM parameter the full pass trains (only the paths through those tokens are cut, so it differs),
+    and exactly the full gradient when there are no demonstrations and the whole query is the answer (nothing to cut)."""
     model = make_pgm(family, design, lora_scope=scope)
     for module in model.modules():  # GPT-2's dropout would draw different masks in the two passes
         if isinstance(module, torch.nn.Dropout):
@@ -167,8 +167,8 @@ def test_gradient_from_answers_only_keeps_the_loss_and_trains_the_pgm(family, de
     assert all(cut[name].abs().sum() > 0 for name in full if full[name].abs().sum() > 0)
     assert any(not torch.allclose(cut[name], full[name], atol=1e-6) for name in full)
     whole = left_padded(tok, QUERIES).input_ids.shape[1]
-    _, full_whole = answer_gradients(model, tok, answer_length=whole, answers_only=False)
-    _, cut_whole = answer_gradients(model, tok, answer_length=whole, answers_only=True)
+    _, full_whole = answer_gradients(model, tok, answer_length=whole, answers_only=False, num_demonstrations=0)
+    _, cut_whole = answer_gradients(model, tok, answer_length=whole, answers_only=True, num_demonstrations=0)
     for name in full_whole:
         torch.testing.assert_close(cut_whole[name], full_whole[name], atol=1e-6, rtol=1e-4)
 

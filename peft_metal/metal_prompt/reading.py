@@ -60,18 +60,25 @@ def check_fits(lm: PreTrainedModel, context_length: int, query_length: int, afte
         )
 
 
-def _context(lm: PreTrainedModel, prompt: GeneratedPrompt) -> tuple[Optional[torch.Tensor], Optional[Cache]]:
-    """Embeddings for prompt + demonstrations (1 x C x hidden, or None) and the prefix cache (batch 1, or None)."""
+def _context(
+    lm: PreTrainedModel, prompt: GeneratedPrompt, with_demonstrations: bool = True
+) -> tuple[Optional[torch.Tensor], Optional[Cache]]:
+    """Embeddings for the prompt and (`with_demonstrations`) the demonstrations (1 x C x hidden, or None), and the
+    prefix cache (batch 1, or None)."""
     design = get_design(prompt.design)
-    embedding = lm.get_input_embeddings()
     parts = []
     prompt_embeds = design.context_embeds(prompt, lm)
     if prompt_embeds is not None:
-        parts.append(prompt_embeds.to(embedding.weight.dtype))
-    if prompt.num_demonstration_tokens:
-        parts.append(embedding(prompt.demonstrations.to(embedding.weight.device)))
+        parts.append(prompt_embeds.to(lm.get_input_embeddings().weight.dtype))
+    if with_demonstrations and prompt.num_demonstration_tokens:
+        parts.append(_demonstration_embeds(lm, prompt))
     embeds = torch.cat(parts).unsqueeze(0) if parts else None
     return embeds, design.context_cache(prompt, batch_size=1)
+
+
+def _demonstration_embeds(lm: PreTrainedModel, prompt: GeneratedPrompt) -> torch.Tensor:
+    embedding = lm.get_input_embeddings()
+    return embedding(prompt.demonstrations.to(embedding.weight.device))
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,12 +127,13 @@ def forward_with_prompt(
     labelled token to the end, and `logits` covers just those last positions: the loss is the same, and training on
     answers (a few tokens at the end of left-padded queries) skips the full-vocabulary head over everything else.
 
-    With `gradient_from_answers_only` (implies `only_labelled_logits`), the query tokens before those positions are
-    read without gradient and only the answer positions are read with it: the loss is the same, but its gradient
-    reaches the prompt only through the answer positions' own attention to it, not through how the prompt changed
-    the query's earlier hidden states. Meta-training uses it because the graded pass over whole queries is most of
-    an episode's cost (benchmarks/results/episode_profile_contiguous_head.md). `reading_attention` names the
-    attention implementation for that read without gradient (default: the model's current one).
+    With `gradient_from_answers_only` (implies `only_labelled_logits`), the demonstrations and the query tokens
+    before those positions are read without gradient, and only the prompt and the answer positions with it: the loss
+    is the same, but its gradient reaches the prompt only through the answer positions' own attention to it, not
+    through how the prompt changed the hidden states of the demonstrations and the query's earlier tokens.
+    Meta-training uses it because the graded pass over those tokens is most of an episode's cost
+    (benchmarks/results/episode_profile_contiguous_head.md). `reading_attention` names the attention implementation
+    for the reads without gradient (default: the model's current one).
 
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
@@ -137,7 +145,7 @@ def forward_with_prompt(
         attention_mask = torch.ones_like(input_ids)
     # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
     # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
-    layers = _context_layers(lm, prompt)
+    layers = _context_layers(lm, prompt, graded_demonstrations=not gradient_from_answers_only, reading_attention=reading_attention)
     full_mask = torch.cat([attention_mask.new_ones(batch_size, prompt.context_length), attention_mask], dim=1)
     kept = query_length
     if (only_labelled_logits or gradient_from_answers_only) and labels is not None:
@@ -148,10 +156,9 @@ def forward_with_prompt(
     query_embeds = lm.get_input_embeddings()(input_ids)
     ungraded = query_length - kept if gradient_from_answers_only else 0
     if ungraded:
-        with attention_implementation(lm, reading_attention):
-            layers = _extend_without_gradient(
-                lm, layers, query_embeds[:, :ungraded], full_mask[:, : prompt.context_length + ungraded]
-            )
+        layers = _extend_without_gradient(
+            lm, layers, query_embeds[:, :ungraded], full_mask[:, : prompt.context_length + ungraded], reading_attention
+        )
         query_embeds = query_embeds[:, ungraded:]
     cache = expand_cache(layers, batch_size) if not ungraded else cache_from_layers(layers)
     outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
@@ -171,12 +178,13 @@ def _extend_without_gradient(
     layers: list[tuple[torch.Tensor, torch.Tensor]],
     query_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
+    attention: Optional[str] = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer keys/values (batch rows) of the context (batch 1, its graph kept) followed by `query_embeds`,
-    which are read without gradient from a detached copy of the context."""
+    which are read without gradient (with the `attention` implementation) from a detached copy of the context."""
     batch_size = query_embeds.shape[0]
     detached = [(k.detach(), v.detach()) for k, v in layers]
-    with torch.no_grad():
+    with torch.no_grad(), attention_implementation(lm, attention):
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
         cache = _run_after_cache(lm, query_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra).past_key_values
     context_length = layers[0][0].shape[2]
@@ -187,14 +195,26 @@ def _extend_without_gradient(
     ]
 
 
-def _context_layers(lm: PreTrainedModel, prompt: GeneratedPrompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations."""
-    embeds, cache = _context(lm, prompt)
+def _context_layers(
+    lm: PreTrainedModel,
+    prompt: GeneratedPrompt,
+    graded_demonstrations: bool = True,
+    reading_attention: Optional[str] = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values (batch 1) after the LM has read the prompt and the demonstrations; without
+    `graded_demonstrations` the demonstrations are read without gradient, with `reading_attention` (see
+    `gradient_from_answers_only`)."""
+    embeds, cache = _context(lm, prompt, with_demonstrations=graded_demonstrations)
+    length = prompt.context_length - (0 if graded_demonstrations else prompt.num_demonstration_tokens)
     if embeds is not None:
-        mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=embeds.device)
+        mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
         cache = _run_after_cache(lm, embeds, mask, cache, use_cache=True, **extra).past_key_values
-    return cache_layers(cache)
+    layers = cache_layers(cache)
+    if not graded_demonstrations and prompt.num_demonstration_tokens:
+        mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=layers[0][0].device)
+        layers = _extend_without_gradient(lm, layers, _demonstration_embeds(lm, prompt).unsqueeze(0), mask, reading_attention)
+    return layers
 
 
 @torch.no_grad()
