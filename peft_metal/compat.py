@@ -5,6 +5,8 @@ Each function here is covered by `tests/test_compat.py`, which fails loudly when
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Iterator, Optional
@@ -13,6 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # RoPE variants whose rotation of a position does not depend on the sequence length, so attention scores depend
 # only on position differences and a block of tokens may be placed at any offset (negative ones included).
@@ -30,6 +33,30 @@ def has_shift_invariant_positions(lm: PreTrainedModel) -> bool:
     if not isinstance(rope, dict) or "rope_type" not in rope:
         return False
     return rope["rope_type"] in SHIFT_INVARIANT_ROPE_TYPES
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """`cache` as the keyword `model.forward` (and so `model.generate`) takes it: `cache` in newer transformers 5
+    releases (5.24 here, where `past_key_values` still works but warns, and is removed in 5.40), else
+    `past_key_values`."""
+    return {_cache_argument(type(model)): cache}
+
+
+def returned_cache(outputs: Any) -> Any:
+    """The cache a forward returned: its `cache` field in newer transformers 5 releases (where `past_key_values` is a
+    deprecated alias that warns), `past_key_values` before."""
+    return outputs.cache if "cache" in getattr(outputs, "__dataclass_fields__", {}) else outputs.past_key_values
+
+
+def causal_lm_output(loss: Any, logits: torch.Tensor, cache: Any) -> CausalLMOutputWithPast:
+    """transformers' causal-LM output, its cache under the field name this transformers uses."""
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{name: cache})
 
 
 def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

@@ -29,6 +29,7 @@ from transformers import (
 
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig
+from peft_metal.compat import cache_kwargs, returned_cache
 
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -196,7 +197,7 @@ def pgm_pass(model, tok, shots):
         return base(
             inputs_embeds=padding,
             position_ids=positions[:, len(ids) :],
-            past_key_values=shots_out.past_key_values,
+            **cache_kwargs(base, returned_cache(shots_out)),
             use_cache=True,
             output_hidden_states=True,
         )
@@ -219,7 +220,7 @@ def reference_logits(lm, prompt, query_ids: torch.Tensor) -> torch.Tensor:
     """Logits of the plain base LM at the query positions (query_length x vocab)."""
     kwargs = reference_inputs(lm, prompt, query_ids)
     if kwargs.pop("prefix", False):
-        kwargs["past_key_values"] = prompt.past_key_values
+        kwargs.update(cache_kwargs(lm, prompt.past_key_values))
     return lm(**kwargs).logits[0, -query_ids.shape[0] :]
 
 

@@ -7,7 +7,15 @@ import torch
 from conftest import FAMILIES, make_lm
 from transformers import DynamicCache
 
-from peft_metal.compat import attention_implementation, cache_from_layers, cache_layers, has_shift_invariant_positions
+from peft_metal.compat import (
+    attention_implementation,
+    cache_from_layers,
+    cache_kwargs,
+    cache_layers,
+    causal_lm_output,
+    has_shift_invariant_positions,
+    returned_cache,
+)
 
 
 def test_rotary_families_are_shift_invariant_and_gpt2_is_not():
@@ -30,14 +38,14 @@ def test_shifting_all_positions_leaves_a_rotary_model_unchanged():
 def test_cache_built_from_layers_holds_them_and_extending_it_leaves_them_alone():
     lm = make_lm("llama")
     with torch.no_grad():
-        cache = lm(input_ids=torch.arange(5, 12).unsqueeze(0), use_cache=True).past_key_values
+        cache = returned_cache(lm(input_ids=torch.arange(5, 12).unsqueeze(0), use_cache=True))
     layers = cache_layers(cache)
     assert len(layers) == lm.config.num_hidden_layers and layers[0][0].shape[2] == 7
     rebuilt = cache_from_layers(layers)
     assert isinstance(rebuilt, DynamicCache) and rebuilt.get_seq_length() == 7
     assert all(torch.equal(k, layer[0]) and torch.equal(v, layer[1]) for (k, v), layer in zip(cache_layers(rebuilt), layers))
     with torch.no_grad():
-        lm(input_ids=torch.tensor([[3, 4]]), past_key_values=rebuilt, use_cache=True)
+        lm(input_ids=torch.tensor([[3, 4]]), **cache_kwargs(lm, rebuilt), use_cache=True)
     assert rebuilt.get_seq_length() == 9 and layers[0][0].shape[2] == 7
 
 
@@ -116,3 +124,23 @@ def test_the_head_gets_contiguous_input_and_the_same_logits():
     assert len(lm.get_output_embeddings()._forward_pre_hooks) == 1
     assert seen[0].is_contiguous() and seen[0].shape == (2, 2, lm.config.hidden_size)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_cache_goes_in_and_comes_out_under_the_name_this_transformers_uses(family, recwarn):
+    """transformers renamed `past_key_values` to `cache` (the old name warns, then goes): the keyword and the output
+    field peft-metal uses must be the current ones, accepted silently by the model, its base model and generate."""
+    lm = make_lm(family)
+    with torch.no_grad():
+        first = returned_cache(lm(input_ids=torch.arange(5, 12).unsqueeze(0), use_cache=True))
+        assert isinstance(first, DynamicCache) and first.get_seq_length() == 7
+        second = returned_cache(lm.base_model(input_ids=torch.tensor([[3]]), **cache_kwargs(lm.base_model, first), use_cache=True))
+        assert second.get_seq_length() == 8
+        out = lm.generate(
+            input_ids=torch.arange(5, 14).unsqueeze(0), **cache_kwargs(lm, second), max_new_tokens=2, do_sample=False,
+            pad_token_id=0,
+        )
+    assert out.shape == (1, 11)
+    assert returned_cache(causal_lm_output(None, torch.zeros(1, 1, 2), second)) is second
+    deprecations = [str(w.message) for w in recwarn if "deprecated" in str(w.message)]
+    assert not deprecations, deprecations

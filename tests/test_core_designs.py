@@ -7,6 +7,8 @@ import torch
 from conftest import FAMILIES, QUERIES, SCOPES, SHOTS, VOCAB_SIZE, K, left_padded, make_pgm, pgm_pass
 from transformers import Cache
 
+from peft_metal.compat import cache_kwargs, returned_cache
+
 
 def dims(model):
     config = model.get_base_model().config
@@ -72,7 +74,7 @@ def test_prefix_prompt(scope, family, tok):
     assert prompt.keys.shape == (layers, kv_heads, K, head_dim)
     assert prompt.values.shape == (layers, kv_heads, K, head_dim)
     reference = pgm_pass(model, tok, SHOTS)
-    for layer, cached in enumerate(reference.past_key_values.layers):
+    for layer, cached in enumerate(returned_cache(reference).layers):
         torch.testing.assert_close(prompt.keys[layer], cached.keys[0, :, -K:], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(prompt.values[layer], cached.values[0, :, -K:], atol=1e-5, rtol=1e-4)
 
@@ -82,7 +84,7 @@ def test_prefix_prompt(scope, family, tok):
     # extending one cache touches neither the prompt nor another cache
     keys_before = prompt.keys.clone()
     with torch.no_grad():
-        model.get_base_model()(input_ids=torch.tensor([[40, 41, 42]]), past_key_values=first, use_cache=True)
+        model.get_base_model()(input_ids=torch.tensor([[40, 41, 42]]), **cache_kwargs(model.get_base_model(), first), use_cache=True)
     assert first.get_seq_length() == K + 3
     assert second.get_seq_length() == K
     assert prompt.past_key_values.get_seq_length() == K

@@ -7,6 +7,7 @@ import torch
 from conftest import DESIGNS, FAMILIES, QUERIES, SCOPES, SHOTS, K, left_padded, make_lm, make_pgm, padding_module
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from peft_metal.compat import returned_cache
 from peft_metal.metal_prompt.layer import TrainablePadding
 
 
@@ -106,7 +107,7 @@ def test_lora_changes_the_prompt(family, design, scope, tok):
     elif design == "discrete":
         assert torch.equal(one_shot.token_ids, out.logits[0, -K:].argmax(-1))
     elif design == "prefix":
-        torch.testing.assert_close(one_shot.keys[0], out.past_key_values.layers[0].keys[0, :, -K:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(one_shot.keys[0], returned_cache(out).layers[0].keys[0, :, -K:], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

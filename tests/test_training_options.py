@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHOTS, build_tokenizer, encode, make_lm, make_pgm
 
+from peft_metal.compat import returned_cache
 from peft_metal.data import Example
 from peft_metal.metal_prompt import ShotTemplate
 from peft_metal.metal_prompt.queries import encode_queries
@@ -37,7 +38,7 @@ def test_student_option_scores_equal_scoring_each_option_after_its_query(scope):
     assert options.groups == [[0, 1, 2], [3, 4]] and options.query_index.tolist() == [0, 0, 0, 1, 1]
     with torch.no_grad():
         out = model(prompt=prompt, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in returned_cache(out).layers]
         scores = option_scores(model.get_base_model(), layers, batch, out.logits, options)
         row = 0
         for example in QUERIES[:2]:

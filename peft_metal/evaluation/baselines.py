@@ -55,7 +55,7 @@ from peft import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import cache_layers
+from ..compat import cache_layers, returned_cache
 from ..inference import Context, check_fits, model_device
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.template import Shot, ShotTemplate
@@ -279,5 +279,5 @@ def baseline_context(baseline: TrainedBaseline, token_ids: Sequence[int]) -> Con
     device = model_device(lm)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     outputs = baseline.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
-    layers = cache_layers(outputs.past_key_values)
+    layers = cache_layers(returned_cache(outputs))
     return Context(layers=layers, length=layers[0][0].shape[-2], last_logits=outputs.logits[0, -1].float())

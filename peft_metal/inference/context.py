@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from ..compat import cache_layers, expand_cache
+from ..compat import cache_kwargs, cache_layers, expand_cache, returned_cache
 from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.reading import check_fits, context_cache, keeps_logits, model_device
 
@@ -56,12 +56,12 @@ def run_lm(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **cache_kwargs(lm, cache),
         use_cache=keep_cache,
         **extra,
     )
     logits = outputs.logits[:, -1:] if last_only else outputs.logits
-    return LMOutput(logits=logits, layers=cache_layers(outputs.past_key_values) if keep_cache else None)
+    return LMOutput(logits=logits, layers=cache_layers(returned_cache(outputs)) if keep_cache else None)
 
 
 def empty_context() -> Context:

@@ -12,7 +12,14 @@ from peft import LoraModel
 from torch import nn
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import cache_from_layers, cache_layers, has_shift_invariant_positions, set_lora_enabled
+from ..compat import (
+    cache_from_layers,
+    cache_kwargs,
+    cache_layers,
+    has_shift_invariant_positions,
+    returned_cache,
+    set_lora_enabled,
+)
 from ..designs import PGMReadout, get_design
 from .chunking import ChunkSize, chunk_shots
 from .config import MetaLPromptConfig
@@ -259,11 +266,11 @@ class MetaLPromptModel(LoraModel):
             outputs = self.model.base_model(
                 inputs_embeds=inputs_embeds,
                 position_ids=_positions(start, inputs_embeds.shape[1], inputs_embeds.device),
-                past_key_values=cache,
+                **cache_kwargs(self.model.base_model, cache),
                 use_cache=needs_cache,
             )
         hidden_states = outputs.last_hidden_state[0, -padding.shape[0] :]
-        return PGMReadout(hidden_states=hidden_states, cache=outputs.past_key_values if needs_cache else None)
+        return PGMReadout(hidden_states=hidden_states, cache=returned_cache(outputs) if needs_cache else None)
 
     def read_shots(self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt] = None) -> ReadShots:
         """The frozen LM (LoRA off) over [previous prompt][chunk]: the keys and values the padding of a
@@ -277,10 +284,10 @@ class MetaLPromptModel(LoraModel):
             outputs = self.model.base_model(
                 inputs_embeds=shots_embeds.unsqueeze(0),
                 position_ids=_positions(start, shots_embeds.shape[0], shots_embeds.device),
-                past_key_values=cache,
+                **cache_kwargs(self.model.base_model, cache),
                 use_cache=True,
             )
-        return ReadShots(layers=cache_layers(outputs.past_key_values), next_position=start + shots_embeds.shape[0])
+        return ReadShots(layers=cache_layers(returned_cache(outputs)), next_position=start + shots_embeds.shape[0])
 
     def read_padding(self, shots: ReadShots, needs_cache: bool) -> PGMReadout:
         """The K padding positions with LoRA on, after the shots' keys and values (`lora_scope="padding"`)."""
@@ -290,10 +297,10 @@ class MetaLPromptModel(LoraModel):
             outputs = self.model.base_model(
                 inputs_embeds=padding,
                 position_ids=_positions(shots.next_position, padding.shape[1], padding.device),
-                past_key_values=cache,
+                **cache_kwargs(self.model.base_model, cache),
                 use_cache=True,
             )
-        return PGMReadout(hidden_states=outputs.last_hidden_state[0], cache=outputs.past_key_values if needs_cache else None)
+        return PGMReadout(hidden_states=outputs.last_hidden_state[0], cache=returned_cache(outputs) if needs_cache else None)
 
     def _shots_input(
         self, chunk_ids: torch.Tensor, previous: Optional[GeneratedPrompt]

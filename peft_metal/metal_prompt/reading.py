@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..compat import attention_implementation, cache_from_layers, cache_layers, expand_cache
+from ..compat import (
+    attention_implementation,
+    cache_from_layers,
+    cache_kwargs,
+    cache_layers,
+    causal_lm_output,
+    expand_cache,
+    returned_cache,
+)
 from ..designs import get_design
 from .prompt import GeneratedPrompt
 
@@ -99,7 +107,7 @@ def _run_after_cache(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=positions_from_mask(attention_mask)[:, past_length:],
-        past_key_values=cache,
+        **cache_kwargs(lm, cache),
         **kwargs,
     )
 
@@ -170,7 +178,7 @@ def forward_with_prompt(
             labels[:, query_length - kept + 1 :].reshape(-1),
             ignore_index=-100,
         )
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+    return causal_lm_output(loss, logits, returned_cache(outputs) if use_cache else None)
 
 
 def _extend_without_gradient(
@@ -186,12 +194,12 @@ def _extend_without_gradient(
     detached = [(k.detach(), v.detach()) for k, v in layers]
     with torch.no_grad(), attention_implementation(lm, attention):
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
-        cache = _run_after_cache(lm, query_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra).past_key_values
+        outputs = _run_after_cache(lm, query_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra)
     context_length = layers[0][0].shape[2]
     return [
         (torch.cat([k.expand(batch_size, -1, -1, -1), read_k[:, :, context_length:]], dim=2),
          torch.cat([v.expand(batch_size, -1, -1, -1), read_v[:, :, context_length:]], dim=2))
-        for (k, v), (read_k, read_v) in zip(layers, cache_layers(cache))
+        for (k, v), (read_k, read_v) in zip(layers, cache_layers(returned_cache(outputs)))
     ]
 
 
@@ -209,7 +217,7 @@ def _context_layers(
     if embeds is not None:
         mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
-        cache = _run_after_cache(lm, embeds, mask, cache, use_cache=True, **extra).past_key_values
+        cache = returned_cache(_run_after_cache(lm, embeds, mask, cache, use_cache=True, **extra))
     layers = cache_layers(cache)
     if not graded_demonstrations and prompt.num_demonstration_tokens:
         mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=layers[0][0].device)
@@ -251,7 +259,7 @@ def generate_with_prompt(
     outputs = lm.generate(
         input_ids=torch.cat([placeholders, input_ids], dim=1),
         attention_mask=torch.cat([attention_mask.new_ones(batch_size, context_length), attention_mask], dim=1),
-        past_key_values=cache,
+        **cache_kwargs(lm, cache),
         **generate_kwargs,
     )
     if isinstance(outputs, torch.Tensor):

@@ -18,9 +18,11 @@ from transformers import PreTrainedTokenizerBase
 from ..compat import (
     attention_implementation,
     cache_from_layers,
+    cache_kwargs,
     cache_layers,
     current_attention_implementation,
     expand_cache,
+    returned_cache,
 )
 from ..data import Episode
 from ..data.text import TextEpisode
@@ -173,7 +175,7 @@ class EpisodeLoss(nn.Module):
         """KL from the teacher's distribution over each multiple-choice query's options to the student's."""
         lm = self.model.get_base_model()
         with self.model.base_model.lm_only(), self._graded():
-            student = option_scores(lm, cache_layers(outputs.past_key_values), batch, outputs.logits, options)
+            student = option_scores(lm, cache_layers(returned_cache(outputs)), batch, outputs.logits, options)
             with torch.no_grad():
                 teacher = option_scores(lm, teacher_layers, batch, teacher_logits, options, teacher_offset)
         return option_distillation_loss(teacher, student, options.groups)
@@ -194,10 +196,10 @@ class EpisodeLoss(nn.Module):
                 out = lm.base_model(
                     input_ids=demonstrations.unsqueeze(0),
                     position_ids=positions.unsqueeze(0),
-                    past_key_values=cache_from_layers(layers),
+                    **cache_kwargs(lm.base_model, cache_from_layers(layers)),
                     use_cache=True,
                 )
-                layers = cache_layers(out.past_key_values)
+                layers = cache_layers(returned_cache(out))
                 next_position += demonstrations.numel()
             size, width = batch.input_ids.shape
             context_length = layers[0][0].shape[2]
@@ -208,11 +210,11 @@ class EpisodeLoss(nn.Module):
                 input_ids=batch.input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=expand_cache(layers, size),
+                **cache_kwargs(lm, expand_cache(layers, size)),
                 use_cache=True,
                 **extra,
             )
-            return out.logits[:, -width:], cache_layers(out.past_key_values)
+            return out.logits[:, -width:], cache_layers(returned_cache(out))
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

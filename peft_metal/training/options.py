@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import cache_from_layers
+from ..compat import cache_from_layers, cache_kwargs
 from ..data import Example
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.queries import QueryBatch
@@ -95,7 +95,7 @@ def option_scores(
         input_ids=options.input_ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache_from_layers(selected),
+        **cache_kwargs(lm, cache_from_layers(selected)),
         use_cache=False,
     ).logits
     tokens = options.input_ids
