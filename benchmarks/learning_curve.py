@@ -4,7 +4,7 @@
         [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
         [--references benchmarks/results/precision_eval.json] [--name learning_curve]
 
-Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
+A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
 precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
 recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Writes
 `<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a precision_eval.json) are drawn as lines.
@@ -52,6 +52,22 @@ def episodes_per_step(run: Path) -> int:
     if config is None:
         raise SystemExit(f"{run}/training_args.json is missing: cannot tell how many episodes a step is.")
     return config["gradient_accumulation_steps"]
+
+
+def episodes_before(run: Path) -> int:
+    """Episodes the PGM a run started from (`init_from`) had already seen, from that PGM's training summary."""
+    init_from = json.loads((run / "training_args.json").read_text()).get("init_from")
+    if not init_from:
+        return 0
+    saved = json.loads((Path(init_from) / "adapter_config.json").read_text())
+    return (saved.get("training_summary") or {}).get("episodes", 0)
+
+
+def train_seconds(checkpoint: Path | None) -> float | None:
+    """The run's wall-clock training seconds when it saved `checkpoint` (over every session), for equal-time comparisons."""
+    if checkpoint is None:
+        return 0.0
+    return json.loads((checkpoint / "state.json").read_text())["extra"].get("train_seconds")
 
 
 def untrained_pgm(run: Path):
@@ -126,7 +142,9 @@ def main() -> None:
                 continue
             print(f"scoring {run} step {step} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
-            report["points"].append({"run": str(run), "step": step, "episodes": step * episodes_per_step(run), **result})
+            episodes = episodes_before(run) + step * episodes_per_step(run)
+            point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": train_seconds(folder)}
+            report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=1) + "\n")  # kept after every checkpoint: resumable
@@ -144,15 +162,18 @@ def main() -> None:
     lines = [
         f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run; mean accuracy ± one standard error.",
         "",
-        "| run | step | episodes | " + " | ".join(methods) + " |",
-        "|---|---|---|" + "---|" * len(methods),
+        "| run | step | episodes | training seconds (this run) | " + " | ".join(methods) + " |",
+        "|---|---|---|---|" + "---|" * len(methods),
     ]
     for point in report["points"]:
         cells = [
             f"{point['summary'][m]['mean']:.3f} ± {point['summary'][m]['se']:.3f}" if m in point["summary"] else "-"
             for m in methods
         ]
-        lines.append(f"| {Path(point['run']).name} | {point['step']} | {point['episodes']} | " + " | ".join(cells) + " |")
+        seconds = f"{point['train_seconds']:,.0f}" if point.get("train_seconds") is not None else "-"
+        lines.append(
+            f"| {Path(point['run']).name} | {point['step']} | {point['episodes']} | {seconds} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "References: " + ", ".join(f"{k} {v:.3f}" for k, v in references.items())] if references else []
     write_report(args.output, args.name, report, lines)
     plot(args.output / f"{args.name}.png", report["points"], references)

@@ -50,11 +50,17 @@ def pgm_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("design", "scope", "distillation_weight"),
-    [("discrete", "all", 0.0), ("prefix", "all", 0.0), ("discrete", "padding", 0.0), ("prefix", "padding", 1.0)],
+    ("design", "scope", "distillation_weight", "extra"),
+    [
+        ("discrete", "all", 0.0, {}),
+        ("prefix", "all", 0.0, {}),
+        ("discrete", "padding", 0.0, {}),
+        ("prefix", "padding", 1.0, {}),
+        ("prefix", "padding", 0.0, {"gradient_from_answers_only": True}),
+    ],
 )
-def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weight):
-    settings = dict(scope=scope, distillation_weight=distillation_weight)
+def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weight, extra):
+    settings = dict(scope=scope, distillation_weight=distillation_weight, **extra)
     uninterrupted = make_trainer(tmp_path / "a", design, **settings)
     uninterrupted.train()
     expected = pgm_state(uninterrupted)
@@ -264,3 +270,10 @@ def test_training_time_adds_up_over_a_resume(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "train_seconds" in line]
     seconds = [record["train_seconds"] for record in records]
     assert seconds == sorted(seconds) and seconds[len(first)] >= first[-1]["train_seconds"]
+
+
+@pytest.mark.parametrize("weight", ["distillation_weight", "option_distillation_weight"])
+def test_gradient_from_answers_only_refuses_distillation(weight):
+    """Distillation needs the student's logits at every query token (or option), which the cut no longer computes."""
+    with pytest.raises(ValueError, match="gradient_from_answers_only keeps the student's logits at the answers only"):
+        TrainingArguments(gradient_from_answers_only=True, **{weight: 1.0})
