@@ -184,17 +184,18 @@ def forward_with_prompt(
 def _extend_without_gradient(
     lm: PreTrainedModel,
     layers: list[tuple[torch.Tensor, torch.Tensor]],
-    query_embeds: torch.Tensor,
+    inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     attention: Optional[str] = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer keys/values (batch rows) of the context (batch 1, its graph kept) followed by `query_embeds`,
-    which are read without gradient (with the `attention` implementation) from a detached copy of the context."""
-    batch_size = query_embeds.shape[0]
+    """Per-layer keys/values of the context (batch 1, its graph kept) followed by `inputs_embeds` (demonstrations,
+    or the start of each query), which are read without gradient, with the `attention` implementation, after a
+    detached copy of the context; one row per row of `inputs_embeds`."""
+    batch_size = inputs_embeds.shape[0]
     detached = [(k.detach(), v.detach()) for k, v in layers]
     with torch.no_grad(), attention_implementation(lm, attention):
         extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
-        outputs = _run_after_cache(lm, query_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra)
+        outputs = _run_after_cache(lm, inputs_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra)
     context_length = layers[0][0].shape[2]
     return [
         (torch.cat([k.expand(batch_size, -1, -1, -1), read_k[:, :, context_length:]], dim=2),
