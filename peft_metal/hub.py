@@ -35,7 +35,7 @@ def push_pgm_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, save_embedding_layers=False)  # see training.trainer.export_pgm
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr, commit_message=commit_message
         )

@@ -78,8 +78,14 @@ def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weigh
     assert resumed.step == 4 and resumed.sampler.step == uninterrupted.sampler.step
 
 
-def test_log_checkpoint_and_final_pgm(tmp_path):
+def test_log_checkpoint_and_final_pgm(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("saving a PGM asked the Hub")
+
+    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_hub)
     trainer = make_trainer(tmp_path, "hidden_state", max_steps=4)
+    # as for a real base model: a Hub id, which PEFT would look up on every save unless told not to
+    trainer.model.peft_config[trainer.model.active_adapter].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     summary = trainer.train()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]

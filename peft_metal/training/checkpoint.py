@@ -71,7 +71,7 @@ def save_checkpoint(
         (staging / f"rank-{process_index}.json").write_text(json.dumps({**_rank_state(sampler), "extra": extra or {}}))
     _wait(accelerator)
     if process_index == 0:
-        model.save_pretrained(staging / "pgm")
+        model.save_pretrained(staging / "pgm", save_embedding_layers=False)  # see export_pgm
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():

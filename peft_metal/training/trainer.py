@@ -282,7 +282,9 @@ def export_pgm(model, target: Path, summary: dict[str, Any], log_path: Path, arg
     model.base_model.bake_padding()
     config = model.peft_config[model.active_adapter]
     config.training_summary = {**summary, "settings": json.dumps(args.to_dict())}
-    model.save_pretrained(target)
+    # A PGM never resizes or trains the embeddings; saying so keeps PEFT from asking the Hub for the base model's
+    # config to check (a network call at every save, which this machine cannot make).
+    model.save_pretrained(target, save_embedding_layers=False)
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
     (Path(target) / "training_log.json").write_text(json.dumps(records, indent=1))
     return Path(target)
