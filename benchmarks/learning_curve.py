@@ -32,7 +32,7 @@ from peft_metal.evaluation.report import summary
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
-from peft_metal.training.trainer import build_pgm
+from peft_metal.training.trainer import build_pgm, episodes_before
 
 
 def checkpoints(run: Path, wanted: list[int] | None) -> list[tuple[int, Path]]:
@@ -52,15 +52,6 @@ def episodes_per_step(run: Path) -> int:
     if config is None:
         raise SystemExit(f"{run}/training_args.json is missing: cannot tell how many episodes a step is.")
     return config["gradient_accumulation_steps"]
-
-
-def episodes_before(run: Path) -> int:
-    """Episodes the PGM a run started from (`init_from`) had already seen, from that PGM's training summary."""
-    init_from = json.loads((run / "training_args.json").read_text()).get("init_from")
-    if not init_from:
-        return 0
-    saved = json.loads((Path(init_from) / "adapter_config.json").read_text())
-    return (saved.get("training_summary") or {}).get("episodes", 0)
 
 
 def train_seconds(checkpoint: Path | None) -> float | None:
@@ -142,7 +133,8 @@ def main() -> None:
                 continue
             print(f"scoring {run} step {step} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
-            episodes = episodes_before(run) + step * episodes_per_step(run)
+            settings = TrainingArguments(**json.loads((run / "training_args.json").read_text()))
+            episodes = episodes_before(settings) + step * episodes_per_step(run)
             point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": train_seconds(folder)}
             report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))

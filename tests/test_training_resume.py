@@ -3,6 +3,7 @@ the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -138,7 +139,7 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
     is refused with the differing settings named."""
     from conftest import K, make_lm
 
-    from peft_metal.training.trainer import _saved_pgm
+    from peft_metal.training.trainer import _saved_pgm, episodes_before
 
     first = make_trainer(tmp_path / "first", "prefix", max_steps=4)
     first.train(stop_after=2)  # a finished run bakes its padding; stopped at a checkpoint, the LSTM/MLP is still there
@@ -150,6 +151,9 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
         padding_reparameterization="mlp", init_from=str(saved),
     )
     continued = _saved_pgm(make_lm("llama"), args)
+    assert episodes_before(args) == 0  # a checkpoint, not an exported PGM: no training summary to count from
+    exported = first.save_final(first._summary([], 0.0))  # 2 steps x 2 episodes
+    assert episodes_before(dataclasses.replace(args, init_from=str(exported))) == 4
     state = {n: p.detach() for n, p in continued.named_parameters() if p.requires_grad}
     assert state.keys() == trained.keys()
     for name in trained:

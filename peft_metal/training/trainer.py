@@ -90,6 +90,15 @@ def _saved_pgm(lm, args: TrainingArguments):
     return attach_pgm(lm, args.init_from, is_trainable=True)
 
 
+def episodes_before(args: TrainingArguments) -> int:
+    """Episodes the PGM a run starts from (`init_from`) had already been meta-trained on, from its training summary
+    (0 for a fresh PGM), so that a run continued over sessions counts them all."""
+    if args.init_from is None:
+        return 0
+    summary = PeftConfig.from_pretrained(args.init_from).training_summary or {}
+    return int(summary.get("episodes", 0))
+
+
 class MetaTrainer:
     """Runs `TrainingArguments`; `train(resume=True)` continues from the newest checkpoint in `output_dir`."""
 
@@ -263,7 +272,8 @@ class MetaTrainer:
             "base_model": self.args.model,
             "train_tasks": len(self.sampler.tasks),
             "optimizer_steps": self.step,
-            "episodes": self.step * self.args.gradient_accumulation_steps,
+            "episodes": episodes_before(self.args) + self.step * self.args.gradient_accumulation_steps,
+            "episodes_before_this_run": episodes_before(self.args),
             "xp_range": list(self.args.xp_range),
             "xl_range": list(self.args.xl_range),
             "final_train_loss": round(sum(tail) / len(tail), 4),
@@ -315,7 +325,8 @@ def export_checkpoint(
     summary = {
         "base_model": args.model,
         "optimizer_steps": steps,
-        "episodes": steps * args.gradient_accumulation_steps,
+        "episodes": episodes_before(args) + steps * args.gradient_accumulation_steps,
+        "episodes_before_this_run": episodes_before(args),
         "xp_range": list(args.xp_range),
         "xl_range": list(args.xl_range),
         "final_train_loss": round(losses[-1], 4) if losses else None,
