@@ -47,11 +47,11 @@ def checkpoints(run: Path, wanted: list[int] | None) -> list[tuple[int, Path]]:
     return [(step, found[step]) for step in sorted(wanted or found)]
 
 
-def episodes_per_step(run: Path) -> int:
-    config = json.loads((run / "training_args.json").read_text()) if (run / "training_args.json").exists() else None
-    if config is None:
-        raise SystemExit(f"{run}/training_args.json is missing: cannot tell how many episodes a step is.")
-    return config["gradient_accumulation_steps"]
+def run_settings(run: Path) -> TrainingArguments:
+    """The settings the run was trained with (how many episodes a step is, its model, what it started from)."""
+    if not (run / "training_args.json").exists():
+        raise SystemExit(f"{run}/training_args.json is missing: cannot tell how the run was trained.")
+    return TrainingArguments(**json.loads((run / "training_args.json").read_text()))
 
 
 def train_seconds(checkpoint: Path | None) -> float | None:
@@ -63,7 +63,7 @@ def train_seconds(checkpoint: Path | None) -> float | None:
 
 def untrained_pgm(run: Path):
     """The PGM the run started from: built from its settings with its seed, as the trainer builds it."""
-    args = TrainingArguments(**json.loads((run / "training_args.json").read_text()))
+    args = run_settings(run)
     torch.manual_seed(args.seed)
     return build_pgm(dataclasses.replace(args, init_from=None))
 
@@ -72,8 +72,7 @@ def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) 
     if pgm is None:
         model, tokenizer = untrained_pgm(run)
     else:
-        settings = json.loads((run / "training_args.json").read_text())
-        lm, tokenizer = load_base_model(settings["model"])
+        lm, tokenizer = load_base_model(run_settings(run).model)
         model = PeftModel.from_pretrained(lm, str(pgm))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
@@ -133,8 +132,8 @@ def main() -> None:
                 continue
             print(f"scoring {run} step {step} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
-            settings = TrainingArguments(**json.loads((run / "training_args.json").read_text()))
-            episodes = episodes_before(settings) + step * episodes_per_step(run)
+            settings = run_settings(run)
+            episodes = episodes_before(settings) + step * settings.gradient_accumulation_steps
             point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": train_seconds(folder)}
             report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))

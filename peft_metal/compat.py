@@ -47,16 +47,19 @@ def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     return {_cache_argument(type(model)): cache}
 
 
+# The field model outputs hold their cache in: `cache` in newer transformers 5 releases (where `past_key_values` is a
+# deprecated alias that warns), `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def returned_cache(outputs: Any) -> Any:
-    """The cache a forward returned: its `cache` field in newer transformers 5 releases (where `past_key_values` is a
-    deprecated alias that warns), `past_key_values` before."""
-    return outputs.cache if "cache" in getattr(outputs, "__dataclass_fields__", {}) else outputs.past_key_values
+    """The cache a forward returned, read from the field this transformers keeps it in."""
+    return getattr(outputs, _CACHE_FIELD)
 
 
 def causal_lm_output(loss: Any, logits: torch.Tensor, cache: Any) -> CausalLMOutputWithPast:
-    """transformers' causal-LM output, its cache under the field name this transformers uses."""
-    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-    return CausalLMOutputWithPast(loss=loss, logits=logits, **{name: cache})
+    """transformers' causal-LM output, its cache in the field this transformers keeps it in."""
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
 def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

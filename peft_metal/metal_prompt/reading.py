@@ -18,7 +18,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..compat import (
     attention_implementation,
-    cache_from_layers,
     cache_kwargs,
     cache_layers,
     causal_lm_output,
@@ -168,7 +167,7 @@ def forward_with_prompt(
             lm, layers, query_embeds[:, :ungraded], full_mask[:, : prompt.context_length + ungraded], reading_attention
         )
         query_embeds = query_embeds[:, ungraded:]
-    cache = expand_cache(layers, batch_size) if not ungraded else cache_from_layers(layers)
+    cache = expand_cache(layers, batch_size)  # batch-1 layers repeat per row; rows read without gradient stay as they are
     outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
     logits = outputs.logits[:, -kept:]
     loss = None

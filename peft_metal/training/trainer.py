@@ -268,12 +268,13 @@ class MetaTrainer:
 
     def _summary(self, running: list[float], seconds: float) -> dict[str, Any]:
         tail = running[-50:] or [math.nan]
+        before = episodes_before(self.args)
         return {
             "base_model": self.args.model,
             "train_tasks": len(self.sampler.tasks),
             "optimizer_steps": self.step,
-            "episodes": episodes_before(self.args) + self.step * self.args.gradient_accumulation_steps,
-            "episodes_before_this_run": episodes_before(self.args),
+            "episodes": before + self.step * self.args.gradient_accumulation_steps,
+            "episodes_before_this_run": before,
             "xp_range": list(self.args.xp_range),
             "xl_range": list(self.args.xl_range),
             "final_train_loss": round(sum(tail) / len(tail), 4),
@@ -317,6 +318,7 @@ def export_checkpoint(
     args = TrainingArguments(**json.loads(args_file.read_text()))
     steps = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
     state = json.loads((checkpoint / "state.json").read_text())
+    before = episodes_before(args)
     lm, _ = load_base_model(args.model)
     model = attach_pgm(lm, checkpoint / "pgm")
     log_path = output_dir / "log.jsonl"
@@ -325,8 +327,8 @@ def export_checkpoint(
     summary = {
         "base_model": args.model,
         "optimizer_steps": steps,
-        "episodes": episodes_before(args) + steps * args.gradient_accumulation_steps,
-        "episodes_before_this_run": episodes_before(args),
+        "episodes": before + steps * args.gradient_accumulation_steps,
+        "episodes_before_this_run": before,
         "xp_range": list(args.xp_range),
         "xl_range": list(args.xl_range),
         "final_train_loss": round(losses[-1], 4) if losses else None,
