@@ -143,8 +143,21 @@ def forget_gguf_quantizer(model: Any) -> None:
         del model.config.quantization_config
 
 
+def _row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (args[0].contiguous(), *args[1:])
+    hidden = args[0]
+    # Not `.contiguous()`: a slice of one position of one row (batch 1, `logits_to_keep=1`) already counts as
+    # contiguous, since strides of size-1 dimensions are ignored, yet its batch stride still makes the matmul broadcast.
+    if hidden.stride() != _row_major_strides(tuple(hidden.shape)):
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
+    return (hidden, *args[1:])
 
 
 def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
@@ -154,6 +167,8 @@ def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
     contiguous; torch's CPU matmul then broadcasts the head's weight to the batch and copies it (for SmolLM2's
     49152x576 head, 279 ms at batch 4 against 4 ms on a contiguous copy of the slice: benchmarks/head_matmul.py).
     Every read that keeps one position's logits, and meta-training's labelled-only logits, pays that copy otherwise.
+    The input is copied whenever its strides are not the row-major ones, also when torch already calls it contiguous
+    (one position of a batch of one: 78 ms against 2.5 ms, `benchmarks/head_matmul.py --batch 1 --keep 1`).
     """
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "_peft_metal_contiguous_input", False):

@@ -126,6 +126,26 @@ def test_the_head_gets_contiguous_input_and_the_same_logits():
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_the_head_gets_row_major_input_for_one_position_of_one_row():
+    """One kept position of a batch of one is "contiguous" to torch (strides of size-1 dimensions are ignored) but
+    keeps the sequence's batch stride, with which the CPU matmul still broadcasts the weight: the head must see
+    row-major strides, and the same logits."""
+    from peft_metal.compat import give_the_head_contiguous_input
+
+    lm = make_lm("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = lm(ids).logits[:, -1:]
+        give_the_head_contiguous_input(lm)
+        seen = []
+        handle = lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        got = lm(ids, logits_to_keep=1).logits
+        handle.remove()
+    assert seen[0].shape == (1, 1, lm.config.hidden_size)
+    assert seen[0].stride() == (lm.config.hidden_size, lm.config.hidden_size, 1)
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_cache_goes_in_and_comes_out_under_the_name_this_transformers_uses(family, recwarn):
     """transformers renamed `past_key_values` to `cache` (the old name warns, then goes): the keyword and the output
