@@ -111,6 +111,12 @@ def _run_after_cache(
     )
 
 
+def _read_into_cache(lm: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Optional[Cache]) -> Cache:
+    """The keys/values after the LM has read `inputs_embeds` after `cache`: the decoder alone, since nothing here
+    needs logits (the LM head over a vocabulary of tens of thousands costs more than a short read)."""
+    return returned_cache(_run_after_cache(lm.base_model, inputs_embeds, attention_mask, cache, use_cache=True))
+
+
 def keeps_logits(lm: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
@@ -193,13 +199,12 @@ def _extend_without_gradient(
     batch_size = inputs_embeds.shape[0]
     detached = [(k.detach(), v.detach()) for k, v in layers]
     with torch.no_grad(), attention_implementation(lm, attention):
-        extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
-        outputs = _run_after_cache(lm, inputs_embeds, attention_mask, expand_cache(detached, batch_size), use_cache=True, **extra)
+        read = _read_into_cache(lm, inputs_embeds, attention_mask, expand_cache(detached, batch_size))
     context_length = layers[0][0].shape[2]
     return [
         (torch.cat([k.expand(batch_size, -1, -1, -1), read_k[:, :, context_length:]], dim=2),
          torch.cat([v.expand(batch_size, -1, -1, -1), read_v[:, :, context_length:]], dim=2))
-        for (k, v), (read_k, read_v) in zip(layers, cache_layers(returned_cache(outputs)))
+        for (k, v), (read_k, read_v) in zip(layers, cache_layers(read))
     ]
 
 
@@ -215,9 +220,7 @@ def _context_layers(
     embeds, cache = _context(lm, prompt, with_demonstrations=graded_demonstrations)
     length = prompt.context_length - (0 if graded_demonstrations else prompt.num_demonstration_tokens)
     if embeds is not None:
-        mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
-        extra = {"logits_to_keep": 1} if keeps_logits(lm) else {}
-        cache = returned_cache(_run_after_cache(lm, embeds, mask, cache, use_cache=True, **extra))
+        cache = _read_into_cache(lm, embeds, torch.ones(1, length, dtype=torch.long, device=embeds.device), cache)
     layers = cache_layers(cache)
     if not graded_demonstrations and prompt.num_demonstration_tokens:
         mask = torch.ones(1, prompt.context_length, dtype=torch.long, device=layers[0][0].device)
