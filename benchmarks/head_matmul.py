@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from timing import median_seconds  # benchmarks/timing.py
 
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M
 
-
-def median_ms(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -51,13 +41,13 @@ def main() -> None:
     sliced = hidden[:, -args.keep :, :]
     with torch.no_grad():
         rows = {
-            f"last {args.keep} positions, the slice as is (strides {tuple(sliced.stride())})": median_ms(
+            f"last {args.keep} positions, the slice as is (strides {tuple(sliced.stride())})": 1000 * median_seconds(
                 lambda: F.linear(sliced, weight), args.repeats
             ),
-            f"last {args.keep} positions, a row-major copy": median_ms(
+            f"last {args.keep} positions, a row-major copy": 1000 * median_seconds(
                 lambda: F.linear(sliced.clone(memory_format=torch.contiguous_format), weight), args.repeats
             ),
-            f"all {args.length} positions": median_ms(lambda: F.linear(hidden, weight), args.repeats),
+            f"all {args.length} positions": 1000 * median_seconds(lambda: F.linear(hidden, weight), args.repeats),
         }
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     report = {"command": "python benchmarks/head_matmul.py " + " ".join(sys.argv[1:]), "machine": machine,

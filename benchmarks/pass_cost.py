@@ -14,26 +14,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from timing import median_seconds  # benchmarks/timing.py
 
 from peft_metal.base_models import load_base_model
 from peft_metal.precision import cast_frozen_weights
-
-
-def median_ms(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -62,8 +51,8 @@ def main() -> None:
             graded = inputs.clone().requires_grad_(True)
             decoder(inputs_embeds=graded, use_cache=False).last_hidden_state.float().sum().backward()
 
-        rows.append({"batch": batch, "length": length, "forward_ms": median_ms(forward, args.repeats),
-                     "forward_backward_ms": median_ms(forward_backward, args.repeats)})
+        rows.append({"batch": batch, "length": length, "forward_ms": 1000 * median_seconds(forward, args.repeats),
+                     "forward_backward_ms": 1000 * median_seconds(forward_backward, args.repeats)})
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     report = {"command": "python benchmarks/pass_cost.py " + " ".join(sys.argv[1:]), "machine": machine,
               "precision": precision, "rows": rows}

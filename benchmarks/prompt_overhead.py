@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from timing import median_seconds  # benchmarks/timing.py
 
 import peft_metal  # noqa: F401
 from peft_metal import MetaLPromptConfig
 from peft_metal.base_models import load_base_model
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
 
 
 def main() -> None:
