@@ -240,3 +240,24 @@ def test_only_labelled_logits_gives_the_same_loss_and_logits(family, design, tok
     assert short.logits.shape[1] == 11  # from the position predicting the first answer token to the end
     torch.testing.assert_close(short.loss, full.loss, atol=ATOL, rtol=0)
     torch.testing.assert_close(short.logits, full.logits[:, -11:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_reads_into_the_cache_skip_the_lm_head(design, tok):
+    """The context and the query tokens read without gradient only fill the cache: the LM head (a full-vocabulary
+    matmul) runs once, over the positions whose logits are returned."""
+    from peft_metal.metal_prompt.reading import context_cache, forward_with_prompt
+
+    _, prompt, reference = setup("llama", design, tok, num_demonstrations=1)
+    batch = left_padded(tok, [QUERIES[0] + " positive", QUERIES[1] + " negative!"])
+    input_ids = batch["input_ids"]
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -9:], labels[1, -10:] = input_ids[0, -9:], input_ids[1, -10:]
+    rows = []
+    handle = reference.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1]))
+    with torch.no_grad():
+        context_cache(reference, prompt)
+        assert rows == []
+        out = forward_with_prompt(reference, prompt, input_ids, batch["attention_mask"], labels=labels, gradient_from_answers_only=True)
+    handle.remove()
+    assert rows == [out.logits.shape[:-1]] == [(2, 11)]
