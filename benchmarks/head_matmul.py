@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=300)
     parser.add_argument("--keep", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="head_matmul")
     args = parser.parse_args()
 

@@ -90,6 +90,20 @@ def _saved_pgm(lm, args: TrainingArguments):
     return attach_pgm(lm, args.init_from, is_trainable=True)
 
 
+def _run_facts(args: TrainingArguments, steps: int) -> dict[str, Any]:
+    """What a PGM's training summary says of the run behind it, whether it finished (`save_final`) or is exported
+    from a checkpoint (`export_checkpoint`)."""
+    before = episodes_before(args)
+    return {
+        "base_model": args.model,
+        "optimizer_steps": steps,
+        "episodes": before + steps * args.gradient_accumulation_steps,
+        "episodes_before_this_run": before,
+        "xp_range": list(args.xp_range),
+        "xl_range": list(args.xl_range),
+    }
+
+
 def episodes_before(args: TrainingArguments) -> int:
     """Episodes the PGM a run starts from (`init_from`) had already been meta-trained on, from its training summary
     (0 for a fresh PGM), so that a run continued over sessions counts them all."""
@@ -268,15 +282,9 @@ class MetaTrainer:
 
     def _summary(self, running: list[float], seconds: float) -> dict[str, Any]:
         tail = running[-50:] or [math.nan]
-        before = episodes_before(self.args)
         return {
-            "base_model": self.args.model,
+            **_run_facts(self.args, self.step),
             "train_tasks": len(self.sampler.tasks),
-            "optimizer_steps": self.step,
-            "episodes": before + self.step * self.args.gradient_accumulation_steps,
-            "episodes_before_this_run": before,
-            "xp_range": list(self.args.xp_range),
-            "xl_range": list(self.args.xl_range),
             "final_train_loss": round(sum(tail) / len(tail), 4),
             "skipped_long_episodes": self.skipped_long,
             "seconds_this_run": round(seconds, 1),
@@ -318,19 +326,13 @@ def export_checkpoint(
     args = TrainingArguments(**json.loads(args_file.read_text()))
     steps = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
     state = json.loads((checkpoint / "state.json").read_text())
-    before = episodes_before(args)
     lm, _ = load_base_model(args.model)
     model = attach_pgm(lm, checkpoint / "pgm")
     log_path = output_dir / "log.jsonl"
     losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.exists() else []
     losses = [loss for loss in losses if loss is not None]
     summary = {
-        "base_model": args.model,
-        "optimizer_steps": steps,
-        "episodes": before + steps * args.gradient_accumulation_steps,
-        "episodes_before_this_run": before,
-        "xp_range": list(args.xp_range),
-        "xl_range": list(args.xl_range),
+        **_run_facts(args, steps),
         "final_train_loss": round(losses[-1], 4) if losses else None,
         "skipped_long_episodes": state["extra"].get("skipped_long", 0),
         "exported_from": f"{output_dir.name}/{checkpoint.name}",
