@@ -32,7 +32,7 @@ from peft_metal.evaluation.report import summary
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
-from peft_metal.training.trainer import build_pgm, episodes_before
+from peft_metal.training.trainer import build_pgm, episodes_seen
 
 
 def checkpoints(run: Path, wanted: list[int] | None) -> list[tuple[int, Path]]:
@@ -59,6 +59,13 @@ def train_seconds(checkpoint: Path | None) -> float | None:
     if checkpoint is None:
         return 0.0
     return json.loads((checkpoint / "state.json").read_text())["extra"].get("train_seconds")
+
+
+def num_processes(checkpoint: Path | None) -> int:
+    """How many processes trained the run up to `checkpoint` (each took its own episodes every step)."""
+    if checkpoint is None:
+        return 1
+    return json.loads((checkpoint / "state.json").read_text()).get("num_processes", 1)
 
 
 def untrained_pgm(run: Path):
@@ -133,7 +140,7 @@ def main() -> None:
             print(f"scoring {run} step {step} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
             settings = run_settings(run)
-            episodes = episodes_before(settings) + step * settings.gradient_accumulation_steps
+            episodes = episodes_seen(settings, step, num_processes(folder))
             point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": train_seconds(folder)}
             report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))

@@ -6,7 +6,9 @@
 Each config is meta-trained as `peft-metal train` would (same episodes, same loss, optimizer steps included) for
 `--warmup-steps` untimed optimizer steps and then `--steps` timed ones, on the train families; no dev evaluation and no
 checkpoints inside the timed part. `--variants` adds runs of the same config with one setting changed
-(`name:key=value,key=value`), which is how each choice (precision, scope, distillation) is measured on its own.
+(`name:key=value,key=value`), which is how each choice (precision, scope, distillation) is measured on its own;
+`processes=N` runs that variant on N data-parallel processes (`accelerate launch`), this process's threads split
+between them, and counts the episodes of all of them.
 Writes `train_throughput.json` and `.md`.
 """
 
@@ -14,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +54,10 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, steps: int, warmup_steps: int) -> dict[str, Any]:
+    overrides = dict(overrides)
+    processes = overrides.pop("processes", 1)
+    if processes > 1:
+        return measure_in_processes(name, config, overrides, processes, steps, warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments.from_json(config, output_dir=output_dir, init_from=None, **overrides)
         args.max_steps = warmup_steps + steps + 1  # the schedule must not end inside the timed steps
@@ -57,11 +67,14 @@ def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, step
         started = time.perf_counter()
         summary = trainer.train(stop_after=steps)
         seconds = time.perf_counter() - started
-    episodes = steps * args.gradient_accumulation_steps
+    processes = trainer.accelerator.num_processes
+    episodes = steps * args.gradient_accumulation_steps * processes
     return {
         "run": name,
         "config": config,
         "overrides": overrides,
+        "processes": processes,
+        "threads_per_process": torch.get_num_threads(),
         "design": args.prompt_design,
         "lora_scope": getattr(args, "lora_scope", "all"),  # runs of code from before lora_scope
         "precision": getattr(trainer, "precision", "fp32"),  # likewise: it trained in fp32 on a CPU
@@ -78,6 +91,38 @@ def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, step
     }
 
 
+def measure_in_processes(
+    name: str, config: str, overrides: dict[str, Any], processes: int, steps: int, warmup_steps: int
+) -> dict[str, Any]:
+    """The same measurement on `processes` data-parallel processes (`accelerate launch`, gradients shared over gloo as
+    `peft-metal train` shares them), this process's threads split between them; episodes are counted on all of them."""
+    threads = max(1, torch.get_num_threads() // processes)
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [
+            str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), __file__,
+            "--worker", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
+            "--variants", f"{name}:{json.dumps({'config': config, **overrides})}",
+        ]
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        return json.loads(result.read_text())
+
+
+def worker(result: Path, variant: str, steps: int, warmup_steps: int) -> None:
+    """One of `measure_in_processes`'s processes: measure, and the main one writes the result."""
+    name, _, settings = variant.partition(":")
+    overrides = json.loads(settings)
+    config = overrides.pop("config")
+    measured = measure(name, config, overrides, load_split_tasks("train"), steps, warmup_steps)
+    if int(os.environ.get("RANK", "0")) == 0:
+        result.write_text(json.dumps(measured))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
@@ -86,7 +131,10 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="train_throughput")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set by measure_in_processes
     args = parser.parse_args()
+    if args.worker is not None:
+        return worker(args.worker, args.variants[0], args.steps, args.warmup_steps)
 
     runs = [(Path(config).stem, config, {}) for config in args.configs.split(",") if config]
     runs += [parse_variant(text) for text in args.variants]
@@ -100,19 +148,20 @@ def main() -> None:
         result["speedup_vs_first"] = round(result["episodes_per_s"] / baseline, 2)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    report = {"command": "python benchmarks/train_throughput.py " + " ".join(__import__("sys").argv[1:]),
+    report = {"command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
               "machine": machine, "steps": args.steps, "warmup_steps": args.warmup_steps, "runs": results}
     lines = [
         f"Meta-training throughput ({machine}; {args.steps} timed optimizer steps per run after {args.warmup_steps} "
         "untimed; same episode stream for every run of a config).",
         "",
-        "| run | design | scope | precision | distill | K | queries | episodes/s | s / 1,000 episodes | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | design | scope | precision | distill | K | queries | processes x threads | episodes/s | s / 1,000 episodes | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['run']} | {r['design']} | {r['lora_scope']} | {r['precision']} | {r['distillation_weight']:g} | "
-            f"{r['num_prompt_tokens']} | {r['num_queries']} | {r['episodes_per_s']:.3f} | "
+            f"{r['num_prompt_tokens']} | {r['num_queries']} | {r['processes']} x {r['threads_per_process']} | "
+            f"{r['episodes_per_s']:.3f} | "
             f"{r['seconds_per_1000_episodes']:,.0f} | {r['speedup_vs_first']:.2f}x |"
         )
     write_report(args.output, args.name, report, lines)

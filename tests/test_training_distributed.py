@@ -66,3 +66,7 @@ def test_two_processes_schedule_checkpoint_and_resume(tmp_path):
         expected.append(schedule.get_last_lr()[0])
     logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [record["lr"] for record in logged if "lr" in record] == pytest.approx(expected)
+
+    # every optimizer step took gradient_accumulation_steps (2) episodes on each of the 2 processes
+    summary = json.loads((tmp_path / "whole" / "pgm" / "adapter_config.json").read_text())["training_summary"]
+    assert summary["num_processes"] == 2 and summary["episodes"] == 4 * 2 * 2

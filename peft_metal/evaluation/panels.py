@@ -1,8 +1,8 @@
 """Named task panels: fixed sets of tasks, queries and seeds that evaluation reports are compared on.
 
 `dev-panel` is what choices are made on (designs, scopes, objectives, checkpoints): every dev family that has
-multiple-choice tasks, at most two tasks from each, 25 queries per task and seed, seeds 0 and 1, so 750 questions
-(one standard error of a mean accuracy near 0.5 is about 0.018, against 0.037 for the 180 questions of the six dev
+multiple-choice tasks, at most two tasks from each, 25 queries per task and seed, seeds 0 and 1, so 700 questions
+(one standard error of a mean accuracy near 0.5 is about 0.019, against 0.037 for the 180 questions of the six dev
 tasks used before). Only dev families are in it: nothing here is reserved for acceptance testing.
 """
 

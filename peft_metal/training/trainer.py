@@ -90,18 +90,24 @@ def _saved_pgm(lm, args: TrainingArguments):
     return attach_pgm(lm, args.init_from, is_trainable=True)
 
 
-def _run_facts(args: TrainingArguments, steps: int) -> dict[str, Any]:
+def _run_facts(args: TrainingArguments, steps: int, num_processes: int) -> dict[str, Any]:
     """What a PGM's training summary says of the run behind it, whether it finished (`save_final`) or is exported
     from a checkpoint (`export_checkpoint`)."""
-    before = episodes_before(args)
     return {
         "base_model": args.model,
         "optimizer_steps": steps,
-        "episodes": before + steps * args.gradient_accumulation_steps,
-        "episodes_before_this_run": before,
+        "num_processes": num_processes,
+        "episodes": episodes_seen(args, steps, num_processes),
+        "episodes_before_this_run": episodes_before(args),
         "xp_range": list(args.xp_range),
         "xl_range": list(args.xl_range),
     }
+
+
+def episodes_seen(args: TrainingArguments, steps: int, num_processes: int = 1) -> int:
+    """Episodes a PGM has been meta-trained on after `steps` optimizer steps of this run: every step takes
+    `gradient_accumulation_steps` episodes on each process, on top of those of the PGM the run started from."""
+    return episodes_before(args) + steps * args.gradient_accumulation_steps * num_processes
 
 
 def episodes_before(args: TrainingArguments) -> int:
@@ -246,7 +252,8 @@ class MetaTrainer:
                 running.append(losses["loss"].item())
             self.scheduler.step()
             self.step += 1
-            episodes_per_s = (self.step - start_step) * args.gradient_accumulation_steps / (time.perf_counter() - started)
+            episodes = (self.step - start_step) * args.gradient_accumulation_steps * self.accelerator.num_processes
+            episodes_per_s = episodes / (time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}", eps=f"{episodes_per_s:.2f}")
             record: dict[str, Any] = {}
@@ -283,7 +290,7 @@ class MetaTrainer:
     def _summary(self, running: list[float], seconds: float) -> dict[str, Any]:
         tail = running[-50:] or [math.nan]
         return {
-            **_run_facts(self.args, self.step),
+            **_run_facts(self.args, self.step, self.accelerator.num_processes),
             "train_tasks": len(self.sampler.tasks),
             "final_train_loss": round(sum(tail) / len(tail), 4),
             "skipped_long_episodes": self.skipped_long,
@@ -332,7 +339,7 @@ def export_checkpoint(
     losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.exists() else []
     losses = [loss for loss in losses if loss is not None]
     summary = {
-        **_run_facts(args, steps),
+        **_run_facts(args, steps, state.get("num_processes", 1)),
         "final_train_loss": round(losses[-1], 4) if losses else None,
         "skipped_long_episodes": state["extra"].get("skipped_long", 0),
         "exported_from": f"{output_dir.name}/{checkpoint.name}",
