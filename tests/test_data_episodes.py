@@ -6,6 +6,7 @@ import json
 import pytest
 
 from peft_metal.data import Episode, EpisodeSampler, Example, Task
+from peft_metal.data.episodes import SYMBOL_LABELS, has_fixed_labels
 
 
 def make_task(name, num_examples):
@@ -99,3 +100,76 @@ def test_rejects_bad_settings(tasks, kwargs, error, message):
 def test_rejects_repeated_task_names():
     with pytest.raises(ValueError, match=r"more than once: \['alpha'\]"):
         EpisodeSampler([make_task("alpha", 30), make_task("alpha", 30)])
+
+
+def labelled_task(name, labels=("yes", "no"), num_examples=30, inputs=None):
+    inputs = inputs or [f"{name} sentence {i}" for i in range(num_examples)]
+    return Task(name, [Example(text, labels[i % len(labels)], options=labels) for i, text in enumerate(inputs)])
+
+
+def test_family_sampling_draws_every_family_equally():
+    tasks = [make_task(f"big/{i}", 30) for i in range(9)] + [make_task("small", 30)]
+    by_task = [e.task_name for e in itertools.islice(EpisodeSampler(tasks, seed=0), 600)]
+    by_family = [e.task_name for e in itertools.islice(EpisodeSampler(tasks, seed=0, task_sampling="family"), 600)]
+    assert 0.05 < by_task.count("small") / 600 < 0.15  # one task in ten
+    assert 0.42 < by_family.count("small") / 600 < 0.58  # one family in two
+    assert {name for name in by_family if name != "small"} == {task.name for task in tasks[:9]}
+
+
+def test_symbol_labels_rename_every_label_the_same_way_in_shots_and_queries():
+    sentiment = labelled_task("sentiment", labels=("positive", "negative", "neutral"))
+    questions = Task("quiz", [Example(f"q{i}", "a", options=("a", f"b{i}")) for i in range(30)])  # options per question
+    sampler = EpisodeSampler([sentiment, questions], xp_range=(6, 8), xl_range=(1, 2), seed=3, symbol_label_rate=1.0)
+    plain = EpisodeSampler([sentiment, questions], xp_range=(6, 8), xl_range=(1, 2), seed=3)
+    renamed_any = False
+    for step in range(40):
+        episode, original = sampler.episode(step), plain.episode(step)
+        pairs = list(zip(original.xp + original.xl + original.queries, episode.xp + episode.xl + episode.queries))
+        if episode.task_name == "quiz":
+            assert episode == original
+            continue
+        renamed_any = True
+        mapping = {}
+        for before, after in pairs:
+            assert after.input == before.input and after.output in SYMBOL_LABELS
+            for old, new in zip(before.options, after.options):
+                assert mapping.setdefault(old, new) == new  # one renaming for the whole episode
+            assert mapping[before.output] == after.output
+        assert len(set(mapping.values())) == len(mapping) == 3
+    assert renamed_any
+
+
+def test_symbol_label_rate_renames_that_share_and_zero_keeps_the_old_stream():
+    sentiment = labelled_task("sentiment")
+    half = EpisodeSampler([sentiment], seed=1, symbol_label_rate=0.5)
+    renamed = sum(half.episode(step).queries[0].output in SYMBOL_LABELS for step in range(400))
+    assert 150 < renamed < 250
+    old = EpisodeSampler([sentiment], seed=1)
+    off = EpisodeSampler([sentiment], seed=1, task_sampling="task", symbol_label_rate=0.0)
+    assert [off.episode(step) for step in range(20)] == [old.episode(step) for step in range(20)]
+
+
+def test_tasks_that_list_their_labels_or_have_many_are_not_renamed():
+    listed = labelled_task("listed", inputs=[f"Is it yes or no? case {i}" for i in range(30)])
+    many = labelled_task("many", labels=tuple(f"label{i}" for i in range(12)))
+    assert has_fixed_labels(labelled_task("plain")) and not has_fixed_labels(listed) and not has_fixed_labels(many)
+    assert not has_fixed_labels(make_task("generative", 30))
+
+
+def test_state_saved_before_the_sampling_settings_existed_still_resumes(tasks):
+    sampler = EpisodeSampler(tasks, seed=5)
+    state = sampler.state_dict()
+    del state["task_sampling"], state["symbol_label_rate"]
+    resumed = EpisodeSampler(tasks, seed=5)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="task_sampling"):
+        EpisodeSampler(tasks, seed=5, task_sampling="family").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"task_sampling": "families"}, "task_sampling must be one of"), ({"symbol_label_rate": 1.5}, "probability")],
+)
+def test_rejects_bad_sampling_settings(tasks, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EpisodeSampler(tasks, **kwargs)

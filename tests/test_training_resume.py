@@ -287,3 +287,13 @@ def test_gradient_from_answers_only_refuses_distillation(weight):
     """Distillation needs the student's logits at every query token (or option), which the cut no longer computes."""
     with pytest.raises(ValueError, match="gradient_from_answers_only keeps the student's logits at the answers only"):
         TrainingArguments(gradient_from_answers_only=True, **{weight: 1.0})
+
+
+def test_sampling_settings_reach_the_training_episodes_not_the_dev_ones(tmp_path):
+    plain = make_trainer(tmp_path / "plain", "prefix")
+    trainer = make_trainer(tmp_path / "family", "prefix", task_sampling="family", symbol_label_rate=0.5)
+    assert (trainer.sampler.task_sampling, trainer.sampler.symbol_label_rate) == ("family", 0.5)
+    assert trainer.dev_episodes == plain.dev_episodes  # dev loss stays comparable across recipes
+    trainer.train(stop_after=1)
+    saved = json.loads((tmp_path / "family" / "training_args.json").read_text())
+    assert (saved["task_sampling"], saved["symbol_label_rate"]) == ("family", 0.5)

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .task import Example, Task
+
+# "task": every task equally likely; "family": every family equally likely, then a task of it (BIG-bench's train split
+# has 74 multiemo subtasks of 225 tasks, all one 4-label sentiment task, which "task" draws a third of the time).
+TASK_SAMPLINGS = ("task", "family")
+
+# Arbitrary words that stand in for a classification task's labels in a symbol-label episode (symbol tuning, Wei et
+# al. 2023): the answer then follows only from the shots, so a prompt that ignores them cannot score.
+SYMBOL_LABELS = (
+    "apple", "river", "stone", "cloud", "piano", "tiger", "candle", "forest", "bottle", "garden", "mirror", "rocket",
+    "pencil", "island", "jacket", "window", "ladder", "carpet", "violin", "hammer", "button", "castle", "dragon",
+    "engine", "feather", "glove", "helmet", "kettle", "lemon", "magnet", "needle", "orange", "parrot", "ribbon",
+    "saddle", "tunnel", "wagon", "zebra",
+)
+MAX_SYMBOL_LABELS = 10
+
+# What a sampler state saved before these settings existed was drawn with.
+SETTINGS_BEFORE_THEY_EXISTED = {"task_sampling": "task", "symbol_label_rate": 0.0}
 
 
 @dataclass
@@ -52,6 +70,8 @@ class EpisodeSampler:
         xl_range: tuple[int, int] = (0, 4),
         num_queries: int = 4,
         seed: int = 0,
+        task_sampling: str = "task",
+        symbol_label_rate: float = 0.0,
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks:
@@ -69,9 +89,20 @@ class EpisodeSampler:
             raise ValueError(f"num_queries must be a positive int, got {num_queries!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+        if task_sampling not in TASK_SAMPLINGS:
+            raise ValueError(f"task_sampling must be one of {TASK_SAMPLINGS}, got {task_sampling!r}.")
+        if isinstance(symbol_label_rate, bool) or not isinstance(symbol_label_rate, (int, float)) or not 0 <= symbol_label_rate <= 1:
+            raise ValueError(f"symbol_label_rate must be a probability in [0, 1], got {symbol_label_rate!r}.")
         self.num_queries = num_queries
         self.seed = seed
+        self.task_sampling = task_sampling
+        self.symbol_label_rate = float(symbol_label_rate)
         self.step = 0
+        families: dict[str, list[Task]] = {}
+        for task in self.tasks:
+            families.setdefault(task.name.split("/", 1)[0], []).append(task)
+        self._families = list(families.values())
+        self._relabelable = {task.name for task in self.tasks if has_fixed_labels(task)}
 
         needed = self.xp_range[1] + self.xl_range[1] + num_queries
         too_small = [f"{task.name} ({len(task.examples)})" for task in self.tasks if len(task.examples) < needed]
@@ -86,11 +117,19 @@ class EpisodeSampler:
         """The episode at `step`, the same every time for a given seed."""
         # A string seed is hashed with SHA-512, so the stream is stable across processes and Python versions.
         rng = random.Random(f"{self.seed}:{step}")
-        task = self.tasks[rng.randrange(len(self.tasks))]
+        if self.task_sampling == "family":
+            family = self._families[rng.randrange(len(self._families))]
+            task = family[rng.randrange(len(family))]
+        else:
+            task = self.tasks[rng.randrange(len(self.tasks))]
         num_xp = rng.randint(*self.xp_range)
         num_xl = rng.randint(*self.xl_range)
         shots, queries = task.split(num_xp + num_xl, self.num_queries, seed=rng.getrandbits(64))
-        return Episode(task.name, xp=shots[:num_xp], xl=shots[num_xp:], queries=queries)
+        episode = Episode(task.name, xp=shots[:num_xp], xl=shots[num_xp:], queries=queries)
+        # Drawn only when the setting is on, so the episodes of runs without it are those they always were.
+        if self.symbol_label_rate and task.name in self._relabelable and rng.random() < self.symbol_label_rate:
+            episode = with_symbol_labels(episode, rng)
+        return episode
 
     def __iter__(self) -> EpisodeSampler:
         return self
@@ -107,6 +146,8 @@ class EpisodeSampler:
             "xl_range": list(self.xl_range),
             "num_queries": self.num_queries,
             "task_names": [task.name for task in self.tasks],
+            "task_sampling": self.task_sampling,
+            "symbol_label_rate": self.symbol_label_rate,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,6 +157,7 @@ class EpisodeSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; refuses a state saved with other settings, whose episodes would differ."""
         settings = self._settings()
+        state = {**SETTINGS_BEFORE_THEY_EXISTED, **state}  # a state saved before these settings were added
         missing = [key for key in ("step", *settings) if key not in state]
         if missing:
             raise ValueError(f"Sampler state lacks {missing}; pass a dict made by EpisodeSampler.state_dict().")
@@ -130,3 +172,39 @@ class EpisodeSampler:
             raise ValueError(f"Sampler state has an invalid 'step': {step!r}.")
         self.step = step
 
+
+
+
+def has_fixed_labels(task: Task) -> bool:
+    """Whether `task` is a classification task whose labels can be renamed: every example has the same 2 to
+    `MAX_SYMBOL_LABELS` options, and the inputs do not list them (half of them or more naming every option would)."""
+    option_sets = {frozenset(example.options) for example in task.examples if example.options is not None}
+    if len(option_sets) != 1 or any(example.options is None for example in task.examples):
+        return False
+    labels = next(iter(option_sets))
+    if not 2 <= len(labels) <= MAX_SYMBOL_LABELS:
+        return False
+    words = [re.compile(rf"\b{re.escape(label)}\b", re.IGNORECASE) for label in labels]
+    listing = sum(all(word.search(example.input) for word in words) for example in task.examples)
+    return listing < len(task.examples) / 2
+
+
+def with_symbol_labels(episode: Episode, rng: random.Random) -> Episode:
+    """`episode` with each label renamed to an arbitrary word, the same renaming in its shots and its queries."""
+    labels = sorted(episode.queries[0].options)
+    renamed = dict(zip(labels, rng.sample(SYMBOL_LABELS, len(labels))))
+
+    def rename(example: Example) -> Example:
+        return replace(
+            example,
+            output=renamed[example.output],
+            options=tuple(renamed[option] for option in example.options),
+            alternatives=tuple(renamed[answer] for answer in example.alternatives),
+        )
+
+    return Episode(
+        episode.task_name,
+        xp=[rename(e) for e in episode.xp],
+        xl=[rename(e) for e in episode.xl],
+        queries=[rename(e) for e in episode.queries],
+    )

@@ -35,6 +35,10 @@ class TrainingArguments:
     xp_range: tuple[int, int] = (2, 16)
     xl_range: tuple[int, int] = (0, 4)
     num_queries: int = 4
+    # "family": every task family equally likely (see data.episodes.TASK_SAMPLINGS); "task": every task.
+    task_sampling: str = "task"
+    # The share of classification episodes whose labels are renamed to arbitrary words (data.episodes.SYMBOL_LABELS).
+    symbol_label_rate: float = 0.0
     max_pgm_tokens: int = 1536
     chunk_size: Optional[int] = None
     tasks: Optional[list[str]] = None

@@ -155,7 +155,8 @@ class MetaTrainer:
         self.output_dir = Path(args.output_dir)
         train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)
         self.sampler = EpisodeSampler(
-            train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index
+            train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index,
+            task_sampling=args.task_sampling, symbol_label_rate=args.symbol_label_rate,
         )
         self.text_sampler = None
         if args.text_stage_steps > 0:
