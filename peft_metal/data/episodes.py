@@ -173,8 +173,6 @@ class EpisodeSampler:
         self.step = step
 
 
-
-
 def has_fixed_labels(task: Task) -> bool:
     """Whether `task` is a classification task whose labels can be renamed: every example has the same 2 to
     `MAX_SYMBOL_LABELS` options, and the inputs do not list them (half of them or more naming every option would)."""
