@@ -102,7 +102,8 @@ class EpisodeSampler:
         for task in self.tasks:
             families.setdefault(task.name.split("/", 1)[0], []).append(task)
         self._families = list(families.values())
-        self._relabelable = {task.name for task in self.tasks if has_fixed_labels(task)}
+        # Only a sampler that renames labels scans every example of every task for them.
+        self._relabelable = {task.name for task in self.tasks if has_fixed_labels(task)} if self.symbol_label_rate else set()
 
         needed = self.xp_range[1] + self.xl_range[1] + num_queries
         too_small = [f"{task.name} ({len(task.examples)})" for task in self.tasks if len(task.examples) < needed]
