@@ -54,18 +54,14 @@ def run_settings(run: Path) -> TrainingArguments:
     return TrainingArguments(**json.loads((run / "training_args.json").read_text()))
 
 
-def train_seconds(checkpoint: Path | None) -> float | None:
-    """The run's wall-clock training seconds when it saved `checkpoint` (over every session), for equal-time comparisons."""
+def training_facts(checkpoint: Path | None) -> tuple[float | None, int]:
+    """The run's wall-clock training seconds when it saved `checkpoint` (over every session, for equal-time
+    comparisons) and how many processes trained it (each took its own episodes every step); the untrained start is
+    0 seconds on one process."""
     if checkpoint is None:
-        return 0.0
-    return json.loads((checkpoint / "state.json").read_text())["extra"].get("train_seconds")
-
-
-def num_processes(checkpoint: Path | None) -> int:
-    """How many processes trained the run up to `checkpoint` (each took its own episodes every step)."""
-    if checkpoint is None:
-        return 1
-    return json.loads((checkpoint / "state.json").read_text()).get("num_processes", 1)
+        return 0.0, 1
+    state = json.loads((checkpoint / "state.json").read_text())
+    return state["extra"].get("train_seconds"), state.get("num_processes", 1)
 
 
 def untrained_pgm(run: Path):
@@ -140,8 +136,9 @@ def main() -> None:
             print(f"scoring {run} step {step} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
             settings = run_settings(run)
-            episodes = episodes_seen(settings, step, num_processes(folder))
-            point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": train_seconds(folder)}
+            seconds, processes = training_facts(folder)
+            episodes = episodes_seen(settings, step, processes)
+            point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": seconds}
             report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from report import write_report  # benchmarks/report.py: the JSON + markdown eve
 
 import peft_metal  # noqa: F401
 from peft_metal.training import MetaTrainer, TrainingArguments
+from peft_metal.training.launch import accelerate_command, process_environment
 from peft_metal.training.trainer import load_split_tasks
 
 DEFAULT_CONFIGS = "examples/train_smollm2_discrete.json,examples/train_smollm2_compressed.json"
@@ -96,20 +96,14 @@ def measure_in_processes(
 ) -> dict[str, Any]:
     """The same measurement on `processes` data-parallel processes (`accelerate launch`, gradients shared over gloo as
     `peft-metal train` shares them), this process's threads split between them; episodes are counted on all of them."""
-    threads = max(1, torch.get_num_threads() // processes)
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), __file__,
-            "--worker", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
-            "--variants", f"{name}:{json.dumps({'config': config, **overrides})}",
-        ]
-        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        command = accelerate_command(
+            [__file__, "--worker", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
+             "--variants", f"{name}:{json.dumps({'config': config, **overrides})}"],
+            processes,
+        )
+        subprocess.run(command, check=True, env=process_environment(processes))
         return json.loads(result.read_text())
 
 

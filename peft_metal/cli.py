@@ -10,13 +10,40 @@ from typing import Optional, Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from .training import MetaTrainer, TrainingArguments
+    from .training.launch import is_launched
 
+    if args.processes < 1:
+        print(f"peft-metal train: error: --processes must be at least 1, got {args.processes}", file=sys.stderr)
+        return 2
+    if args.processes > 1 and not is_launched():
+        return _launch_training(args)
     training_args = TrainingArguments.from_json(
         args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
     )
     summary = MetaTrainer(training_args).train(resume=args.resume)
     print(summary)
     return 0
+
+
+def _launch_training(args: argparse.Namespace) -> int:
+    """Run this same `train` command on `args.processes` processes (accelerate's launcher), threads split between them."""
+    import subprocess
+
+    from .training.launch import accelerate_command, process_environment
+
+    forwarded = ["--config", args.config]
+    for flag, value in (("--output-dir", args.output_dir), ("--max-steps", args.max_steps), ("--init-from", args.init_from)):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    if args.resume:
+        forwarded.append("--resume")
+    try:
+        command = accelerate_command(["-m", "peft_metal.cli", "train", *forwarded], args.processes)
+    except FileNotFoundError as error:
+        print(f"peft-metal train: error: {error}", file=sys.stderr)
+        return 2
+    return subprocess.run(command, env=process_environment(args.processes)).returncode
+
 
 def _export(args: argparse.Namespace) -> int:
     import json
@@ -236,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument(
         "--init-from", help="start from a saved PGM's weights (continued meta-training; overrides the config's init_from)"
+    )
+    train.add_argument(
+        "--processes", type=int, default=1,
+        help="data-parallel processes on this machine (accelerate's launcher; on a CPU one thread each, gradients "
+        "over gloo; each process draws its own episodes every step, so halve gradient_accumulation_steps to keep the "
+        "episodes per step)",
     )
     train.set_defaults(run=_train)
 

@@ -9,8 +9,6 @@ starts several processes only through MPI's mpirun, which this machine does not 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +18,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
+from peft_metal.cli import main
+from peft_metal.training.launch import LAUNCHED_MARKER, accelerate_command, process_environment
+
 SCRIPT = Path(__file__).with_name("accelerate_train.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(output: Path, *extra: str) -> None:
-    command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        str(SCRIPT), str(output), *extra,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    command = accelerate_command([str(SCRIPT), str(output), *extra], processes=2)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=process_environment(2, threads=1))
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -70,3 +60,36 @@ def test_two_processes_schedule_checkpoint_and_resume(tmp_path):
     # every optimizer step took gradient_accumulation_steps (2) episodes on each of the 2 processes
     summary = json.loads((tmp_path / "whole" / "pgm" / "adapter_config.json").read_text())["training_summary"]
     assert summary["num_processes"] == 2 and summary["episodes"] == 4 * 2 * 2
+
+
+def test_train_command_relaunches_itself_on_several_processes(monkeypatch, capsys):
+    monkeypatch.delenv(LAUNCHED_MARKER, raising=False)
+    launched = []
+
+    def run(command, env):
+        launched.append((command, env))
+        return subprocess.CompletedProcess(command, returncode=3)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    argv = ["train", "--config", "c.json", "--processes", "2", "--max-steps", "5", "--init-from", "pgm", "--resume"]
+    assert main(argv) == 3  # the launch's exit status is the command's
+
+    (command, env), = launched
+    assert command[:3] == [str(ACCELERATE), "launch", "--multi_gpu"]
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert command[command.index("-m"):] == [
+        "-m", "peft_metal.cli", "train", "--config", "c.json", "--max-steps", "5", "--init-from", "pgm", "--resume",
+    ]
+    assert env["OMP_NUM_THREADS"] == str(max(1, torch.get_num_threads() // 2))
+
+
+def test_train_command_inside_a_launch_trains_in_this_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(LAUNCHED_MARKER, "0")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("launched again from a launched process"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):  # it went on to read its config
+        main(["train", "--config", str(tmp_path / "missing.json"), "--processes", "2"])
+
+
+def test_train_command_refuses_fewer_than_one_process(capsys):
+    assert main(["train", "--config", "c.json", "--processes", "0"]) == 2
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
