@@ -297,3 +297,15 @@ def test_sampling_settings_reach_the_training_episodes_not_the_dev_ones(tmp_path
     trainer.train(stop_after=1)
     saved = json.loads((tmp_path / "family" / "training_args.json").read_text())
     assert (saved["task_sampling"], saved["symbol_label_rate"]) == ("family", 0.5)
+
+
+def test_a_run_whose_dev_episodes_cannot_fit_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"none of the 16 dev episodes fits max_pgm_tokens=5.*raise max_pgm_tokens"):
+        make_trainer(tmp_path, "prefix", max_pgm_tokens=5)
+
+
+def test_dev_loss_is_over_the_dev_episodes_that_fit(tmp_path):
+    trainer = make_trainer(tmp_path, "prefix", max_pgm_tokens=25)
+    assert 0 < len(trainer.dev_episodes) < trainer.args.eval_episodes  # some shots are longer than 25 tokens
+    assert all(not trainer._too_long(episode) for episode in trainer.dev_episodes)
+    assert trainer.evaluate() > 0

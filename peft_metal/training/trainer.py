@@ -166,7 +166,15 @@ class MetaTrainer:
             dev_tasks = load_split_tasks("dev")
         if dev_tasks:
             dev_sampler = EpisodeSampler(dev_tasks, args.xp_range, args.xl_range, args.num_queries, seed=DEV_EVAL_SEED)
-            self.dev_episodes = [dev_sampler.episode(i) for i in range(args.eval_episodes)]
+            drawn = [dev_sampler.episode(i) for i in range(args.eval_episodes)]
+            # The dev loss is over the drawn episodes whose shots fit, the same ones at every evaluation.
+            self.dev_episodes = [episode for episode in drawn if not self._too_long(episode)]
+            if not self.dev_episodes:
+                raise ValueError(
+                    f"none of the {len(drawn)} dev episodes fits max_pgm_tokens={args.max_pgm_tokens}: their XP shots "
+                    f"are longer, so the run would have no dev loss; raise max_pgm_tokens or lower xp_range "
+                    f"({list(args.xp_range)})"
+                )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
@@ -214,10 +222,9 @@ class MetaTrainer:
         losses = []
         with torch.no_grad():
             for episode in self.dev_episodes:
-                if not self._too_long(episode):
-                    losses.append(self.accelerator.unwrap_model(self.loss_module)(episode)["lm_loss"].item())
+                losses.append(self.accelerator.unwrap_model(self.loss_module)(episode)["lm_loss"].item())
         self.model.train()
-        return sum(losses) / max(len(losses), 1)
+        return sum(losses) / len(losses)
 
     def train(self, resume: bool = False, stop_after: Optional[int] = None) -> dict[str, Any]:
         """Train to `max_steps` (or stop early after `stop_after` optimizer steps, as a kill would)."""
