@@ -62,7 +62,7 @@ def test_two_processes_schedule_checkpoint_and_resume(tmp_path):
     assert summary["num_processes"] == 2 and summary["episodes"] == 4 * 2 * 2
 
 
-def test_train_command_relaunches_itself_on_several_processes(monkeypatch, capsys):
+def test_train_command_relaunches_itself_on_several_processes(monkeypatch):
     monkeypatch.delenv(LAUNCHED_MARKER, raising=False)
     launched = []
 

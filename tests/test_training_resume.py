@@ -309,3 +309,13 @@ def test_dev_loss_is_over_the_dev_episodes_that_fit(tmp_path):
     assert 0 < len(trainer.dev_episodes) < trainer.args.eval_episodes  # some shots are longer than 25 tokens
     assert all(not trainer._too_long(episode) for episode in trainer.dev_episodes)
     assert trainer.evaluate() > 0
+
+
+def test_no_dev_episodes_means_no_dev_loss(tmp_path):
+    trainer = make_trainer(tmp_path, "prefix", max_steps=2, eval_episodes=0)
+    assert trainer.dev_episodes == []
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log and not any("dev_loss" in record for record in log)
+    with pytest.raises(ValueError, match="eval_episodes must be >= 0"):
+        dataclasses.replace(trainer.args, eval_episodes=-1)

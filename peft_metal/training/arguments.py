@@ -69,6 +69,8 @@ class TrainingArguments:
         for name in ("max_steps", "gradient_accumulation_steps", "num_queries", "checkpoint_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.eval_episodes < 0:
+            raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:
             raise ValueError(f"text_stage_steps must be between 0 and max_steps ({self.max_steps}), got {self.text_stage_steps}.")
         for name in ("distillation_weight", "option_distillation_weight"):

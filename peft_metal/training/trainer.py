@@ -164,7 +164,7 @@ class MetaTrainer:
         self.dev_episodes = []
         if dev_tasks is None:
             dev_tasks = load_split_tasks("dev")
-        if dev_tasks:
+        if dev_tasks and args.eval_episodes > 0:  # eval_episodes=0: no dev loss
             dev_sampler = EpisodeSampler(dev_tasks, args.xp_range, args.xl_range, args.num_queries, seed=DEV_EVAL_SEED)
             drawn = [dev_sampler.episode(i) for i in range(args.eval_episodes)]
             # The dev loss is over the drawn episodes whose shots fit, the same ones at every evaluation.
