@@ -26,19 +26,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch_training(args: argparse.Namespace) -> int:
-    """Run this same `train` command on `args.processes` processes (accelerate's launcher), threads split between them."""
+    """Run this same `train` command, its arguments unchanged, on `args.processes` processes (accelerate's launcher),
+    threads split between them; inside the launch `is_launched()` holds, so each process trains."""
     import subprocess
 
     from .training.launch import accelerate_command, process_environment
 
-    forwarded = ["--config", args.config]
-    for flag, value in (("--output-dir", args.output_dir), ("--max-steps", args.max_steps), ("--init-from", args.init_from)):
-        if value is not None:
-            forwarded += [flag, str(value)]
-    if args.resume:
-        forwarded.append("--resume")
     try:
-        command = accelerate_command(["-m", "peft_metal.cli", "train", *forwarded], args.processes)
+        command = accelerate_command(["-m", "peft_metal.cli", *args.argv], args.processes)
     except FileNotFoundError as error:
         print(f"peft-metal train: error: {error}", file=sys.stderr)
         return 2
@@ -413,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --processes N` starts the same command again under accelerate's launcher
     return args.run(args)
 
 
