@@ -2,9 +2,12 @@
 and again from the shots of the next panel task (a fixed rotation), same queries and seeds.
 
     python benchmarks/prompt_swap.py --pgm pgms/smollm2-compressed-ce-answers [--queries 25] [--name prompt_swap]
+    python benchmarks/prompt_swap.py --methods icl --name prompt_swap_icl   # the same question asked of ICL-16
 
 If the swapped prompt scores as the own one, the PGM writes one generic prompt whatever the shots say, and its margin
-over zero-shot is not the task's. Writes `<name>.json` and `.md` under benchmarks/results.
+over zero-shot is not the task's. Asked of `icl` (demonstrations from the other task), it says how much of ICL's own
+margin is the task's and how much is the format any shots show. Writes `<name>.json` and `.md` under
+benchmarks/results.
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from peft_metal.evaluation.runner import evaluate_method, task_metric
 from peft_metal.inference import ModelParts
 from peft_metal.precision import cast_frozen_weights
 
-OWN, SWAPPED = "metal (own shots)", "metal (next task's shots)"
 
-
-def panel_records(model, tokenizer, tasks, queries: int) -> list[dict[str, Any]]:
-    """`metal` on every task's queries with the prompt from either shot set, one record per task and condition
-    (merged over the panel's seeds); the condition is the record's method, so the project's report functions apply."""
+def panel_records(model, tokenizer, tasks, queries: int, methods: list[str]) -> list[dict[str, Any]]:
+    """Each method on every task's queries with its shots from either task, one record per task, method and condition
+    (merged over the panel's seeds); the condition is in the record's method, so the project's report functions
+    apply."""
     parts = ModelParts.from_model(model)
     records = []
     with parts.lora_off(), torch.no_grad():
@@ -41,36 +43,45 @@ def panel_records(model, tokenizer, tasks, queries: int) -> list[dict[str, Any]]
             for index, task in enumerate(tasks):
                 task_queries = splits[index][1]
                 donor = (index + 1) % len(tasks)
-                for condition, source in ((OWN, index), (SWAPPED, donor)):
-                    shots = splits[source][0]
-                    record = evaluate_method(parts, tokenizer, task, "metal", shots, task_queries, task_metric(task))
-                    records.append(dict(record, method=condition, seed=seed, shots_from=tasks[source].name))
-                print(
-                    f"seed {seed} {task.name}: own {records[-2]['score']:.2f}, swapped {records[-1]['score']:.2f}",
-                    flush=True,
-                )
+                for method in methods:
+                    for condition, source in (("own shots", index), ("next task's shots", donor)):
+                        shots = splits[source][0]
+                        record = evaluate_method(parts, tokenizer, task, method, shots, task_queries, task_metric(task))
+                        records.append(
+                            dict(record, method=f"{method} ({condition})", seed=seed, shots_from=tasks[source].name)
+                        )
+                    print(
+                        f"seed {seed} {task.name} {method}: own {records[-2]['score']:.2f}, "
+                        f"swapped {records[-1]['score']:.2f}",
+                        flush=True,
+                    )
     return merge_seeds(records)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pgm", type=Path, required=True, help="a saved PGM folder")
+    parser.add_argument("--pgm", type=Path, help="a saved PGM folder (needed by the metal methods)")
+    parser.add_argument("--methods", default="metal", help="comma-separated methods of `peft-metal eval`")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="prompt_swap")
     args = parser.parse_args()
 
+    methods = args.methods.split(",")
+    if args.pgm is None and any(method.startswith("metal") for method in methods):
+        parser.error(f"--methods {args.methods} makes prompts with a PGM: give one with --pgm")
     lm, tokenizer = load_base_model(args.model)
-    model = PeftModel.from_pretrained(lm, str(args.pgm))
+    model = PeftModel.from_pretrained(lm, str(args.pgm)) if args.pgm is not None else lm.requires_grad_(False)
     model.eval()
     precision = cast_frozen_weights(model, "auto")
     tasks = load_eval_tasks(list(DEV_PANEL.tasks))
-    records = panel_records(model, tokenizer, tasks, args.queries)
+    records = panel_records(model, tokenizer, tasks, args.queries, methods)
     lines = [
-        f"`metal` on the dev panel ({len(tasks)} tasks, {args.queries} queries x seeds {list(DEV_PANEL.seeds)}), PGM "
-        f"`{args.pgm}`, {precision} frozen weights; the prompt made from the task's own shots, or from the next panel "
-        f"task's ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}).",
+        f"{', '.join(f'`{method}`' for method in methods)} on the dev panel ({len(tasks)} tasks, {args.queries} queries "
+        f"x seeds {list(DEV_PANEL.seeds)}), PGM `{args.pgm}`, {precision} frozen weights; the prompt made from (or the "
+        f"demonstrations taken from) the task's own shots, or the next panel task's ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
         "",
         markdown_table(records),
     ]
@@ -78,7 +89,7 @@ def main() -> None:
         "command": "python benchmarks/prompt_swap.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "pgm": str(args.pgm),
+        "pgm": None if args.pgm is None else str(args.pgm),
         "precision": precision,
         "summary": summary(records),
         "records": records,
