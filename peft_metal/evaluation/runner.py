@@ -132,24 +132,40 @@ def evaluate_method(
     **method_options: Any,
 ) -> dict[str, Any]:
     """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`)."""
-    device = model_device(parts.lm)
     start = time.perf_counter()
     prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
+    setup_seconds = time.perf_counter() - start - prepared.prompt_seconds  # e.g. ICL reading its demonstrations
+    record = evaluate_prepared(parts, tokenizer, task, prepared, queries, metric, max_new_tokens)
+    record["eval_seconds"] += setup_seconds
+    return record
+
+
+def evaluate_prepared(
+    parts: ModelParts,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    prepared: PreparedMethod,
+    queries: Sequence[Example],
+    metric: str,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict[str, Any]:
+    """One record: `task`'s queries scored after a context already set up (by `prepare_method`, or by a benchmark
+    that builds its own, e.g. a pruned cache), as every method is scored."""
+    start = time.perf_counter()
     if metric == MULTIPLE_CHOICE:
         values = _score_multiple_choice(parts, tokenizer, prepared, queries)
     else:
         values = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
-    synchronize(device)
-    seconds = time.perf_counter() - start - prepared.prompt_seconds
+    synchronize(model_device(parts.lm))
     record = {
         "task": task.name,
-        "method": method,
+        "method": prepared.name,
         "metric": HEADLINE[metric],
         "score": None,
         "n": len(queries),
         "prompt_seconds": prepared.prompt_seconds,
         "context_tokens": prepared.context_tokens,
-        "eval_seconds": seconds,
+        "eval_seconds": time.perf_counter() - start,
     }
     for name, per_query in values.items():
         record[name], record[f"{name}_stderr"] = mean_stderr(per_query)
