@@ -1,14 +1,15 @@
 """Do a few of the shots' own positions carry the task? The frozen LM reads a task's 16 shots as ICL does; then only
 the keys and values at some positions are kept, the rest dropped, and the queries are scored after what is left.
 
-    python benchmarks/anchor_context.py [--keep all,answers,outputs,last] [--queries 25] [--name anchor_context]
+    python benchmarks/anchor_context.py [--keep all,answers,labels,outputs,last] [--queries 25] [--name anchor_context]
 
 Kept positions (by the shot template's parts, `Input: {x}\\nOutput: {y}\\n\\n`):
 
 * `all`: every position, i.e. ICL-16 itself (the control: it must score as `icl`);
 * `answers`: each shot's answer tokens and the separator after it (in ICL the label words gather what a
   demonstration says and the query reads it from them: "Label Words are Anchors", Wang et al., EMNLP 2023);
-* `outputs`: those and each shot's output prefix (`\\nOutput:`);
+* `labels`: each shot's first answer token and the separator after it (two or three positions a shot);
+* `outputs`: `answers` and each shot's output prefix (`\\nOutput:`);
 * `last`: the last positions of the shots, as many as `answers` keeps (a recency window of the same size).
 
 The kept keys keep the rotary positions they were read at, and the queries follow at the position after the last
@@ -74,9 +75,15 @@ def _answers(parts: list[str]) -> list[int]:
     return [i for i, part in enumerate(parts) if part in (ANSWER, SEPARATOR)]
 
 
+def _labels(parts: list[str]) -> list[int]:
+    first_answer_tokens = [i for i, part in enumerate(parts) if part == ANSWER and (i == 0 or parts[i - 1] != ANSWER)]
+    return sorted(first_answer_tokens + [i for i, part in enumerate(parts) if part == SEPARATOR])
+
+
 SELECTIONS: dict[str, Callable[[list[str]], list[int]]] = {
     "all": lambda parts: list(range(len(parts))),
     "answers": _answers,
+    "labels": _labels,
     "outputs": lambda parts: [i for i, part in enumerate(parts) if part in (OUTPUT_PREFIX, ANSWER, SEPARATOR)],
     "last": lambda parts: list(range(len(parts) - len(_answers(parts)), len(parts))),
 }
