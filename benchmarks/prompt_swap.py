@@ -87,7 +87,7 @@ def main() -> None:
     ]
     report = {
         "command": "python benchmarks/prompt_swap.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "pgm": None if args.pgm is None else str(args.pgm),
         "precision": precision,
