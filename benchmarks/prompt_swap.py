@@ -3,6 +3,7 @@ and again from the shots of the next panel task (a fixed rotation), same queries
 
     python benchmarks/prompt_swap.py --pgm pgms/smollm2-compressed-ce-answers [--queries 25] [--name prompt_swap]
     python benchmarks/prompt_swap.py --methods icl --name prompt_swap_icl   # the same question asked of ICL-16
+    python benchmarks/prompt_swap.py --pgm PGM --tasks a,b,c   # other tasks than the panel's (train or dev ones)
 
 If the swapped prompt scores as the own one, the PGM writes one generic prompt whatever the shots say, and its margin
 over zero-shot is not the task's. Asked of `icl` (demonstrations from the other task), it says how much of ICL's own
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--methods", default="metal", help="comma-separated methods of `peft-metal eval`")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
+    parser.add_argument("--tasks", help="comma-separated train or dev tasks instead of the dev panel's")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="prompt_swap")
     args = parser.parse_args()
@@ -75,10 +77,11 @@ def main() -> None:
     model = PeftModel.from_pretrained(lm, str(args.pgm)) if args.pgm is not None else lm.requires_grad_(False)
     model.eval()
     precision = cast_frozen_weights(model, "auto")
-    tasks = load_eval_tasks(list(DEV_PANEL.tasks))
+    tasks = load_eval_tasks(args.tasks.split(",") if args.tasks else list(DEV_PANEL.tasks))
+    where = "the tasks given" if args.tasks else "the dev panel"
     records = panel_records(model, tokenizer, tasks, args.queries, methods)
     lines = [
-        f"{', '.join(f'`{method}`' for method in methods)} on the dev panel ({len(tasks)} tasks, {args.queries} queries "
+        f"{', '.join(f'`{method}`' for method in methods)} on {where} ({len(tasks)} tasks, {args.queries} queries "
         f"x seeds {list(DEV_PANEL.seeds)}), PGM `{args.pgm}`, {precision} frozen weights; the prompt made from (or the "
         f"demonstrations taken from) the task's own shots, or the next panel task's ({platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
