@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
@@ -147,9 +147,7 @@ def main() -> None:
         markdown_table(records),
     ]
     report = {
-        "command": "python benchmarks/anchor_context.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        **provenance(),
         "precision": precision,
         "summary": summary(records),
         "records": records,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
@@ -89,9 +89,7 @@ def main() -> None:
         markdown_table(records),
     ]
     report = {
-        "command": "python benchmarks/prompt_swap.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        **provenance(),
         "pgm": None if args.pgm is None else str(args.pgm),
         "precision": precision,
         "summary": summary(records),

@@ -4,8 +4,20 @@ docs/results.md) side by side, the markdown also printed."""
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def provenance() -> dict[str, Any]:
+    """The command as it was typed and the machine it ran on, for a report's JSON."""
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
 
 
 def write_report(output: Path, name: str, report: dict[str, Any], markdown_lines: list[str]) -> None:
