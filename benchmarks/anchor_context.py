@@ -14,7 +14,7 @@ Kept positions (by the shot template's parts, `Input: {x}\\nOutput: {y}\\n\\n`):
 
 The kept keys keep the rotary positions they were read at, and the queries follow at the position after the last
 shot token, so every distance a query sees is the one it has in ICL. No training and no PGM: this asks whether a
-context of some 60-100 positions taken from the LM's own reading can hold what 16 shots give ICL, i.e. whether a
+context of some 50-190 positions taken from the LM's own reading can hold what 16 shots give ICL, i.e. whether a
 prompt that small could. Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
 """
 
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import PreparedMethod
 from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import markdown_table, merge_seeds, summary
+from peft_metal.evaluation.report import merge_seeds
 from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import Context, ModelParts
 from peft_metal.inference.context import run_lm
@@ -138,21 +138,13 @@ def main() -> None:
     precision = cast_frozen_weights(lm, "auto")
     tasks = load_eval_tasks(list(DEV_PANEL.tasks))
     records = panel_records(lm, tokenizer, tasks, args.queries, selections)
-    lines = [
+    caption = (
         f"The dev panel ({len(tasks)} tasks, {DEV_PANEL.shots} shots, {args.queries} queries x seeds "
         f"{list(DEV_PANEL.seeds)}) scored after the frozen LM's keys/values at some positions of the shots only "
         f"(`kept: all` is ICL-16); {precision} weights ({platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}). Context tokens: the positions kept.",
-        "",
-        markdown_table(records),
-    ]
-    report = {
-        **provenance(),
-        "precision": precision,
-        "summary": summary(records),
-        "records": records,
-    }
-    write_report(args.output, args.name, report, lines)
+        f"torch {torch.__version__}). Context tokens: the positions kept."
+    )
+    write_records_report(args.output, args.name, caption, records, precision=precision)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import markdown_table, merge_seeds, summary
+from peft_metal.evaluation.report import merge_seeds
 from peft_metal.evaluation.runner import evaluate_method, task_metric
 from peft_metal.inference import ModelParts
 from peft_metal.precision import cast_frozen_weights
@@ -80,22 +80,14 @@ def main() -> None:
     tasks = load_eval_tasks(args.tasks.split(",") if args.tasks else list(DEV_PANEL.tasks))
     where = "the tasks given" if args.tasks else "the dev panel"
     records = panel_records(model, tokenizer, tasks, args.queries, methods)
-    lines = [
+    caption = (
         f"{', '.join(f'`{method}`' for method in methods)} on {where} ({len(tasks)} tasks, {args.queries} queries "
         f"x seeds {list(DEV_PANEL.seeds)}), PGM `{args.pgm}`, {precision} frozen weights; the prompt made from (or the "
         f"demonstrations taken from) the task's own shots, or the next panel task's ({platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
-        "",
-        markdown_table(records),
-    ]
-    report = {
-        **provenance(),
-        "pgm": None if args.pgm is None else str(args.pgm),
-        "precision": precision,
-        "summary": summary(records),
-        "records": records,
-    }
-    write_report(args.output, args.name, report, lines)
+        f"{torch.get_num_threads()} threads, torch {torch.__version__})."
+    )
+    pgm = None if args.pgm is None else str(args.pgm)
+    write_records_report(args.output, args.name, caption, records, pgm=pgm, precision=precision)
 
 
 if __name__ == "__main__":

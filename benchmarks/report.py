@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from peft_metal.evaluation.report import markdown_table, summary
+
 
 def provenance() -> dict[str, Any]:
     """The command as it was typed and the machine it ran on, for a report's JSON."""
@@ -26,3 +28,10 @@ def write_report(output: Path, name: str, report: dict[str, Any], markdown_lines
     markdown = "\n".join(markdown_lines) + "\n"
     (output / f"{name}.md").write_text(markdown)
     print(markdown, end="")
+
+
+def write_records_report(output: Path, name: str, caption: str, records: list[dict[str, Any]], **fields: Any) -> None:
+    """A report of evaluation records (one per task and method): the caption and their table in markdown; provenance,
+    `fields`, the summary and every record in JSON."""
+    report = {**provenance(), **fields, "summary": summary(records), "records": records}
+    write_report(output, name, report, [caption, "", markdown_table(records)])
