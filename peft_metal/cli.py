@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--queries", type=int, help="queries per task and seed (default 50; dev-panel: 25)")
     evaluation.add_argument(
         "--methods", default="zero_shot,icl,metal",
-        help="comma-separated: zero_shot, icl, metal, metal+demos, metal+refine, prompt_tuning, p_tuning, prefix_tuning",
+        help="comma-separated: zero_shot, icl, metal, metal+demos, metal+refine, metal+demos+refine, prompt_tuning, "
+        "p_tuning, prefix_tuning",
     )
     evaluation.add_argument(
         "--seed", default=None,
@@ -322,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights of the frozen LM: auto = bf16 on a CPU with AMX / AVX512-BF16 or a bf16 GPU, else fp32",
     )
     evaluation.add_argument(
-        "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos keeps as demonstrations (default 4)"
+        "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos(+refine) keeps as demonstrations (default 4)"
     )
     evaluation.add_argument(
         "--refine-steps", default="10",
-        help="metal+refine: refinement steps, or a comma-separated list (e.g. 0,5,10,20: one record per count; 0 = metal)",
+        help="metal+refine, metal+demos+refine: refinement steps, or a comma-separated list (e.g. 0,5,10,20: one record per count; 0 = metal)",
     )
-    evaluation.add_argument("--refine-lr", type=float, default=1e-3, help="metal+refine: Adam learning rate (default 1e-3)")
+    evaluation.add_argument("--refine-lr", type=float, default=1e-3, help="the refined methods' Adam learning rate (default 1e-3)")
     evaluation.add_argument(
         "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"
     )

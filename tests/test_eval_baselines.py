@@ -23,6 +23,7 @@ from peft_metal.evaluation import (
 )
 from peft_metal.evaluation.baselines import BASELINE_METHODS, baseline_context, right_padded
 from peft_metal.evaluation.methods import encode, option_ids, query_input
+from peft_metal.evaluation.settings import EvaluationSettings
 from peft_metal.inference import ModelParts, Sampling, empty_context, extend_context, generate, score_options
 from peft_metal.metal_prompt.queries import encode_queries
 
@@ -206,6 +207,23 @@ def test_refine_with_zero_steps_reads_like_metal(parts, tok):
     torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
     moved = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=2, refine_lr=1e-1)
     assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
+
+
+def test_demos_refine_keeps_the_demonstrations_and_tunes_only_the_prompt(parts, tok):
+    """metal+demos+refine: the metal+demos context at 0 steps; with steps the prompt moves, the demonstrations stay."""
+    demos = prepare_method("metal+demos", parts, tok, SHOTS, num_demonstrations=1)
+    unrefined = prepare_method("metal+demos+refine", parts, tok, SHOTS, num_demonstrations=1, refine_steps=0)
+    assert unrefined.context_tokens == demos.context_tokens > K
+    a, b = (extend_context(parts.lm, *query_input(parts, tok, p, QUERY.input)) for p in (demos, unrefined))
+    torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
+    moved = prepare_method("metal+demos+refine", parts, tok, SHOTS, num_demonstrations=1, refine_steps=2, refine_lr=1e-1)
+    assert moved.info == {"refine_steps": 2} and moved.context_tokens == demos.context_tokens
+    assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
+    assert resolve_methods("metal+demos+refine") == ["metal+demos+refine"]
+    settings = EvaluationSettings(methods="metal+demos+refine", shots=3, queries=1, num_demonstrations=1, refine_steps="0,2")
+    assert settings.runs == [("metal+demos+refine", {"refine_steps": 0}), ("metal+demos+refine", {"refine_steps": 2})]
+    with pytest.raises(ValueError, match="'metal\\+demos\\+refine' keeps the last num_demonstrations=3"):
+        EvaluationSettings(methods="metal+demos+refine", shots=3, queries=1, num_demonstrations=3)
 
 
 def test_method_names_and_step_lists():

@@ -14,9 +14,9 @@ from .methods import (
     DEFAULT_REFINE_BATCH_SIZE,
     DEFAULT_REFINE_LR,
     DEFAULT_REFINE_STEPS,
-    METAL_DEMOS,
-    METAL_REFINE,
+    DEMONSTRATION_METHODS,
     PGM_METHODS,
+    REFINE_METHODS,
     resolve_methods,
 )
 
@@ -52,7 +52,7 @@ def resolve_refine_steps(refine_steps: Any) -> list[int]:
 class EvaluationSettings:
     """Methods (a list or a comma-separated string), shots per task, queries per task, and how each method runs:
     `num_demonstrations` (metal+demos), `max_new_tokens` (generative tasks), `metric` (force multiple choice or
-    generative for every task), `baseline` (the PEFT baselines), `refine_*` (metal+refine; one run per step count)."""
+    generative for every task), `baseline` (the PEFT baselines), `refine_*` (the refined methods; one run per step count)."""
 
     methods: Any
     shots: int
@@ -82,11 +82,11 @@ class EvaluationSettings:
         for group, verb in ((self.pgm_methods, "generate a prompt from"), (self.baseline_methods, "train on")):
             if group and self.shots < 1:
                 raise ValueError(f"Methods {list(group)} {verb} the shots: shots must be >= 1, got {self.shots}.")
-        if METAL_DEMOS in methods:
+        for name in (name for name in methods if name in DEMONSTRATION_METHODS):
             check_count(self.num_demonstrations, "num_demonstrations", 1)
             if self.num_demonstrations >= self.shots:
                 raise ValueError(
-                    f"{METAL_DEMOS!r} keeps the last num_demonstrations={self.num_demonstrations} of the {self.shots} "
+                    f"{name!r} keeps the last num_demonstrations={self.num_demonstrations} of the {self.shots} "
                     "shots as demonstrations and gives the rest to the PGM: it needs shots > num_demonstrations."
                 )
 
@@ -100,10 +100,10 @@ class EvaluationSettings:
 
     @property
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
-        """One run per method, metal+refine once per step count (its records carry `refine_steps`)."""
+        """One run per method, a refined method once per step count (its records carry `refine_steps`)."""
         runs: list[tuple[str, dict[str, Any]]] = []
         for name in self.methods:
-            if name == METAL_REFINE:
+            if name in REFINE_METHODS:
                 runs.extend((name, {"refine_steps": n}) for n in self.refine_steps)
             else:
                 runs.append((name, {}))
@@ -115,7 +115,7 @@ class EvaluationSettings:
             "methods": list(self.methods), "shots": self.shots, "queries": self.queries, "metric": self.metric,
             "num_demonstrations": self.num_demonstrations, "max_new_tokens": self.max_new_tokens,
         }
-        if METAL_REFINE in self.methods:
+        if any(name in REFINE_METHODS for name in self.methods):
             record.update(refine_steps=list(self.refine_steps), refine_lr=self.refine_lr)
         if self.baseline_methods:
             record["baseline"] = dataclasses.asdict(self.baseline)
