@@ -60,6 +60,10 @@ class TrainingArguments:
     # Read each query's tokens before its answer without gradient, so only the answer positions take the graded
     # pass: the same loss, a gradient cut to the answers' own attention to the prompt, and a cheaper episode.
     gradient_from_answers_only: bool = False
+    # A folder of refined prompts, one per train task (`peft-metal prompt-targets`), and the weight of the loss that
+    # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
+    prompt_targets: Optional[str] = None
+    prompt_target_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,7 +77,7 @@ class TrainingArguments:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:
             raise ValueError(f"text_stage_steps must be between 0 and max_steps ({self.max_steps}), got {self.text_stage_steps}.")
-        for name in ("distillation_weight", "option_distillation_weight"):
+        for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):
@@ -81,6 +85,16 @@ class TrainingArguments:
                 "gradient_from_answers_only keeps the student's logits at the answers only, but distillation needs them "
                 "at every query token (and option distillation over every option): set the distillation weights to 0 "
                 "or gradient_from_answers_only to false."
+            )
+        if (self.prompt_targets is None) != (self.prompt_target_weight == 0):
+            raise ValueError(
+                f"prompt_targets={self.prompt_targets!r} and prompt_target_weight={self.prompt_target_weight} go "
+                "together: give both (a folder from `peft-metal prompt-targets` and a weight > 0) or neither."
+            )
+        if self.prompt_targets is not None and self.symbol_label_rate > 0:
+            raise ValueError(
+                f"symbol_label_rate={self.symbol_label_rate} renames an episode's labels, which its task's prompt "
+                "target (refined on the real labels) does not know: set symbol_label_rate to 0 to use prompt_targets."
             )
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")

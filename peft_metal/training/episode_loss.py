@@ -1,5 +1,6 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
-plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher).
+plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher) and the distance of
+the prompt to its task's refined prompt (`prompt_targets`).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
 wrapper's forward, and the PGM's work happens inside this forward).
@@ -8,7 +9,7 @@ wrapper's forward, and the PGM's work happens inside this forward).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Optional
+from typing import ContextManager, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
 from .options import encode_options, option_distillation_loss, option_scores
+from .prompt_targets import prompt_target_loss
 
 
 class EpisodeLoss(nn.Module):
@@ -49,6 +51,8 @@ class EpisodeLoss(nn.Module):
         option_distillation_weight: float = 0.0,
         graded_attention: Optional[str] = None,
         gradient_from_answers_only: bool = False,
+        prompt_targets: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+        prompt_target_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -62,6 +66,9 @@ class EpisodeLoss(nn.Module):
         # The query tokens before the answers read without gradient (see `forward_with_prompt`).
         self.gradient_from_answers_only = gradient_from_answers_only
         self.reading_attention = current_attention_implementation(model.get_base_model())
+        # Refined prompts by task name (training/prompt_targets.py); episodes of other tasks (dev) have none.
+        self.prompt_targets = prompt_targets or {}
+        self.prompt_target_weight = prompt_target_weight
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -118,6 +125,9 @@ class EpisodeLoss(nn.Module):
                 reading_attention=self.reading_attention,
             )
         losses = {"lm_loss": outputs.loss}
+        target = self.prompt_targets.get(episode.task_name)
+        if target is not None:
+            losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
         if self.distillation_weight > 0 or options is not None:
             if shots_read is None:
                 shots_read = tuner.read_shots(xp_ids)
@@ -132,6 +142,7 @@ class EpisodeLoss(nn.Module):
             losses["lm_loss"]
             + self.distillation_weight * losses.get("distillation", 0.0)
             + self.option_distillation_weight * losses.get("option_distillation", 0.0)
+            + self.prompt_target_weight * losses.get("prompt_target", 0.0)
         )
         return losses
 
@@ -151,6 +162,9 @@ class EpisodeLoss(nn.Module):
         batch = QueryBatch(continuation, torch.ones_like(continuation), continuation)
         outputs = self.model(prompt=prompt, input_ids=continuation, labels=continuation)
         losses = {"lm_loss": outputs.loss}
+        target = self.prompt_targets.get(episode.task_name)
+        if target is not None:
+            losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
         if self.distillation_weight > 0:
             if shots_read is None:
                 shots_read = tuner.read_shots(prefix)

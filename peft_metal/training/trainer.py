@@ -30,6 +30,7 @@ from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
 from .checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from .episode_loss import EpisodeLoss
+from .prompt_targets import load_prompt_targets
 
 DEV_EVAL_SEED = 12345
 
@@ -104,6 +105,10 @@ def _run_facts(args: TrainingArguments, steps: int, num_processes: int) -> dict[
     }
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def episodes_seen(args: TrainingArguments, steps: int, num_processes: int = 1) -> int:
     """Episodes a PGM has been meta-trained on after `steps` optimizer steps of this run: every step takes
     `gradient_accumulation_steps` episodes on each process, on top of those of the PGM the run started from."""
@@ -175,13 +180,16 @@ class MetaTrainer:
                     f"are longer, so the run would have no dev loss; raise max_pgm_tokens or lower xp_range "
                     f"({list(args.xp_range)})"
                 )
+        prompt_targets = None
+        if args.prompt_targets is not None:
+            prompt_targets = load_prompt_targets(args.prompt_targets, [task.name for task in train_tasks], self.model.base_model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             EpisodeLoss(
                 self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded,
-                args.gradient_from_answers_only,
+                args.gradient_from_answers_only, prompt_targets, args.prompt_target_weight,
             ),
             optimizer,
             scheduler,
@@ -248,6 +256,7 @@ class MetaTrainer:
         self._started = started
         bar = tqdm(total=args.max_steps, initial=self.step, desc="meta-training", disable=not self.accelerator.is_local_main_process)
         running: list[float] = []
+        running_parts: dict[str, list[float]] = {}  # the loss's terms (lm_loss, distillation, prompt_target, ...)
         while self.step < args.max_steps:
             for _ in range(args.gradient_accumulation_steps):
                 with self.accelerator.accumulate(self.loss_module):
@@ -258,6 +267,9 @@ class MetaTrainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 running.append(losses["loss"].item())
+                for name, value in losses.items():
+                    if name != "loss":
+                        running_parts.setdefault(name, []).append(value.item())
             self.scheduler.step()
             self.step += 1
             episodes = (self.step - start_step) * args.gradient_accumulation_steps * self.accelerator.num_processes
@@ -267,7 +279,10 @@ class MetaTrainer:
             record: dict[str, Any] = {}
             if self.step % args.log_every == 0:
                 record.update(train_seconds=round(self._train_seconds(), 1))
-                record.update(loss=sum(running[-args.log_every * args.gradient_accumulation_steps :]) / len(running[-args.log_every * args.gradient_accumulation_steps :]), lr=self.scheduler.get_last_lr()[0], episodes_per_s=episodes_per_s, skipped_long=self.skipped_long)
+                window = args.log_every * args.gradient_accumulation_steps
+                record.update(loss=_mean(running[-window:]), lr=self.scheduler.get_last_lr()[0], episodes_per_s=episodes_per_s, skipped_long=self.skipped_long)
+                if len(running_parts) > 1:  # with more than one term, each one's mean too
+                    record.update({name: _mean(values[-window:]) for name, values in running_parts.items()})
             if self.dev_episodes and (self.step % args.eval_every == 0 or self.step == args.max_steps):
                 record["dev_loss"] = self.evaluate()
             if record:
