@@ -2,6 +2,7 @@
 
     python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
         [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
+        [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)]
         [--references benchmarks/results/precision_eval.json] [--name learning_curve]
 
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
@@ -71,7 +72,7 @@ def untrained_pgm(run: Path):
     return build_pgm(dataclasses.replace(args, init_from=None))
 
 
-def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) -> dict[str, Any]:
+def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path) -> dict[str, Any]:
     if pgm is None:
         model, tokenizer = untrained_pgm(run)
     else:
@@ -79,7 +80,7 @@ def score(pgm: Path | None, tasks, methods: list[str], queries: int, run: Path) 
         model = PeftModel.from_pretrained(lm, str(pgm))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
-    merged = evaluate_seeds(model, tokenizer, tasks, EvaluationSettings(methods, DEV_PANEL.shots, queries), DEV_PANEL.seeds, progress=False)
+    merged = evaluate_seeds(model, tokenizer, tasks, settings, DEV_PANEL.seeds, progress=False)
     return {"precision": precision, "summary": summary(merged), "records": merged}
 
 
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0)")
     parser.add_argument("--methods", default="metal,metal+demos")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
+    parser.add_argument("--refine-steps", default="10", help="the refined methods' step count(s), as peft-metal eval")
+    parser.add_argument("--refine-lr", type=float, default=1e-3, help="the refined methods' Adam learning rate")
     parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="learning_curve")
@@ -124,7 +127,9 @@ def main() -> None:
     report = json.loads(path.read_text()) if path.exists() else {"points": []}
     done = {(p["run"], p["step"]) for p in report["points"]}
     tasks = load_eval_tasks(names=list(DEV_PANEL.tasks))
-    methods = args.methods.split(",")
+    settings = EvaluationSettings(
+        args.methods, DEV_PANEL.shots, args.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
+    )
     wanted = [int(step) for step in args.checkpoints.split(",")] if args.checkpoints else None
     for run in args.run:
         points = checkpoints(run, wanted)
@@ -134,10 +139,9 @@ def main() -> None:
             if (str(run), step) in done:
                 continue
             print(f"scoring {run} step {step} ...", flush=True)
-            result = score(folder / "pgm" if folder is not None else None, tasks, methods, args.queries, run)
-            settings = run_settings(run)
+            result = score(folder / "pgm" if folder is not None else None, tasks, settings, run)
             seconds, processes = training_facts(folder)
-            episodes = episodes_seen(settings, step, processes)
+            episodes = episodes_seen(run_settings(run), step, processes)
             point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": seconds}
             report["points"].append({**point, **result})
             report["points"].sort(key=lambda p: (p["run"], p["step"]))
@@ -154,6 +158,8 @@ def main() -> None:
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         references=references,
     )
+    # columns as the evaluation report labels them (a refined method per step count: metal+refine@20)
+    methods = list(dict.fromkeys(label for point in report["points"] for label in point["summary"]))
     lines = [
         f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run; mean accuracy ± one standard error.",
         "",
