@@ -162,9 +162,6 @@ class EpisodeLoss(nn.Module):
         batch = QueryBatch(continuation, torch.ones_like(continuation), continuation)
         outputs = self.model(prompt=prompt, input_ids=continuation, labels=continuation)
         losses = {"lm_loss": outputs.loss}
-        target = self.prompt_targets.get(episode.task_name)
-        if target is not None:
-            losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
         if self.distillation_weight > 0:
             if shots_read is None:
                 shots_read = tuner.read_shots(prefix)
