@@ -1,0 +1,88 @@
+"""One method against others on the same tasks, paired by task: is a difference of means larger than its noise?
+
+    python benchmarks/paired_difference.py \
+        benchmarks/results/dev_panel_refine_lr1e-2.json=metal+refine@20 \
+        benchmarks/results/precision_eval.json:runs.bf16=icl benchmarks/results/dev_panel_p_tuning.json=p_tuning \
+        [--name paired_difference]
+
+Each argument is `FILE[:KEY.PATH]=LABEL`: an evaluation results file (`peft-metal eval --output`, or a benchmark's
+JSON, where `KEY.PATH` leads to the object holding its records) and a method's column label (`metal+refine@20`). The
+first is compared with each of the others. Two runs of the panel with the same seeds score the same questions, so the
+per-task differences carry the shared draw once: their mean and its standard error across tasks (sd / sqrt(tasks))
+say more than two means, each ± its own error, side by side. Writes `<name>.json` and `.md` under benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from report import provenance, write_report  # benchmarks/report.py
+
+from peft_metal.evaluation.report import method_label
+
+
+def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """The label, its score per task, and the run's settings (tasks, seeds, queries) from `FILE[:KEY.PATH]=LABEL`."""
+    source, _, label = argument.rpartition("=")
+    if not source or not label:
+        raise SystemExit(f"{argument!r}: expected FILE[:KEY.PATH]=LABEL, e.g. results.json=metal+refine@20.")
+    path, _, key_path = source.partition(":")
+    data = json.loads(Path(path).read_text())
+    for key in filter(None, key_path.split(".")):
+        data = data[key]
+    records = data.get("results") or data.get("records") or []
+    scores = {record["task"]: record["score"] for record in records if method_label(record) == label and "error" not in record}
+    if not scores:
+        labels = sorted({method_label(record) for record in records})
+        raise SystemExit(f"{source} has no records labelled {label!r}; it has {labels}.")
+    settings = data.get("settings", {})
+    return label, scores, {"file": source, "seeds": settings.get("seeds"), "queries": settings.get("queries")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="FILE[:KEY.PATH]=LABEL; the first against each of the others")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="paired_difference")
+    args = parser.parse_args()
+    if len(args.runs) < 2:
+        parser.error("give at least two runs: the first is compared with each of the others.")
+
+    label, scores, source = records_of(args.runs[0])
+    comparisons = []
+    for argument in args.runs[1:]:
+        other_label, other, other_source = records_of(argument)
+        tasks = sorted(set(scores) & set(other))
+        missing = sorted(set(scores) ^ set(other))
+        if missing:
+            raise SystemExit(f"{label} and {other_label} were not run on the same tasks: {missing} only in one.")
+        differences = [scores[task] - other[task] for task in tasks]
+        comparisons.append({
+            "against": other_label, "source": other_source, "tasks": len(tasks),
+            "mean": statistics.mean(differences), "se": statistics.stdev(differences) / math.sqrt(len(differences)),
+            "wins": sum(d > 0 for d in differences), "ties": sum(d == 0 for d in differences),
+            "losses": sum(d < 0 for d in differences), "per_task": dict(zip(tasks, differences)),
+        })
+    report = {**provenance(), "method": label, "source": source, "comparisons": comparisons}
+    lines = [
+        f"{label} against each method on the same tasks and questions: the mean per-task difference ± its standard "
+        "error across tasks, and the tasks it wins, ties and loses.",
+        "",
+        f"| {label} (`{Path(source['file'].split(':')[0]).name}`) minus | tasks | difference | wins / ties / losses |",
+        "|---|---|---|---|",
+    ]
+    for row in comparisons:
+        lines.append(
+            f"| {row['against']} (`{Path(row['source']['file'].split(':')[0]).name}`) | {row['tasks']} | {row['mean']:+.3f} ± {row['se']:.3f} | "
+            f"{row['wins']} / {row['ties']} / {row['losses']} |"
+        )
+    write_report(args.output, args.name, report, lines)
+
+
+if __name__ == "__main__":
+    main()
