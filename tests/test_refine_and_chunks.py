@@ -7,7 +7,8 @@ import torch
 from conftest import DESIGNS, SHOTS, K, make_pgm
 
 from peft_metal import GeneratedPrompt
-from peft_metal.metal_prompt.queries import encode_queries
+from peft_metal.metal_prompt.queries import answer_tokens, encode_queries, split_by_tokens
+from peft_metal.metal_prompt.refine import refine
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,33 @@ def test_refinement_rejects_bad_settings(tok):
         model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2, lr=0)
     with pytest.raises(ValueError, match="No shots"):
         model.refine_prompt(prompt, [], tokenizer=tok)
+
+
+def test_a_minibatch_read_in_pieces_is_the_same_step(tok):
+    """Long shots are refined in pieces of at most max_batch_tokens (gradients summed by answer share): the same
+    prompt as one pass over the minibatch, with the memory of the largest piece."""
+    shots = [("a b c d e f g h i j k", "x y z"), ("m", "n"), ("o p", "q"), ("r s t u", "v w")]
+    batch = encode_queries(shots, tok, make_pgm("llama", "prefix").base_model.template, torch.device("cpu"))
+    budget = batch.input_ids.shape[1]  # the long row's length: it goes alone, the short rows share pieces
+    pieces = split_by_tokens(batch, budget)
+    assert pieces[0].input_ids.shape[0] == 1 and 2 <= len(pieces) < 4
+    assert all(piece.input_ids.numel() <= budget for piece in pieces)
+    assert all(piece.attention_mask[:, 0].any() for piece in pieces)  # trimmed: no column of padding only
+    rows = [row[mask.bool()] for piece in pieces for row, mask in zip(piece.input_ids, piece.attention_mask)]
+    assert all(torch.equal(row, original[mask.bool()]) for row, original, mask in zip(rows, batch.input_ids, batch.attention_mask))
+    assert sum(answer_tokens(piece) for piece in pieces) == answer_tokens(batch)
+    assert [piece.input_ids.shape[0] for piece in split_by_tokens(batch, 1)] == [1, 1, 1, 1]
+
+    model = make_pgm("llama", "prefix")
+    with torch.no_grad():
+        prompt = model.generate_prompt(shots, tokenizer=tok)
+    template = model.base_model.template
+    with model.base_model._lora(False):
+        whole = refine(model.get_base_model(), prompt, shots, tok, template, steps=3, lr=5e-2, batch_size=4, max_batch_tokens=10_000)
+        in_rows = refine(model.get_base_model(), prompt, shots, tok, template, steps=3, lr=5e-2, batch_size=4, max_batch_tokens=1)
+    assert not torch.allclose(whole.keys, prompt.keys)
+    torch.testing.assert_close(in_rows.keys, whole.keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(in_rows.values, whole.values, atol=1e-5, rtol=1e-4)
 
 
 def many_shots(n: int) -> list[tuple[str, str]]:

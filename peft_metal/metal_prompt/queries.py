@@ -36,3 +36,23 @@ def encode_queries(
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     label_ids = torch.tensor([[-100] * (width - len(row)) + row for row in labels], device=device)
     return QueryBatch(input_ids, attention_mask, label_ids)
+
+
+def answer_tokens(batch: QueryBatch) -> int:
+    """The labelled positions a causal LM loss averages over (each label is predicted from the position before)."""
+    return int((batch.labels[:, 1:] != -100).sum())
+
+
+def split_by_tokens(batch: QueryBatch, max_tokens: int) -> list[QueryBatch]:
+    """The rows in consecutive groups whose padded size (rows x longest row) stays within `max_tokens` (at least one
+    row each), each trimmed to its own longest row: the same rows, read in pieces that bound a graded pass's memory."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    pieces, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while end < len(lengths) and (end + 1 - start) * max(lengths[start : end + 1]) <= max_tokens:
+            end += 1
+        width = max(lengths[start:end])
+        pieces.append(QueryBatch(*(t[start:end, -width:] for t in (batch.input_ids, batch.attention_mask, batch.labels))))
+        start = end
+    return pieces
