@@ -94,8 +94,8 @@ def _prompt_targets(args: argparse.Namespace) -> int:
     from .training.trainer import load_split_tasks
 
     try:
-        tasks = load_split_tasks("train", args.tasks.split(",") if args.tasks else None)
         settings = TargetSettings(args.pgm, args.shots, args.steps, args.lr, args.batch_size, args.seed)
+        tasks = load_split_tasks("train", args.tasks.split(",") if args.tasks else None)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"peft-metal prompt-targets: error: {error}", file=sys.stderr)
         return 2

@@ -111,3 +111,11 @@ def test_settings_that_cannot_go_together_are_refused_before_training(tmp_path):
 def test_cli_refuses_tasks_outside_the_train_split(capsys):
     assert main(["prompt-targets", "--pgm", "x", "--output", "y", "--tasks", "snarks"]) == 2
     assert "snarks" in capsys.readouterr().err
+
+
+def test_bad_target_settings_are_refused_before_a_folder_records_them(tmp_path, capsys):
+    with pytest.raises(ValueError, match="lr > 0"):
+        TargetSettings(pgm="tiny", lr=0.0)
+    arguments = ["prompt-targets", "--pgm", "x", "--output", str(tmp_path / "t"), "--tasks", "anachronisms", "--steps", "-1"]
+    assert main(arguments) == 2
+    assert "steps >= 0" in capsys.readouterr().err and not (tmp_path / "t").exists()

@@ -39,6 +39,14 @@ class TargetSettings:
     batch_size: int = 8
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # checked before a folder records them: a bad value must not leave a manifest that refuses the corrected one
+        if self.shots < 1 or self.steps < 0 or not self.lr > 0 or self.batch_size < 1:
+            raise ValueError(
+                f"prompt targets need shots >= 1, steps >= 0, lr > 0 and batch_size >= 1 (got shots={self.shots}, "
+                f"steps={self.steps}, lr={self.lr}, batch_size={self.batch_size})."
+            )
+
 
 def target_path(directory: str | os.PathLike, task_name: str) -> Path:
     """Where a task's target lives: one safetensors prompt file per task (`family/subtask` -> `family__subtask`)."""
