@@ -41,7 +41,7 @@ def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
         labels = sorted({method_label(record) for record in records})
         raise SystemExit(f"{source} has no records labelled {label!r}; it has {labels}.")
     settings = data.get("settings", {})
-    return label, scores, {"file": source, "seeds": settings.get("seeds"), "queries": settings.get("queries")}
+    return label, scores, {"file": source, "name": Path(path).name, "seeds": settings.get("seeds"), "queries": settings.get("queries")}
 
 
 def main() -> None:
@@ -73,12 +73,12 @@ def main() -> None:
         f"{label} against each method on the same tasks and questions: the mean per-task difference ± its standard "
         "error across tasks, and the tasks it wins, ties and loses.",
         "",
-        f"| {label} (`{Path(source['file'].split(':')[0]).name}`) minus | tasks | difference | wins / ties / losses |",
+        f"| {label} (`{source['name']}`) minus | tasks | difference | wins / ties / losses |",
         "|---|---|---|---|",
     ]
     for row in comparisons:
         lines.append(
-            f"| {row['against']} (`{Path(row['source']['file'].split(':')[0]).name}`) | {row['tasks']} | {row['mean']:+.3f} ± {row['se']:.3f} | "
+            f"| {row['against']} (`{row['source']['name']}`) | {row['tasks']} | {row['mean']:+.3f} ± {row['se']:.3f} | "
             f"{row['wins']} / {row['ties']} / {row['losses']} |"
         )
     write_report(args.output, args.name, report, lines)
