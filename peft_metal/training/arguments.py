@@ -64,6 +64,9 @@ class TrainingArguments:
     # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
     prompt_targets: Optional[str] = None
     prompt_target_weight: float = 0.0
+    # The weight of the loss on XP's own answers: the LM, after the prompt made from XP, answers XP's inputs. It is
+    # what refinement minimizes (prompt tuning on the shots), asked of the one pass on every episode and every task.
+    shot_answers_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,7 +80,7 @@ class TrainingArguments:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:
             raise ValueError(f"text_stage_steps must be between 0 and max_steps ({self.max_steps}), got {self.text_stage_steps}.")
-        for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight"):
+        for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):

@@ -1,6 +1,7 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
-plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher) and the distance of
-the prompt to its task's refined prompt (`prompt_targets`).
+plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher), the distance of
+the prompt to its task's refined prompt (`prompt_targets`) and the same cross-entropy on XP's own answers (what
+refinement minimizes).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
 wrapper's forward, and the PGM's work happens inside this forward).
@@ -53,6 +54,7 @@ class EpisodeLoss(nn.Module):
         gradient_from_answers_only: bool = False,
         prompt_targets: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
         prompt_target_weight: float = 0.0,
+        shot_answers_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -69,6 +71,7 @@ class EpisodeLoss(nn.Module):
         # Refined prompts by task name (training/prompt_targets.py); episodes of other tasks (dev) have none.
         self.prompt_targets = prompt_targets or {}
         self.prompt_target_weight = prompt_target_weight
+        self.shot_answers_weight = shot_answers_weight
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -124,7 +127,9 @@ class EpisodeLoss(nn.Module):
                 gradient_from_answers_only=self.gradient_from_answers_only,
                 reading_attention=self.reading_attention,
             )
-        losses = {"lm_loss": outputs.loss}
+            losses = {"lm_loss": outputs.loss}
+            if self.shot_answers_weight > 0:
+                losses["shot_answers"] = self._shot_answers_loss(prompt, episode, device)
         target = self.prompt_targets.get(episode.task_name)
         if target is not None:
             losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
@@ -143,8 +148,22 @@ class EpisodeLoss(nn.Module):
             + self.distillation_weight * losses.get("distillation", 0.0)
             + self.option_distillation_weight * losses.get("option_distillation", 0.0)
             + self.prompt_target_weight * losses.get("prompt_target", 0.0)
+            + self.shot_answers_weight * losses.get("shot_answers", 0.0)
         )
         return losses
+
+    def _shot_answers_loss(self, prompt, episode: Episode, device: torch.device) -> torch.Tensor:
+        """-log P_LM(y | prompt(XP), XL, x) over XP's own pairs (x, y), read as the queries are."""
+        own = encode_queries([example.as_shot() for example in episode.xp], self.tokenizer, self.template, device)
+        return self.model(
+            prompt=prompt,
+            input_ids=own.input_ids,
+            attention_mask=own.attention_mask,
+            labels=own.labels,
+            only_labelled_logits=True,
+            gradient_from_answers_only=self.gradient_from_answers_only,
+            reading_attention=self.reading_attention,
+        ).loss
 
     def _text_forward(self, episode: TextEpisode) -> dict[str, torch.Tensor]:
         """The generic-text stage: the prompt made from the text's first part, the LM predicting the rest after it

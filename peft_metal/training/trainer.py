@@ -189,7 +189,7 @@ class MetaTrainer:
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             EpisodeLoss(
                 self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded,
-                args.gradient_from_answers_only, prompt_targets, args.prompt_target_weight,
+                args.gradient_from_answers_only, prompt_targets, args.prompt_target_weight, args.shot_answers_weight,
             ),
             optimizer,
             scheduler,
