@@ -64,8 +64,9 @@ class TrainingArguments:
     # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
     prompt_targets: Optional[str] = None
     prompt_target_weight: float = 0.0
-    # The weight of the loss on XP's own answers: the LM, after the prompt made from XP, answers XP's inputs. It is
-    # what refinement minimizes (prompt tuning on the shots), asked of the one pass on every episode and every task.
+    # The weight of the loss on XP's own answers: the LM, after the prompt made from XP, answers XP's inputs (as many
+    # as the episode has queries). It is what refinement minimizes (prompt tuning on the shots), asked of the one pass
+    # on every episode and every task.
     shot_answers_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
