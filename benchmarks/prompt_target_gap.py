@@ -131,22 +131,10 @@ def main() -> None:
         f"Train tasks with prompt targets (`{args.targets}`: {settings}), each scored on {args.queries} examples "
         f"besides its target's shots; {precision} frozen weights."
     )
-    report = {
-        **provenance(),
-        "targets": str(args.targets),
-        "settings": settings,
-        "summary": summary(records),
-        "records": records,
-    }
-    lines = [
-        caption,
-        "",
-        markdown_table(records),
-        "",
-        "| prompt | mean distance to the target |",
-        "|---|---|",
-        *distances,
-    ]
+    report = {**provenance(), "targets": str(args.targets), "settings": settings, "summary": summary(records)}
+    report["records"] = records
+    table = ["| prompt | mean distance to the target |", "|---|---|", *distances]
+    lines = [caption, "", markdown_table(records), "", *table]
     write_report(args.output, args.name, report, lines)
 
 
