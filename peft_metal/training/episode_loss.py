@@ -154,8 +154,9 @@ class EpisodeLoss(nn.Module):
 
     def _shot_answers_loss(self, prompt, episode: Episode, device: torch.device) -> torch.Tensor:
         """-log P_LM(y | prompt(XP), XL, x) over XP's own pairs (x, y), read as the queries are: as many pairs as the
-        episode has queries (XP's order is already random), so the term costs what the queries cost, not up to four
-        times as much (all 16 pairs, each row padded to the longest, made an episode five times slower)."""
+        episode has queries (XP's order is already random), so the term costs about what the queries cost: all of XP's
+        pairs (up to 16 rows, each padded to the longest) made a step of 4 episodes take some 30 s on this CPU's two
+        processes, against 6 to 9 s without the term (the two runs' logs)."""
         pairs = [example.as_shot() for example in episode.xp[: len(episode.queries)]]
         own = encode_queries(pairs, self.tokenizer, self.template, device)
         return self.model(
