@@ -36,7 +36,7 @@ from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.prompt import GeneratedPrompt
 from peft_metal.precision import cast_frozen_weights
-from peft_metal.training.prompt_targets import MANIFEST, prompt_target_loss, target_path
+from peft_metal.training.prompt_targets import MANIFEST, load_prompt_targets, prompt_target_loss, target_path
 
 
 def draws_of(task, shots: int, queries: int, seed: int):
@@ -101,14 +101,13 @@ def main() -> None:
                         other, tokenizer=tokenizer, chunk_size="auto"
                     )
     parts = ModelParts.from_model(model)
+    # the tensors meta-training reads them as, checked against the PGM (design, K, base model)
+    targets = load_prompt_targets(args.targets, [task.name for task in tasks], model.base_model)
     records = []
     with parts.lora_off(), torch.no_grad():
         for task in tasks:
             target_prompt = GeneratedPrompt.load(target_path(args.targets, task.name))
-            target = {
-                key: tensor.float()
-                for key, tensor in get_design(target_prompt.design).tunable_payload(target_prompt, lm).items()
-            }
+            target = targets[task.name]
             first = one_passes[task.name][0]
             prompts = [(f"one pass: {pgm}", prompt) for pgm, prompt in zip(args.pgm, one_passes[task.name])]
             prompts.append((f"one pass from another draw of shots: {args.pgm[0]}", other_draws[task.name]))

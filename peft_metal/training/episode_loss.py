@@ -116,16 +116,12 @@ class EpisodeLoss(nn.Module):
                     episode.queries, self.tokenizer, self.template, device,
                     self._option_row_bytes(max(prompt.context_length, len(xp_ids) + len(xl_ids)) + batch.input_ids.shape[1]),
                 )
-            outputs = self.model(
-                prompt=prompt,
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=batch.labels,
+            outputs = self._answer(
+                prompt,
+                batch,
                 use_cache=options is not None,
                 # Without distillation only the answers' logits are needed.
                 only_labelled_logits=self.distillation_weight == 0 and options is None,
-                gradient_from_answers_only=self.gradient_from_answers_only,
-                reading_attention=self.reading_attention,
             )
             losses = {"lm_loss": outputs.loss}
             if self.shot_answers_weight > 0:
@@ -158,16 +154,20 @@ class EpisodeLoss(nn.Module):
         pairs (up to 16 rows, each padded to the longest) made a step of 4 episodes take some 30 s on this CPU's two
         processes, against 6 to 9 s without the term (the two runs' logs)."""
         pairs = [example.as_shot() for example in episode.xp[: len(episode.queries)]]
-        own = encode_queries(pairs, self.tokenizer, self.template, device)
+        return self._answer(prompt, encode_queries(pairs, self.tokenizer, self.template, device)).loss
+
+    def _answer(self, prompt, batch: QueryBatch, use_cache: bool = False, only_labelled_logits: bool = True):
+        """The LM reading `batch` (queries and their answers) after `prompt`, scored on the answers."""
         return self.model(
             prompt=prompt,
-            input_ids=own.input_ids,
-            attention_mask=own.attention_mask,
-            labels=own.labels,
-            only_labelled_logits=True,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            use_cache=use_cache,
+            only_labelled_logits=only_labelled_logits,
             gradient_from_answers_only=self.gradient_from_answers_only,
             reading_attention=self.reading_attention,
-        ).loss
+        )
 
     def _text_forward(self, episode: TextEpisode) -> dict[str, torch.Tensor]:
         """The generic-text stage: the prompt made from the text's first part, the LM predicting the rest after it

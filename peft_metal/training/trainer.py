@@ -188,8 +188,16 @@ class MetaTrainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             EpisodeLoss(
-                self.model, tokenizer, args.distillation_weight, args.chunk_size, args.option_distillation_weight, graded,
-                args.gradient_from_answers_only, prompt_targets, args.prompt_target_weight, args.shot_answers_weight,
+                self.model,
+                tokenizer,
+                distillation_weight=args.distillation_weight,
+                chunk_size=args.chunk_size,
+                option_distillation_weight=args.option_distillation_weight,
+                graded_attention=graded,
+                gradient_from_answers_only=args.gradient_from_answers_only,
+                prompt_targets=prompt_targets,
+                prompt_target_weight=args.prompt_target_weight,
+                shot_answers_weight=args.shot_answers_weight,
             ),
             optimizer,
             scheduler,
