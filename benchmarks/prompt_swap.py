@@ -4,10 +4,13 @@ and again from the shots of the next panel task (a fixed rotation), same queries
     python benchmarks/prompt_swap.py --pgm pgms/smollm2-compressed-ce-answers [--queries 25] [--name prompt_swap]
     python benchmarks/prompt_swap.py --methods icl --name prompt_swap_icl   # the same question asked of ICL-16
     python benchmarks/prompt_swap.py --pgm PGM --tasks a,b,c   # other tasks than the panel's (train or dev ones)
+    python benchmarks/prompt_swap.py --pgm PGM --symbol-labels --tasks a,b,c   # their labels renamed to arbitrary words
 
 If the swapped prompt scores as the own one, the PGM writes one generic prompt whatever the shots say, and its margin
 over zero-shot is not the task's. Asked of `icl` (demonstrations from the other task), it says how much of ICL's own
-margin is the task's and how much is the format any shots show. Writes `<name>.json` and `.md` under
+margin is the task's and how much is the format any shots show. With `--symbol-labels` (classification tasks only)
+each task's labels are renamed to arbitrary words, one renaming per task (`task_with_symbol_labels`), so only the
+shots tell the answers' names and what goes with what: whether the prompt carries them. Writes `<name>.json` and `.md` under
 benchmarks/results.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from report import write_records_report  # benchmarks/report.py: the JSON + mark
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
+from peft_metal.data.episodes import task_with_symbol_labels
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--tasks", help="comma-separated train or dev tasks instead of the dev panel's")
+    parser.add_argument("--symbol-labels", action="store_true", help="rename each task's labels to arbitrary words")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="prompt_swap")
     args = parser.parse_args()
@@ -79,6 +85,9 @@ def main() -> None:
     precision = cast_frozen_weights(model, "auto")
     tasks = load_eval_tasks(args.tasks.split(",") if args.tasks else list(DEV_PANEL.tasks))
     where = "the tasks given" if args.tasks else "the dev panel"
+    if args.symbol_labels:  # seeded by the task's name, so every PGM and method meets the same renaming
+        tasks = [task_with_symbol_labels(task, random.Random(task.name)) for task in tasks]
+        where += ", each task's labels renamed to arbitrary words"
     records = panel_records(model, tokenizer, tasks, args.queries, methods)
     caption = (
         f"{', '.join(f'`{method}`' for method in methods)} on {where} ({len(tasks)} tasks, {args.queries} queries "

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from peft_metal.data import Episode, EpisodeSampler, Example, Task
-from peft_metal.data.episodes import SYMBOL_LABELS, has_fixed_labels
+from peft_metal.data.episodes import SYMBOL_LABELS, has_fixed_labels, task_with_symbol_labels
 
 
 def make_task(name, num_examples):
@@ -137,6 +137,24 @@ def test_symbol_labels_rename_every_label_the_same_way_in_shots_and_queries():
             assert mapping[before.output] == after.output
         assert len(set(mapping.values())) == len(mapping) == 3
     assert renamed_any
+
+
+def test_a_task_with_symbol_labels_renames_every_example_the_same_way():
+    import random
+
+    sentiment = labelled_task("sentiment", labels=("positive", "negative", "neutral"))
+    renamed = task_with_symbol_labels(sentiment, random.Random("sentiment"))
+    mapping = {}
+    for before, after in zip(sentiment.examples, renamed.examples, strict=True):
+        assert after.input == before.input and after.output in SYMBOL_LABELS
+        for old, new in zip(before.options, after.options):
+            assert mapping.setdefault(old, new) == new
+        assert mapping[before.output] == after.output
+    assert len(set(mapping.values())) == 3 and renamed.name == "sentiment"
+    assert task_with_symbol_labels(sentiment, random.Random("sentiment")) == renamed  # seeded: the same renaming
+    quiz = Task("quiz", [Example(f"q{i}", "a", options=("a", f"b{i}")) for i in range(30)])
+    with pytest.raises(ValueError, match="quiz is not a classification task"):
+        task_with_symbol_labels(quiz, random.Random(0))
 
 
 def test_symbol_label_rate_renames_that_share_and_zero_keeps_the_old_stream():

@@ -58,6 +58,7 @@ def pgm_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
         ("discrete", "padding", 0.0, {}),
         ("prefix", "padding", 1.0, {}),
         ("prefix", "padding", 0.0, {"gradient_from_answers_only": True}),
+        ("prefix", "padding", 0.0, {"padding_learning_rate": 0.1}),
     ],
 )
 def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weight, extra):
@@ -165,6 +166,28 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
     )
     with pytest.raises(ValueError, match="prompt_design: saved 'prefix', settings 'discrete'"):
         _saved_pgm(make_lm("llama"), wrong)
+
+
+def test_padding_learning_rate_gives_the_padding_a_group_of_its_own(tmp_path):
+    trainer = make_trainer(tmp_path, "prefix", scope="padding", padding_learning_rate=0.5)
+    lora, padding = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {names[id(p)] for p in padding["params"]} == {n for n in names.values() if "metal_padding" in n}
+    assert {names[id(p)] for p in lora["params"]} == {n for n in names.values() if "metal_padding" not in n}
+    assert (lora["initial_lr"], padding["initial_lr"]) == (1e-2, 0.5)
+    [group] = make_trainer(tmp_path / "default", "prefix", scope="padding").optimizer.param_groups
+    assert len(group["params"]) == len(names)
+
+
+def test_padding_learning_rate_must_be_positive():
+    with pytest.raises(ValueError, match="padding_learning_rate must be positive"):
+        TrainingArguments(padding_learning_rate=0.0)
+
+
+def test_resume_refuses_a_checkpoint_with_other_optimizer_groups(tmp_path):
+    make_trainer(tmp_path, "prefix", scope="padding").train(stop_after=2)
+    with pytest.raises(ValueError, match="padding_learning_rate is set in one and not the other"):
+        make_trainer(tmp_path, "prefix", scope="padding", padding_learning_rate=0.5).train(resume=True)
 
 
 @pytest.mark.parametrize(("setting", "saved", "other"), [("lora_scope", "all", "padding"), ("prompt_design", "prefix", "discrete")])

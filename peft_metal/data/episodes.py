@@ -207,3 +207,15 @@ def with_symbol_labels(episode: Episode, rng: random.Random) -> Episode:
         xl=[rename(e) for e in episode.xl],
         queries=[rename(e) for e in episode.queries],
     )
+
+
+def task_with_symbol_labels(task: Task, rng: random.Random) -> Task:
+    """`task` with its labels renamed as a symbol-label episode renames them, one renaming for every example: a task
+    whose answers only its shots can tell, to measure whether a prompt carries what they show."""
+    if not has_fixed_labels(task):
+        raise ValueError(
+            f"{task.name} is not a classification task with one fixed set of 2 to {MAX_SYMBOL_LABELS} labels that its "
+            "inputs do not list, so its labels cannot be renamed; pick such a task."
+        )
+    renamed = with_symbol_labels(Episode(task.name, xp=[], xl=[], queries=list(task.examples)), rng)
+    return replace(task, examples=renamed.queries)

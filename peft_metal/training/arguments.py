@@ -28,6 +28,9 @@ class TrainingArguments:
     target_modules: Optional[list[str]] = None
     max_steps: int = 1000
     learning_rate: float = 1e-3
+    # The padding's own rate (default: learning_rate). Input embeddings trained as prompts (prompt tuning, P-tuning)
+    # are usually given far larger rates than LoRA weights.
+    padding_learning_rate: Optional[float] = None
     weight_decay: float = 0.0
     warmup_steps: int = 50
     gradient_accumulation_steps: int = 4
@@ -77,6 +80,8 @@ class TrainingArguments:
         for name in ("max_steps", "gradient_accumulation_steps", "num_queries", "checkpoint_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.padding_learning_rate is not None and not self.padding_learning_rate > 0:
+            raise ValueError(f"padding_learning_rate must be positive (or null: learning_rate), got {self.padding_learning_rate}.")
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:

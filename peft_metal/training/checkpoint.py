@@ -124,6 +124,12 @@ def load_checkpoint(
     tensors = load_file(directory / "state.safetensors")
     weights = load_file(directory / "pgm" / "adapter_model.safetensors")
     _load_pgm_weights(model, weights)
+    saved_groups = len(meta["optimizer"]["param_groups"])
+    if saved_groups != len(optimizer.param_groups):
+        raise ValueError(
+            f"Checkpoint {directory} has {saved_groups} optimizer group(s), this run {len(optimizer.param_groups)}: "
+            "padding_learning_rate is set in one and not the other. Resume with the settings the run was started with."
+        )
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     if process_index == 0:

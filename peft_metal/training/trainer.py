@@ -25,6 +25,7 @@ from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
 from ..data.text import TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
+from ..metal_prompt.model import PADDING_ATTRIBUTE
 from ..pgm import attach_pgm, check_pgm_folder
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
@@ -89,6 +90,17 @@ def _saved_pgm(lm, args: TrainingArguments):
             "has them (a baked PGM has padding_reparameterization 'none'), or start from a fresh PGM."
         )
     return attach_pgm(lm, args.init_from, is_trainable=True)
+
+
+def parameter_groups(model, padding_learning_rate: Optional[float]) -> list[dict[str, Any]]:
+    """The optimizer's groups: every trainable parameter at the run's rate, or, with `padding_learning_rate`, the
+    padding in a group of its own at that rate (LoRA first, so a group's index says what it holds)."""
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if padding_learning_rate is None:
+        return [{"params": [parameter for _, parameter in trainable]}]
+    padding = [parameter for name, parameter in trainable if PADDING_ATTRIBUTE in name]
+    rest = [parameter for name, parameter in trainable if PADDING_ATTRIBUTE not in name]
+    return [{"params": rest}, {"params": padding, "lr": padding_learning_rate}]
 
 
 def _run_facts(args: TrainingArguments, steps: int, num_processes: int) -> dict[str, Any]:
@@ -183,8 +195,9 @@ class MetaTrainer:
         prompt_targets = None
         if args.prompt_targets is not None:
             prompt_targets = load_prompt_targets(args.prompt_targets, [task.name for task in train_tasks], self.model.base_model)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, args.padding_learning_rate), lr=args.learning_rate, weight_decay=args.weight_decay
+        )
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
         self.loss_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             EpisodeLoss(
