@@ -24,7 +24,15 @@ from peft_metal.evaluation import (
 from peft_metal.evaluation.baselines import BASELINE_METHODS, baseline_context, right_padded
 from peft_metal.evaluation.methods import encode, option_ids, query_input
 from peft_metal.evaluation.settings import EvaluationSettings
-from peft_metal.inference import ModelParts, Sampling, empty_context, extend_context, generate, score_options
+from peft_metal.inference import (
+    ModelParts,
+    Sampling,
+    empty_context,
+    extend_context,
+    generate,
+    prompt_context,
+    score_options,
+)
 from peft_metal.metal_prompt.queries import encode_queries
 
 # PEFT's own prefix tuning (peft 0.21) still hands the model `past_key_values`; only peft-metal's calls must not.
@@ -219,6 +227,17 @@ def test_demos_refine_keeps_the_demonstrations_and_tunes_only_the_prompt(parts, 
     moved = prepare_method("metal+demos+refine", parts, tok, SHOTS, num_demonstrations=1, refine_steps=2, refine_lr=1e-1)
     assert moved.info == {"refine_steps": 2} and moved.context_tokens == demos.context_tokens
     assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
+    # refined on the shots the PGM read, not on the demonstration the context already holds
+    pairs = [example.as_shot() for example in SHOTS]
+    with torch.no_grad():
+        generated = parts.tuner.generate_prompt(pairs, tokenizer=tok, num_demonstrations=1)
+    with torch.enable_grad():
+        expected = parts.tuner.refine_prompt(generated, pairs[:-1], tok, steps=2, lr=1e-1, seed=0)
+    query_ids = encode(tok, parts.template.format_query(QUERY.input))
+    torch.testing.assert_close(
+        extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits,
+        extend_context(parts.lm, prompt_context(parts.lm, expected), query_ids).last_logits,
+    )
     assert resolve_methods("metal+demos+refine") == ["metal+demos+refine"]
     settings = EvaluationSettings(methods="metal+demos+refine", shots=3, queries=1, num_demonstrations=1, refine_steps="0,2")
     assert settings.runs == [("metal+demos+refine", {"refine_steps": 0}), ("metal+demos+refine", {"refine_steps": 2})]
