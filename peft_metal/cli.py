@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--queries", type=int, help="queries per task and seed (default 50; dev-panel: 25)")
     evaluation.add_argument(
         "--methods", default="zero_shot,icl,metal",
-        help="comma-separated: zero_shot, icl, metal, metal+demos, metal+refine, metal+demos+refine, prompt_tuning, "
+        help="comma-separated: zero_shot, icl, demos, metal, metal+demos, metal+refine, metal+demos+refine, prompt_tuning, "
         "p_tuning, prefix_tuning",
     )
     evaluation.add_argument(
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights of the frozen LM: auto = bf16 on a CPU with AMX / AVX512-BF16 or a bf16 GPU, else fp32",
     )
     evaluation.add_argument(
-        "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos(+refine) keeps as demonstrations (default 4)"
+        "--num-demonstrations", type=int, default=4, help="d, the shots metal+demos(+refine) keeps as demonstrations and demos shows alone (default 4)"
     )
     evaluation.add_argument(
         "--refine-steps", default="10",

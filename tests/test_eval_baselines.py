@@ -217,6 +217,19 @@ def test_refine_with_zero_steps_reads_like_metal(parts, tok):
     assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
 
 
+def test_demos_alone_is_the_demonstrations_metal_demos_keeps(parts, tok):
+    """`demos`: the last d shots as plain demonstrations, the context `metal+demos` has after its prompt."""
+    alone = prepare_method("demos", parts, tok, SHOTS, num_demonstrations=1)
+    with_prompt = prepare_method("metal+demos", parts, tok, SHOTS, num_demonstrations=1)
+    kept = encode(tok, parts.template.format_shots([SHOTS[-1].as_shot()]))
+    assert alone.context_tokens == len(kept) == with_prompt.context_tokens - K
+    torch.testing.assert_close(alone.context.last_logits, extend_context(parts.lm, empty_context(), kept).last_logits)
+    everything = prepare_method("icl", parts, tok, SHOTS)
+    assert everything.context_tokens > alone.context_tokens
+    with pytest.raises(ValueError, match="'demos' keeps the last num_demonstrations=3"):
+        EvaluationSettings(methods="demos", shots=3, queries=1, num_demonstrations=3)
+
+
 def test_demos_refine_keeps_the_demonstrations_and_tunes_only_the_prompt(parts, tok):
     """metal+demos+refine: the metal+demos context at 0 steps; with steps the prompt moves, the demonstrations stay."""
     demos = prepare_method("metal+demos", parts, tok, SHOTS, num_demonstrations=1)

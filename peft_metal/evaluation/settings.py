@@ -87,7 +87,8 @@ class EvaluationSettings:
             if self.num_demonstrations >= self.shots:
                 raise ValueError(
                     f"{name!r} keeps the last num_demonstrations={self.num_demonstrations} of the {self.shots} "
-                    "shots as demonstrations and gives the rest to the PGM: it needs shots > num_demonstrations."
+                    "shots as demonstrations (the metal methods give the rest to the PGM, and `demos` keeps what "
+                    "metal+demos keeps): it needs shots > num_demonstrations."
                 )
 
     @property
