@@ -6,7 +6,7 @@
         [--name paired_difference]
 
 Each argument is `FILE[:KEY.PATH]=LABEL`: an evaluation results file (`peft-metal eval --output`, or a benchmark's
-JSON, where `KEY.PATH` leads to the object holding its records) and a method's column label (`metal+refine@20`). The
+JSON, where `KEY.PATH` leads to the object holding its records, a list's items by index: `points.3`) and a method's column label (`metal+refine@20`). The
 first is compared with each of the others. Two runs of the panel with the same seeds score the same questions, so the
 per-task differences carry the shared draw once: their mean and its standard error across tasks (sd / sqrt(tasks))
 say more than two means, each ± its own error, side by side. Writes `<name>.json` and `.md` under benchmarks/results.
@@ -34,7 +34,7 @@ def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
     path, _, key_path = source.partition(":")
     data = json.loads(Path(path).read_text())
     for key in filter(None, key_path.split(".")):
-        data = data[key]
+        data = data[int(key)] if isinstance(data, list) else data[key]  # a list's items by index: points.3
     records = data.get("results") or data.get("records") or []
     scores = {record["task"]: record["score"] for record in records if method_label(record) == label and "error" not in record}
     if not scores:
