@@ -25,9 +25,8 @@ from report import provenance, write_report  # benchmarks/report.py: the JSON + 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
-from peft_metal.metal_prompt.prompt import GeneratedPrompt
 from peft_metal.precision import cast_frozen_weights
-from peft_metal.training.prompt_targets import MANIFEST, target_path
+from peft_metal.training.prompt_targets import MANIFEST, load_prompt_targets
 
 
 def slot_matrices(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,22 +62,20 @@ def main() -> None:
     if model.base_model.metal_config.prompt_design != "prefix":
         raise SystemExit(f"{args.pgm} makes {model.base_model.metal_config.prompt_design} prompts, not prefix ones.")
     settings = json.loads((args.targets / MANIFEST).read_text()) if args.targets else {"shots": 16, "seed": 0}
+    tasks = load_eval_tasks(args.tasks.split(","))
+    targets = load_prompt_targets(args.targets, [task.name for task in tasks], model.base_model) if args.targets else {}
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for task in load_eval_tasks(args.tasks.split(",")):
+    for task in tasks:
         shots = draws_of(task, settings["shots"], 0, settings["seed"])[0]
         with torch.no_grad():
             prompt = model.generate_prompt([example.as_shot() for example in shots], tokenizer)
-        parts = {"one pass": prompt}
-        if args.targets:
-            target = GeneratedPrompt.load(target_path(args.targets, task.name))
-            for name in ("keys", "values"):
-                rows.setdefault(("target minus one pass", name), []).append(
-                    geometry(getattr(target, name).float() - getattr(prompt, name).float())
-                )
-            parts["target"] = target
-        for kind, made in parts.items():
-            for name in ("keys", "values"):
-                rows.setdefault((kind, name), []).append(geometry(getattr(made, name)))
+        made = {"one pass": {name: getattr(prompt, name).float() for name in ("keys", "values")}}
+        if task.name in targets:
+            made["target"] = targets[task.name]
+            made["target minus one pass"] = {name: targets[task.name][name] - made["one pass"][name] for name in made["one pass"]}
+        for kind, tensors in made.items():
+            for name, tensor in tensors.items():
+                rows.setdefault((kind, name), []).append(geometry(tensor))
         print(f"{task.name}: done", flush=True)
 
     table = [

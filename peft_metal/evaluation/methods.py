@@ -107,25 +107,25 @@ def prepare_method(
     if name == ZERO_SHOT:
         return PreparedMethod(name, empty_context(), 0.0, 0)
     pairs = [example.as_shot() for example in shots]
+    kept = num_demonstrations if name in DEMONSTRATION_METHODS else 0  # the last shots, kept as demonstrations
+    read_by_pgm, demonstration_pairs = pairs[: len(pairs) - kept], pairs[len(pairs) - kept :]
     if name in (ICL, DEMOS):
-        shown = pairs[len(pairs) - num_demonstrations :] if name == DEMOS else pairs
-        demonstrations = encode(tokenizer, parts.template.format_shots(shown))
+        demonstrations = encode(tokenizer, parts.template.format_shots(demonstration_pairs if name == DEMOS else pairs))
         return PreparedMethod(name, extend_context(parts.lm, empty_context(), demonstrations), 0.0, len(demonstrations))
     if name in PGM_METHODS:
         if parts.tuner is None:
             raise TypeError(f"Method {name!r} needs a MetaL-Prompt PGM (a PeftModel from get_peft_model/from_pretrained).")
-        demos = num_demonstrations if name in DEMONSTRATION_METHODS else 0
         device = model_device(parts.lm)
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
-            prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=demos, chunk_size="auto")
+            prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=kept, chunk_size="auto")
         info = None
         if name in REFINE_METHODS:
             with torch.enable_grad():
                 prompt = parts.tuner.refine_prompt(
-                    prompt, pairs[: len(pairs) - demos], tokenizer, steps=refine_steps, lr=refine_lr,
-                    batch_size=refine_batch_size, seed=seed,
+                    prompt, read_by_pgm, tokenizer, steps=refine_steps, lr=refine_lr, batch_size=refine_batch_size,
+                    seed=seed,
                 )
             info = {"refine_steps": refine_steps}
         synchronize(device)
