@@ -8,7 +8,7 @@ from .registration import check_peft_version
 
 check_peft_version()
 
-from .metal_prompt import GeneratedPrompt, MetaLPromptConfig, MetaLPromptModel, ShotTemplate  # noqa: E402
+from .metal_prompt import GeneratedPrompt, MetaLPromptConfig, MetaLPromptModel, Refinement, ShotTemplate  # noqa: E402
 from .registration import register  # noqa: E402
 
 register()
@@ -18,4 +18,7 @@ from peft import get_peft_model  # noqa: E402  (re-exported: works once register
 from .hub import push_pgm_to_hub  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "ShotTemplate", "get_peft_model", "push_pgm_to_hub"]
+__all__ = [
+    "GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "Refinement", "ShotTemplate", "get_peft_model",
+    "push_pgm_to_hub",
+]

@@ -60,6 +60,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _prompt(args: argparse.Namespace) -> int:
     from .data import load_jsonl_task
+    from .metal_prompt import Refinement
     from .precision import cast_frozen_weights
 
     try:
@@ -70,18 +71,22 @@ def _prompt(args: argparse.Namespace) -> int:
     model, tokenizer, pgm = _load_pgm(args)
     cast_frozen_weights(model, args.precision)
     try:
-        prompt = model.generate_prompt(shots, tokenizer=tokenizer, num_demonstrations=args.num_demonstrations)
+        refinement = Refinement(args.refine_steps, args.refine_lr) if args.refine_steps else None
+        prompt = model.generate_prompt(
+            shots, tokenizer=tokenizer, num_demonstrations=args.num_demonstrations, refinement=refinement
+        )
     except (ValueError, TypeError) as error:
         print(f"peft-metal prompt: error: {error}", file=sys.stderr)
         return 2
     if args.output:
         prompt.save(args.output)
         print(f"Saved the prompt to {args.output}", file=sys.stderr)
-    if prompt.text is not None:
+    if prompt.is_text:
         print(prompt.text + prompt.demonstrations_text, end="")
     else:
+        refined = "refined " if prompt.refinement else ""
         print(
-            f"A {prompt.design} prompt ({prompt.num_tokens} positions) is not text; save it with --output and read it "
+            f"This is a {refined}{prompt.design} prompt of {prompt.num_tokens} positions, not text; save it with --output and read it "
             "with GeneratedPrompt.load (or to_prompt_embeds for engines that take embeddings).",
             file=sys.stderr,
         )
@@ -307,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a transformers model id or folder")
     prompt.add_argument("--pgm", help="a saved PGM (folder or Hub id); default: the one shipped for --model")
     prompt.add_argument("--num-demonstrations", type=int, default=0, help="shots kept as plain demonstrations (XL)")
+    prompt.add_argument(
+        "--refine-steps", type=int, default=0,
+        help="then refine the prompt by this many Adam steps on the shots the PGM read (default 0: the one pass)",
+    )
+    prompt.add_argument(
+        "--refine-lr", type=float, help="refinement's Adam learning rate (default: the prompt design's refine_lr)"
+    )
     prompt.add_argument("--output", help="also save the prompt as a safetensors file")
     prompt.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
     prompt.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -369,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps", default="10",
         help="metal+refine, metal+demos+refine: refinement steps, or a comma-separated list (e.g. 0,5,10,20: one record per count; 0 = metal)",
     )
-    evaluation.add_argument("--refine-lr", type=float, default=1e-3, help="the refined methods' Adam learning rate (default 1e-3)")
+    evaluation.add_argument(
+        "--refine-lr", type=float,
+        help="the refined methods' Adam learning rate (default: the prompt design's refine_lr, measured on dev)",
+    )
     evaluation.add_argument(
         "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"
     )

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_metal.cli import main
 from peft_metal.data import Example, Task
+from peft_metal.designs import get_design
 from peft_metal.evaluation import (
     BaselineOptions,
     evaluate,
@@ -210,7 +211,8 @@ def test_metal_refine_one_record_per_step_count(pgm, tok):
 def test_refine_with_zero_steps_reads_like_metal(parts, tok):
     metal = prepare_method("metal", parts, tok, SHOTS)
     refined = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=0)
-    assert refined.info == {"refine_steps": 0} and refined.context_tokens == metal.context_tokens
+    default_lr = get_design(parts.tuner.metal_config.prompt_design).refine_lr  # the design's, as refine_prompt's
+    assert refined.info == {"refine_steps": 0, "refine_lr": default_lr} and refined.context_tokens == metal.context_tokens
     a, b = (extend_context(parts.lm, *query_input(parts, tok, p, QUERY.input)) for p in (metal, refined))
     torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
     moved = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=2, refine_lr=1e-1)
@@ -238,7 +240,7 @@ def test_demos_refine_keeps_the_demonstrations_and_tunes_only_the_prompt(parts, 
     a, b = (extend_context(parts.lm, *query_input(parts, tok, p, QUERY.input)) for p in (demos, unrefined))
     torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
     moved = prepare_method("metal+demos+refine", parts, tok, SHOTS, num_demonstrations=1, refine_steps=2, refine_lr=1e-1)
-    assert moved.info == {"refine_steps": 2} and moved.context_tokens == demos.context_tokens
+    assert moved.info == {"refine_steps": 2, "refine_lr": 1e-1} and moved.context_tokens == demos.context_tokens
     assert not torch.allclose(extend_context(parts.lm, *query_input(parts, tok, moved, QUERY.input)).last_logits, a.last_logits)
     # refined on the shots the PGM read, not on the demonstration the context already holds
     pairs = [example.as_shot() for example in SHOTS]

@@ -164,6 +164,23 @@ def test_rolling_loglikelihood_is_the_text_after_the_prompt_and_bos(folders, ref
     assert model.loglikelihood_rolling(requests, disable_tqdm=True) == pytest.approx(expected, abs=1e-5)
 
 
+def test_refine_steps_refine_each_tasks_prompt_once(folders):
+    """refine_steps: each task's prompt is the PGM's, refined on the shots it read, and kept in `prompts`."""
+    from peft_metal.integrations.lm_eval import MetalLM
+
+    plain = MetalLM(**folders, metal_shots=SHOTS, precision="fp32")
+    refined = MetalLM(**folders, metal_shots=SHOTS, precision="fp32", num_demonstrations=1, refine_steps=2, refine_lr=0.1)
+    assert plain.prepared("metal_toy_mc").info is None and plain.prompts["metal_toy_mc"].refinement == []
+    prepared = refined.prepared("metal_toy_mc")
+    assert prepared.info == {"refine_steps": 2, "refine_lr": 0.1}
+    assert refined.prompts["metal_toy_mc"].refinement == [
+        {"steps": 2, "lr": 0.1, "batch_size": 8, "seed": 0, "num_shots": SHOTS - 1}
+    ]
+    assert refined.get_model_info()["refine_steps"] == 2 and refined.get_model_info()["refine_lr"] == 0.1
+    with pytest.raises(ValueError, match="steps >= 0"):
+        MetalLM(**folders, metal_shots=SHOTS, precision="fp32", refine_steps=-1)
+
+
 def test_refuses_shots_from_the_evaluated_split(folders):
     with pytest.raises(ValueError, match="evaluated on"):
         evaluate(folders, ["metal_toy_leaky"])

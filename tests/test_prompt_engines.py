@@ -51,3 +51,12 @@ def test_peft_metal_prompt_prints_a_discrete_prompt_as_text(tmp_path, capsys):
     saved = GeneratedPrompt.load(tmp_path / "p.safetensors")
     assert capsys.readouterr().out == saved.text + "Input: great\nOutput: positive\n\n"
     assert main(["prompt", "--shots", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path / "model")]) == 2
+
+    # refined, the prompt is tuned embeddings: saved, not printed as text
+    common = ["prompt", "--shots", str(shots), "--model", str(tmp_path / "model"), "--pgm", str(tmp_path / "pgm")]
+    assert main([*common, "--refine-steps", "2", "--output", str(tmp_path / "r.safetensors")]) == 0
+    out = capsys.readouterr()
+    refined = GeneratedPrompt.load(tmp_path / "r.safetensors")
+    assert out.out == "" and "refined discrete prompt" in out.err and not refined.is_text
+    assert [record["steps"] for record in refined.refinement] == [2]
+    assert main([*common, "--refine-steps", "-1"]) == 2 and "steps >= 0" in capsys.readouterr().err

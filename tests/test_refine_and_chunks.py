@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import DESIGNS, SHOTS, K, make_pgm
 
-from peft_metal import GeneratedPrompt
+from peft_metal import GeneratedPrompt, Refinement
+from peft_metal.designs import get_design
 from peft_metal.metal_prompt.queries import answer_tokens, encode_queries, split_by_tokens
 from peft_metal.metal_prompt.refine import refine
 
@@ -41,9 +42,67 @@ def test_refinement_lowers_the_loss_and_leaves_the_models_alone(design, tok, tmp
         assert torch.equal(parameter, before_weights[name]), name
     if design == "discrete":  # a refined discrete prompt is a soft prompt that keeps its tokens for reference
         assert torch.equal(refined.token_ids, prompt.token_ids) and refined.embeds is not None
+        assert prompt.is_text and not refined.is_text
+    assert prompt.refinement == []
+    assert refined.refinement == [{"steps": 15, "lr": 5e-2, "batch_size": 8, "seed": 0, "num_shots": len(SHOTS)}]
     refined.save(tmp_path / "refined.safetensors")
     loaded = GeneratedPrompt.load(tmp_path / "refined.safetensors")
     assert shot_loss(model, loaded, tok, SHOTS) == pytest.approx(shot_loss(model, refined, tok, SHOTS), abs=1e-5)
+    assert loaded.refinement == refined.refinement
+    twice = model.refine_prompt(loaded, SHOTS, tokenizer=tok, steps=1, lr=1e-2, seed=3)
+    assert [record["steps"] for record in twice.refinement] == [15, 1] and twice.refinement[1]["seed"] == 3
+
+
+def test_an_unrefined_prompt_file_has_no_refinement_key(tok, tmp_path):
+    """So files of unrefined prompts stay readable by versions from before refinement was recorded."""
+    from safetensors import safe_open
+
+    model = make_pgm("llama", "prefix")
+    with torch.no_grad():
+        model.generate_prompt(SHOTS, tokenizer=tok).save(tmp_path / "p.safetensors")
+    with safe_open(tmp_path / "p.safetensors", framework="pt") as reader:
+        assert "refinement" not in reader.metadata()
+
+
+@pytest.mark.parametrize("design", ["discrete", "prefix"])
+def test_the_default_rate_is_the_designs(design, tok):
+    model = make_pgm("llama", design)
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    default = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2)
+    explicit = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2, lr=get_design(design).refine_lr)
+    assert default.refinement[0]["lr"] == get_design(design).refine_lr
+    for name in ("embeds", "keys", "values"):
+        if getattr(default, name) is not None:
+            assert torch.equal(getattr(default, name), getattr(explicit, name)), name
+    assert get_design("prefix").refine_lr != get_design("discrete").refine_lr  # keys/values and embeddings differ
+
+
+@pytest.mark.parametrize("scope", ["all", "padding"])
+def test_generate_prompt_refines_on_the_shots_the_pgm_read(scope, tok):
+    """`generate_prompt(refinement=...)` is the PGM's prompt refined on XP only, under no_grad too (the usual call)."""
+    model = make_pgm("llama", "prefix", lora_scope=scope)
+    with torch.no_grad():
+        refined = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1, refinement=Refinement(3, 5e-2, 2, 1))
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+    by_hand = model.refine_prompt(prompt, SHOTS[:-1], tokenizer=tok, steps=3, lr=5e-2, batch_size=2, seed=1)
+    on_all = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=3, lr=5e-2, batch_size=2, seed=1)
+    assert torch.equal(refined.keys, by_hand.keys) and torch.equal(refined.values, by_hand.values)
+    assert not torch.equal(refined.keys, on_all.keys)
+    assert torch.equal(refined.demonstrations, prompt.demonstrations)
+    assert refined.refinement == [{"steps": 3, "lr": 5e-2, "batch_size": 2, "seed": 1, "num_shots": len(SHOTS) - 1}]
+
+
+def test_bad_refinement_settings(tok):
+    for bad, error in (
+        (dict(steps=-1), ValueError), (dict(steps=2, lr=0), ValueError), (dict(steps=2, batch_size=0), ValueError),
+        (dict(steps=2.5), TypeError), (dict(steps=True), TypeError), (dict(steps=2, lr="fast"), ValueError),
+    ):
+        with pytest.raises(error, match="refinement"):
+            Refinement(**bad)
+    model = make_pgm("llama", "prefix")
+    with pytest.raises(TypeError, match="Refinement"):
+        model.generate_prompt(SHOTS, tokenizer=tok, refinement=5)
 
 
 def test_refinement_rejects_bad_settings(tok):

@@ -144,6 +144,35 @@ def test_concurrent_creates_generate_once(tmp_path, tok):
     assert len(calls) == 1
 
 
+def test_refined_prompts_are_their_own_prompts(served, tok):
+    """refine_steps: the PGM's prompt tuned on the shots it read, made once, stored under its own id, and no longer
+    text (a refined discrete prompt is read as its tuned embeddings)."""
+    from peft_metal import GeneratedPrompt, Refinement
+    from peft_metal.designs import get_design
+
+    client, model, store = served
+    plain = _create(client, num_demonstrations=1).json()
+    body = {"task": "sentiment", "shots": SHOTS, "num_demonstrations": 1, "refine_steps": 2}
+    first = client.post("/v1/prompts", json=body)
+    assert first.status_code == 201, first.text
+    created = first.json()
+    assert created["refine_steps"] == 2 and "text" not in created and created["prompt_id"] != plain["prompt_id"]
+    again = client.post("/v1/prompts", json=body)
+    assert again.status_code == 200 and again.json()["prompt_id"] == created["prompt_id"]
+    info = client.get(f"/v1/prompts/{created['prompt_id']}").json()
+    lr = get_design("discrete").refine_lr
+    assert info["refinement"] == [{"steps": 2, "lr": lr, "batch_size": 8, "seed": 0, "num_shots": len(SHOTS) - 1}]
+    assert "text" not in info and client.get(f"/v1/prompts/{plain['prompt_id']}").json()["refinement"] == []
+    stored = store.get(created["prompt_id"])
+    with torch.no_grad():
+        expected = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1, refinement=Refinement(2))
+    assert isinstance(stored, GeneratedPrompt) and torch.equal(stored.embeds, expected.embeds)
+    assert _complete(client, created["prompt_id"], prompt="nice", options=OPTIONS).status_code == 200
+    for bad in (-1, 101, "2", 1.5):
+        response = client.post("/v1/prompts", json={**body, "refine_steps": bad})
+        assert response.status_code == 422, (bad, response.text)
+
+
 def test_non_discrete_prompt_has_no_text(tmp_path, tok):
     app, _, _ = _app(tmp_path, tok, design="prefix")
     with TestClient(app) as client:

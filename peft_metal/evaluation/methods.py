@@ -28,6 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import Example
 from ..inference import Context, ModelParts, empty_context, extend_context, model_device, prompt_context
+from ..metal_prompt import GeneratedPrompt, Refinement
+from ..metal_prompt.refine import DEFAULT_BATCH_SIZE
 from .baselines import BASELINE_METHODS, BaselineOptions, baseline_context, train_baseline
 from .timing import synchronize
 
@@ -44,8 +46,8 @@ REFINE_METHODS = (METAL_REFINE, METAL_DEMOS_REFINE)
 DEMONSTRATION_METHODS = (DEMOS, METAL_DEMOS, METAL_DEMOS_REFINE)
 DEFAULT_NUM_DEMONSTRATIONS = 4
 DEFAULT_REFINE_STEPS = 10
-DEFAULT_REFINE_LR = 1e-3  # model.refine_prompt's default
-DEFAULT_REFINE_BATCH_SIZE = 8
+DEFAULT_REFINE_LR = None  # model.refine_prompt's default: the prompt design's `refine_lr`
+DEFAULT_REFINE_BATCH_SIZE = DEFAULT_BATCH_SIZE
 
 
 def resolve_methods(methods: Any) -> list[str]:
@@ -79,6 +81,7 @@ class PreparedMethod:
     read_query: Optional[Callable[[list[int]], Context]] = None
     # Extra record fields (train_steps, refine_steps, ...).
     info: Optional[dict[str, Any]] = None
+    prompt: Optional[GeneratedPrompt] = None  # the metal methods' prompt, to inspect what a task was scored with
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -95,7 +98,7 @@ def prepare_method(
     *,
     baseline: Optional[BaselineOptions] = None,
     refine_steps: int = DEFAULT_REFINE_STEPS,
-    refine_lr: float = DEFAULT_REFINE_LR,
+    refine_lr: Optional[float] = DEFAULT_REFINE_LR,
     refine_batch_size: int = DEFAULT_REFINE_BATCH_SIZE,
     seed: int = 0,
 ) -> PreparedMethod:
@@ -108,7 +111,7 @@ def prepare_method(
         return PreparedMethod(name, empty_context(), 0.0, 0)
     pairs = [example.as_shot() for example in shots]
     kept = num_demonstrations if name in DEMONSTRATION_METHODS else 0  # the last shots, kept as demonstrations
-    read_by_pgm, demonstration_pairs = pairs[: len(pairs) - kept], pairs[len(pairs) - kept :]
+    demonstration_pairs = pairs[len(pairs) - kept :]
     if name in (ICL, DEMOS):
         demonstrations = encode(tokenizer, parts.template.format_shots(demonstration_pairs if name == DEMOS else pairs))
         return PreparedMethod(name, extend_context(parts.lm, empty_context(), demonstrations), 0.0, len(demonstrations))
@@ -118,19 +121,19 @@ def prepare_method(
         device = model_device(parts.lm)
         synchronize(device)
         start = time.perf_counter()
-        with torch.no_grad():
-            prompt = parts.tuner.generate_prompt(pairs, tokenizer=tokenizer, num_demonstrations=kept, chunk_size="auto")
+        refinement = Refinement(refine_steps, refine_lr, refine_batch_size, seed) if name in REFINE_METHODS else None
+        with torch.no_grad():  # refinement turns gradients on for itself
+            prompt = parts.tuner.generate_prompt(
+                pairs, tokenizer=tokenizer, num_demonstrations=kept, chunk_size="auto", refinement=refinement
+            )
         info = None
-        if name in REFINE_METHODS:
-            with torch.enable_grad():
-                prompt = parts.tuner.refine_prompt(
-                    prompt, read_by_pgm, tokenizer, steps=refine_steps, lr=refine_lr, batch_size=refine_batch_size,
-                    seed=seed,
-                )
-            info = {"refine_steps": refine_steps}
+        if refinement is not None:
+            info = {"refine_steps": refine_steps, "refine_lr": prompt.refinement[-1]["lr"]}
         synchronize(device)
         seconds = time.perf_counter() - start
-        return PreparedMethod(name, prompt_context(parts.lm, prompt), seconds, prompt.context_length, info=info)
+        return PreparedMethod(
+            name, prompt_context(parts.lm, prompt), seconds, prompt.context_length, info=info, prompt=prompt
+        )
     if name in BASELINE_METHODS:
         pgm_tokens = parts.tuner.metal_config.num_prompt_tokens if parts.tuner is not None else None
         trained = train_baseline(name, parts.lm, tokenizer, parts.template, pairs, baseline, seed, pgm_tokens)

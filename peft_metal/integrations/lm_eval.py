@@ -13,7 +13,9 @@ harness's `acc` and `acc_norm` are computed from the same log-likelihoods `peft-
 
 Model args: `pretrained` (base model: `smollm2-135m` or a transformers id or folder), `pgm` (PGM folder; default the
 one shipped for the base model), `metal_shots` (16), `num_demonstrations` (0; the last d shots are kept as plain
-demonstrations after the prompt, as `metal+demos`), `shot_seed` (0), `precision` (auto/fp32/bf16 frozen weights, as
+demonstrations after the prompt, as `metal+demos`), `refine_steps` (0; then the prompt is refined by that many steps
+on the shots the PGM read, as `metal+refine` / `metal+demos+refine`), `refine_lr` (the prompt design's), `shot_seed`
+(0), `precision` (auto/fp32/bf16 frozen weights, as
 `peft-metal eval --precision`), `device`, `include_path` (the folder of the tasks' YAML when they are not lm-eval's
 own: see `MetalLM.task`), `max_gen_toks` (256). lm-eval's `batch_size` is accepted and not used: the options of one
 request context are always scored together in one batch.
@@ -36,7 +38,15 @@ from tqdm.auto import tqdm
 from ..data import Example
 
 # The project's reading and scoring, imported in this one place only.
-from ..evaluation.methods import METAL, METAL_DEMOS, PreparedMethod, encode, prepare_method
+from ..evaluation.methods import (
+    METAL,
+    METAL_DEMOS,
+    METAL_DEMOS_REFINE,
+    METAL_REFINE,
+    PreparedMethod,
+    encode,
+    prepare_method,
+)
 from ..inference import (
     Context,
     ContinuationScore,
@@ -47,6 +57,7 @@ from ..inference import (
     generate,
     score_options,
 )
+from ..metal_prompt import Refinement
 from ..pgm import load_pgm
 from ..precision import cast_frozen_weights
 
@@ -119,6 +130,8 @@ class MetalLM(LM):
         pgm: Optional[str] = None,
         metal_shots: int = 16,
         num_demonstrations: int = 0,
+        refine_steps: int = 0,
+        refine_lr: Optional[float] = None,
         shot_seed: int = 0,
         precision: str = "auto",
         device: Optional[str] = None,
@@ -141,6 +154,7 @@ class MetalLM(LM):
             raise TypeError(f"{pretrained!r} with pgm={pgm!r} did not load a MetaL-Prompt PGM.")
         self.pretrained = pretrained
         self.metal_shots, self.num_demonstrations, self.shot_seed = metal_shots, num_demonstrations, shot_seed
+        self.refinement = Refinement(refine_steps, refine_lr)  # checked here, before any task is read
         self.include_path = include_path
         self.max_gen_toks = max_gen_toks
         self._task_managers: list[Any] = []
@@ -175,10 +189,17 @@ class MetalLM(LM):
         """The task's prompt (and demonstrations), read by the LM once and reused for all its requests."""
         if task_name not in self._prepared:
             shots = task_shots(self.task(task_name), self.metal_shots, self.shot_seed)
-            method = METAL_DEMOS if self.num_demonstrations else METAL
+            refine = self.refinement.steps > 0
+            method = (METAL_DEMOS_REFINE if refine else METAL_DEMOS) if self.num_demonstrations else (
+                METAL_REFINE if refine else METAL
+            )
             with self.parts.lora_off(), torch.no_grad():
-                prepared = prepare_method(method, self.parts, self.tokenizer, shots, self.num_demonstrations)
+                prepared = prepare_method(
+                    method, self.parts, self.tokenizer, shots, self.num_demonstrations,
+                    refine_steps=self.refinement.steps, refine_lr=self.refinement.lr, seed=self.shot_seed,
+                )
             self._prepared[task_name] = prepared
+            self.prompts[task_name] = prepared.prompt
         return self._prepared[task_name]
 
     def _context(self, request: Instance, text: str) -> Context:
@@ -279,6 +300,8 @@ class MetalLM(LM):
             "pgm": self.pgm_source,
             "metal_shots": self.metal_shots,
             "num_demonstrations": self.num_demonstrations,
+            "refine_steps": self.refinement.steps,
+            "refine_lr": self.refinement.for_design(self.parts.tuner.metal_config.prompt_design).lr,
             "shot_seed": self.shot_seed,
             "precision": self.precision,
         }

@@ -3,6 +3,9 @@
 from .config import MetaLPromptConfig
 from .model import MetaLPromptModel
 from .prompt import GeneratedPrompt
+from .refine import Refinement
 from .template import ShotTemplate, normalize_shots
 
-__all__ = ["GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "ShotTemplate", "normalize_shots"]
+__all__ = [
+    "GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "Refinement", "ShotTemplate", "normalize_shots"
+]

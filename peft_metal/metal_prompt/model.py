@@ -27,7 +27,7 @@ from .fingerprint import base_model_fingerprint, check_same_base
 from .layer import TrainablePadding
 from .prompt import GeneratedPrompt
 from .reading import forward_with_prompt, generate_with_prompt, max_context_length, model_device
-from .refine import refine
+from .refine import DEFAULT_BATCH_SIZE, Refinement, refine
 from .template import ShotTemplate, normalize_shots
 
 PADDING_ATTRIBUTE = "metal_padding"
@@ -146,13 +146,15 @@ class MetaLPromptModel(LoraModel):
         tokenizer: PreTrainedTokenizerBase,
         num_demonstrations: int = 0,
         chunk_size: ChunkSize = None,
+        refinement: Optional[Refinement] = None,
     ) -> GeneratedPrompt:
         """One PGM forward over the generation shots XP and the padding; the prompt is read at the padding.
 
         The last `num_demonstrations` shots are XL: they are not read by the PGM but kept, as tokens, between the
         prompt and every query. With `chunk_size` (an int, or "auto" for as many as fit) XP is folded in chunk by
         chunk, each pass reading the previous prompt first. In train mode the prompt keeps its autograd graph, so a
-        loss on it trains the PGM (through every chunk).
+        loss on it trains the PGM (through every chunk). With `refinement`, the prompt is then tuned on XP
+        (`refine_prompt`; not on XL, whose answers the LM could copy from its context).
         """
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
@@ -174,7 +176,14 @@ class MetaLPromptModel(LoraModel):
             prompt = self._prompt_from_readout(
                 self._run_pgm(torch.tensor(chunk_ids), self._design.needs_cache, prompt), tokenizer
             )
-        return self._with_demonstrations(prompt, shots[split:], tokenizer)
+        prompt = self._with_demonstrations(prompt, shots[split:], tokenizer)
+        if refinement is None:
+            return prompt
+        if not isinstance(refinement, Refinement):
+            raise TypeError(f"refinement must be a Refinement (or None), got {type(refinement).__name__}.")
+        return self.refine_prompt(
+            prompt, shots[:split], tokenizer, refinement.steps, refinement.lr, refinement.batch_size, refinement.seed
+        )
 
     def generate_prompt_from_ids(self, token_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
         """The prompt made from text the PGM reads as it is (1-D token ids, no shot template): the generic-text stage
@@ -215,16 +224,19 @@ class MetaLPromptModel(LoraModel):
         prompt: GeneratedPrompt,
         shots: Any,
         tokenizer: PreTrainedTokenizerBase,
-        steps: int = 20,
-        lr: float = 1e-3,
-        batch_size: int = 8,
+        steps: int = 10,
+        lr: Optional[float] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = 0,
     ) -> GeneratedPrompt:
-        """A new prompt: `prompt` tuned by `steps` gradient steps on `shots` (prompt tuning started from it).
+        """A new prompt: `prompt` tuned by `steps` Adam steps on `shots` (prompt tuning started from it), at `lr`
+        (None: the design's `refine_lr`, measured on the dev panel).
 
         Prefix prompts are tuned per layer (keys and values); weighted_sum and hidden_state prompts as embeddings;
         a discrete prompt as the embeddings of its tokens, so the result is a soft prompt that keeps `token_ids` and
-        `text` only for reference. The PGM and the LM are left untouched.
+        `text` only for reference. The PGM and the LM are left untouched. Pass the shots the PGM read, not the
+        prompt's demonstrations: the LM reads those in its context and would learn to copy their answers
+        (`generate_prompt(..., refinement=Refinement(steps))` does this split for you).
         """
         prompt = self._check_prompt(prompt)
         shots = normalize_shots(shots)

@@ -20,7 +20,7 @@ FORMAT_VERSION = "1"
 CHECKSUM_KEY = "sha256"
 TENSOR_FIELDS = ("token_ids", "embeds", "keys", "values", "demonstrations")
 METADATA_FIELDS = ("format", "format_version", "design", "num_tokens", "base_fingerprint", "pgm_config", "text",
-                   "demonstrations_text", CHECKSUM_KEY)
+                   "demonstrations_text", "refinement", CHECKSUM_KEY)
 
 
 @dataclass
@@ -29,7 +29,8 @@ class GeneratedPrompt:
 
     The payload is what the design declares (`PromptDesign.payload`): `token_ids` (K vocabulary ids), `embeds`
     (K x hidden) or `keys`/`values` (layers x kv-heads x K x head-dim). `demonstrations` holds the token ids of the
-    shots kept as plain demonstrations (XL), placed between the prompt and each query.
+    shots kept as plain demonstrations (XL), placed between the prompt and each query. `refinement` lists the
+    gradient refinements the prompt went through (`refine_prompt`: steps, lr, batch size, seed, shots), oldest first.
     """
 
     design: str
@@ -43,6 +44,7 @@ class GeneratedPrompt:
     values: Optional[torch.Tensor] = None
     text: Optional[str] = None
     demonstrations_text: str = ""
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
@@ -55,8 +57,15 @@ class GeneratedPrompt:
                 raise ValueError(
                     f"`{name}` of shape {tuple(value.shape)} does not hold {self.num_tokens} prompt positions."
                 )
+        if not isinstance(self.refinement, list) or not all(isinstance(record, dict) for record in self.refinement):
+            raise ValueError(f"`refinement` must be a list of dicts (one per refinement), got {self.refinement!r}.")
         if self.demonstrations.dim() != 1:
             raise ValueError(f"`demonstrations` must be 1-D token ids, got shape {tuple(self.demonstrations.shape)}.")
+
+    @property
+    def is_text(self) -> bool:
+        """Plain text any LM service can read: vocabulary tokens, not refined (refinement tunes their embeddings)."""
+        return get_design(self.design).is_text and self.embeds is None
 
     @property
     def num_demonstration_tokens(self) -> int:
@@ -129,6 +138,8 @@ class GeneratedPrompt:
             "text": json.dumps(self.text),
             "demonstrations_text": json.dumps(self.demonstrations_text),
         }
+        if self.refinement:  # only then: an unrefined prompt stays readable by versions that predate the field
+            metadata["refinement"] = json.dumps(self.refinement, sort_keys=True)
         metadata[CHECKSUM_KEY] = _content_checksum(metadata, tensors)
         # Serialized in memory and written here, not with `save_file`: safetensors >= 0.8 writes through a temporary
         # file of its own naming next to the target, which a writer killed mid-save leaves behind where the prompt
@@ -173,6 +184,7 @@ class GeneratedPrompt:
                 pgm_config=json.loads(metadata["pgm_config"]),
                 text=json.loads(metadata["text"]),
                 demonstrations_text=json.loads(metadata["demonstrations_text"]),
+                refinement=json.loads(metadata.get("refinement", "[]")),
                 **tensors,
             )
         except (KeyError, json.JSONDecodeError, TypeError) as error:

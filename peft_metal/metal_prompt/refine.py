@@ -4,12 +4,13 @@ The PGM gives a good start in one forward pass; a few steps of prompt tuning on 
 more closely. What is tuned is the prompt itself, as the LM reads it: the embeddings (weighted_sum, hidden_state), every
 layer's keys and values (prefix), or, for a discrete prompt, the embeddings of its tokens. A refined discrete prompt
 therefore keeps its tokens (and `text`) for reference but is read as its tuned embeddings: it is a soft prompt.
+A refined prompt records how it was refined (`GeneratedPrompt.refinement`), in its file too.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +26,43 @@ from .template import Shot, ShotTemplate
 # A step's minibatch is read in pieces of at most this many (padded) tokens, gradients summed: the same step, with the
 # memory of a graded pass bounded (8 reading-comprehension shots of some 1,500 tokens in one pass took over 15 GB).
 MAX_BATCH_TOKENS = 2048
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """How `generate_prompt` refines the prompt it makes: `steps` Adam steps at `lr` (None: the design's
+    `refine_lr`) on minibatches of `batch_size` of the shots the PGM read, in an order drawn from `seed`."""
+
+    steps: int
+    lr: Optional[float] = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_refinement(self.steps, self.lr, self.batch_size)
+
+    def for_design(self, design: str) -> "Refinement":
+        """The same refinement with the rate it runs at for a prompt of `design` (what a prompt's id must name)."""
+        return replace(self, lr=refine_lr(design, self.lr))
+
+
+def refine_lr(design: str, lr: Optional[float]) -> float:
+    """`lr`, or the design's measured default when it is None."""
+    return get_design(design).refine_lr if lr is None else float(lr)
+
+
+def check_refinement(steps: int, lr: Optional[float], batch_size: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"refinement {name} must be an int, got {value!r}.")
+    if steps < 0 or batch_size <= 0 or max_batch_tokens <= 0:
+        raise ValueError(
+            f"refinement needs steps >= 0, batch_size > 0 and max_batch_tokens > 0 (got steps={steps}, "
+            f"batch_size={batch_size}, max_batch_tokens={max_batch_tokens})."
+        )
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"refinement lr must be a number > 0, or None for the design's default; got {lr!r}.")
 
 
 def refine(
@@ -33,23 +71,42 @@ def refine(
     shots: list[Shot],
     tokenizer: PreTrainedTokenizerBase,
     template: ShotTemplate,
-    steps: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 8,
+    steps: int = 10,
+    lr: Optional[float] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     progress: Optional[Callable[[int, float], None]] = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> GeneratedPrompt:
-    """`steps` Adam steps on -log P_LM(output | prompt, demonstrations, input) over minibatches of `shots`.
+    """`steps` Adam steps on -log P_LM(output | prompt, demonstrations, input) over minibatches of `shots`, at `lr`
+    (None: the design's `refine_lr`).
 
-    Only the prompt's tensors change (in float32, cast back at the end); the LM is only read.
+    Only the prompt's tensors change (in float32, cast back at the end); the LM is only read. Gradients are on
+    whatever the caller's grad mode, since refinement cannot work without them.
     """
-    if steps < 0 or lr <= 0 or batch_size <= 0 or max_batch_tokens <= 0:
-        raise ValueError(
-            f"steps must be >= 0, lr > 0, batch_size > 0 and max_batch_tokens > 0 (got steps={steps}, lr={lr}, "
-            f"batch_size={batch_size}, max_batch_tokens={max_batch_tokens})."
-        )
-    prompt = prompt.detach()
+    check_refinement(steps, lr, batch_size, max_batch_tokens)
+    if not shots:
+        raise ValueError("Refinement needs at least one shot to tune the prompt on.")
+    lr = refine_lr(prompt.design, lr)
+    with torch.enable_grad():
+        tuned = _tune(lm, prompt.detach(), shots, tokenizer, template, steps, lr, batch_size, seed, progress, max_batch_tokens)
+    record = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "num_shots": len(shots)}
+    return replace(tuned, refinement=[*prompt.refinement, record])
+
+
+def _tune(
+    lm: PreTrainedModel,
+    prompt: GeneratedPrompt,
+    shots: list[Shot],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ShotTemplate,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: Optional[Callable[[int, float], None]],
+    max_batch_tokens: int,
+) -> GeneratedPrompt:
     start = get_design(prompt.design).tunable_payload(prompt, lm)
     dtypes = {name: tensor.dtype for name, tensor in start.items()}
     parameters = {name: nn.Parameter(tensor.detach().float().clone()) for name, tensor in start.items()}

@@ -4,9 +4,10 @@
 
 Routes (JSON; `/v1/*` need `Authorization: Bearer KEY` when an api key is set):
 
-* `POST /v1/prompts` `{"task", "shots": [{"input", "output"}], "num_demonstrations": 0}`: 201 with the new prompt's
-  id, its model name `metal:<id>`, design and size (and `text` for prompts of vocabulary tokens), or 200 with
-  `cached: true` when the same task, shots and split were stored before (the PGM runs once per distinct request).
+* `POST /v1/prompts` `{"task", "shots": [{"input", "output"}], "num_demonstrations": 0, "refine_steps": 0}`: 201
+  with the new prompt's id, its model name `metal:<id>`, design and size (and `text` for prompts of vocabulary tokens),
+  or 200 with `cached: true` when the same task, shots, split and refinement were stored before (the PGM runs once per
+  distinct request; `refine_steps` then tunes the prompt on the shots the PGM read, seconds per step on a CPU).
 * `GET /v1/prompts/{id}`: the store's row (and `token_ids`/`text` for token prompts); `DELETE`: 204, or 404.
 * `POST /v1/completions`: OpenAI's completions (`model` is the base model or `metal:<prompt_id>`; `prompt`,
   `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `echo`, `logprobs`, `stream` as server-sent events)
@@ -230,7 +231,9 @@ def create_app(
              responses={200: {"model": PromptCreated, "description": "the same prompt, stored before"},
                         201: {"description": "a new prompt, stored", "links": PROMPT_LINKS}})
     async def create_prompt(body: CreatePromptRequest, response: Response) -> PromptCreated:
-        created, cached = await service.create_prompt(body.task, as_shots(body.shots), body.num_demonstrations)
+        created, cached = await service.create_prompt(
+            body.task, as_shots(body.shots), body.num_demonstrations, body.refine_steps
+        )
         response.status_code = 200 if cached else 201
         return created
 

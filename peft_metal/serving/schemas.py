@@ -15,6 +15,7 @@ MAX_NEW_TOKENS = 1024
 MAX_CHOICES_PER_PROMPT = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
+MAX_REFINE_STEPS = 100
 
 # The schema states every rule about one field, so clients (and schema-driven fuzzers) learn them from
 # /openapi.json; rules that tie fields together (best_of equal to n, options without stream, a context that fits the
@@ -72,6 +73,10 @@ class CreatePromptRequest(_Request):
     num_demonstrations: StrictInt = Field(
         0, ge=0, description="the last d shots are kept as plain demonstrations (fewer than the shots)"
     )
+    refine_steps: StrictInt = Field(
+        0, ge=0, le=MAX_REFINE_STEPS, description="then tune the prompt by this many gradient steps on the shots the "
+        "PGM read (0: the one PGM pass); done once, when the prompt is made, in the model thread"
+    )
 
 
 class PromptCreated(BaseModel):
@@ -80,6 +85,7 @@ class PromptCreated(BaseModel):
     design: str
     num_tokens: int
     num_demonstrations: int
+    refine_steps: int = 0
     cached: bool
     text: Optional[str] = None  # prompts made of vocabulary tokens (the discrete design) only
 

@@ -10,6 +10,8 @@ Completions follow OpenAI's `/v1/completions`: `model` is the base model (the pl
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -21,7 +23,6 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
 
-from ..designs import DESIGNS, get_design
 from ..inference import (
     EOS,
     STOP,
@@ -46,6 +47,7 @@ from ..inference import (
 from ..metal_prompt.fingerprint import base_model_fingerprint, check_same_base
 from ..metal_prompt.model import json_ready
 from ..metal_prompt.prompt import GeneratedPrompt
+from ..metal_prompt.refine import Refinement
 from ..metal_prompt.template import Shots, ShotTemplate, normalize_shots
 from .batching import ECHO, GENERATE, OPTIONS, Batcher, ContextCache, Job, ModelRunner, PromptEntry
 from .errors import (
@@ -59,6 +61,7 @@ from .errors import (
 from .metrics import ServerMetrics
 from .schemas import (
     MAX_INPUTS_PER_REQUEST,
+    MAX_REFINE_STEPS,
     MAX_STOPS,
     CompletionChoice,
     CompletionRequest,
@@ -161,6 +164,9 @@ class Service:
         self.batcher = Batcher(self.runner, self._run_batch, batch_window_ms / 1000.0, max_batch, self.metrics)
         self.contexts = ContextCache(context_cache_size, self.metrics)
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared by the loop and the model thread
+        # Prompt making (the PGM pass, refinement) tokenizes in the model thread for as long as it runs: its own copy,
+        # so the loop never waits seconds on the lock.
+        self.pgm_tokenizer = copy.deepcopy(tokenizer)
         self.pad_id = self._pad_id()
         self.eos_ids = eos_token_ids(self.lm, self.tokenizer)
         self.plain = PromptEntry(key=None, context=empty_context(), template=self.template)
@@ -194,9 +200,11 @@ class Service:
 
     # -------------------------------------------------------------------------------------------------- prompts
 
-    async def create_prompt(self, task: str, shots: Any, num_demonstrations: int) -> tuple[PromptCreated, bool]:
-        """The stored prompt for these shots, made by the PGM unless the same request made it before; returns it and
-        whether it was already stored."""
+    async def create_prompt(
+        self, task: str, shots: Any, num_demonstrations: int, refine_steps: int = 0
+    ) -> tuple[PromptCreated, bool]:
+        """The stored prompt for these shots, made by the PGM (and refined by `refine_steps` steps on the shots it
+        read) unless the same request made it before; returns it and whether it was already stored."""
         if self.tuner is None:
             raise NoPGMError("This server runs a plain LM without a PGM: it cannot generate prompts.")
         if isinstance(shots, (list, tuple)) and len(shots) > self.max_shots:
@@ -211,7 +219,9 @@ class Service:
                 "at least one shot has to be left for the PGM to read.",
                 "num_demonstrations",
             )
-        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, self.pgm_config)
+        refinement = self._refinement(refine_steps)
+        pgm_config = self._made_by(refinement)
+        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, pgm_config)
         loop = asyncio.get_running_loop()
         pending = self._creating.get(key)
         if pending is not None and pending.get_loop() is loop:  # the same prompt is being made: wait for it
@@ -219,7 +229,9 @@ class Service:
             cached = True
         else:
             # A task of its own: a client going away does not cancel a generation others may be waiting for.
-            task_ = self._creating[key] = loop.create_task(self._get_or_create(task, shots, num_demonstrations))
+            task_ = self._creating[key] = loop.create_task(
+                self._get_or_create(task, shots, num_demonstrations, refinement)
+            )
             task_.add_done_callback(lambda done: self._creating.pop(key) if self._creating.get(key) is done else None)
             prompt_id, prompt, cached = await asyncio.shield(task_)
         self.metrics.inc(self.metrics.store, "hit" if cached else "miss")
@@ -229,32 +241,50 @@ class Service:
             design=prompt.design,
             num_tokens=prompt.num_tokens,
             num_demonstrations=num_demonstrations,
+            refine_steps=refine_steps,
             cached=cached,
-            text=prompt.text if get_design(prompt.design).is_text else None,
+            text=prompt.text if prompt.is_text else None,
         )
         return created, cached
 
-    async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int):
+    def _refinement(self, refine_steps: int) -> Optional[Refinement]:
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or not 0 <= refine_steps <= MAX_REFINE_STEPS:
+            raise InvalidRequestError(
+                f"refine_steps must be an int from 0 to {MAX_REFINE_STEPS}, got {refine_steps!r}.", "refine_steps"
+            )
+        return Refinement(refine_steps) if refine_steps else None
+
+    def _made_by(self, refinement: Optional[Refinement]) -> dict[str, Any]:
+        """What makes the prompt, for its id: the PGM, and the refinement (with the rate it resolves to) if any. An
+        unrefined prompt keeps the id it had before refinement existed."""
+        if refinement is None:
+            return self.pgm_config
+        resolved = refinement.for_design(self.tuner.metal_config.prompt_design)
+        return {**self.pgm_config, "refinement": dataclasses.asdict(resolved)}
+
+    async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int, refinement: Optional[Refinement]):
         def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
             def generate_prompt() -> GeneratedPrompt:
-                with self.tokenizer_lock:  # generate_prompt tokenizes; the loop thread may be tokenizing too
-                    return self.tuner.generate_prompt(
-                        shots, tokenizer=self.tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto"
-                    )
+                return self.tuner.generate_prompt(
+                    shots, tokenizer=self.pgm_tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto",
+                    refinement=refinement,
+                )
 
             return self.runner.call(generate_prompt)
 
+        made_by = self._made_by(refinement)
         return await self.in_store(
-            self.store.get_or_create, task, shots, num_demonstrations, self.base_fingerprint, self.pgm_config, make
+            self.store.get_or_create, task, shots, num_demonstrations, self.base_fingerprint, made_by, make
         )
 
     async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
-        """The index row; for a prompt of vocabulary tokens also its `token_ids` and `text` (plain text any LM service
-        can use) and the demonstrations' text, read from its file (a read, not a use: no hit is counted)."""
+        """The index row and, from the prompt's file (a read, not a use: no hit is counted), its `refinement` (the
+        gradient steps it was tuned by, if any) and, for a prompt of vocabulary tokens, its `token_ids` and `text`
+        (plain text any LM service can use) and the demonstrations' text."""
         info = await self.in_store(self.store.info, prompt_id)
-        design = DESIGNS.get(info["design"])
-        if design is not None and design.is_text:
-            prompt = await self.in_store(self.store.get, prompt_id, "cpu", False)
+        prompt = await self.in_store(self.store.get, prompt_id, "cpu", False)
+        info["refinement"] = prompt.refinement
+        if prompt.is_text:
             info.update(token_ids=prompt.token_ids.tolist(), text=prompt.text, demonstrations_text=prompt.demonstrations_text)
         return info
 
