@@ -24,6 +24,7 @@ from ..data import Task
 from ..designs import get_design
 from ..metal_prompt.fingerprint import check_same_base
 from ..metal_prompt.prompt import GeneratedPrompt
+from ..metal_prompt.refine import Refinement
 
 MANIFEST = "targets.json"
 
@@ -88,13 +89,9 @@ def make_prompt_targets(
             continue
         shots, _ = task.split(settings.shots, 0, settings.seed)
         pairs = [example.as_shot() for example in shots]
+        refinement = Refinement(settings.steps, settings.lr, settings.batch_size, settings.seed)
         with torch.no_grad():
-            prompt = tuner.generate_prompt(pairs, tokenizer=tokenizer, chunk_size="auto")
-        with torch.enable_grad():
-            refined = tuner.refine_prompt(
-                prompt, pairs, tokenizer, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                seed=settings.seed,
-            )
+            refined = tuner.generate_prompt(pairs, tokenizer=tokenizer, chunk_size="auto", refinement=refinement)
         partial = path.with_name(path.name + ".partial")  # renamed when complete: a kill leaves no half target
         refined.save(partial)
         os.replace(partial, path)
