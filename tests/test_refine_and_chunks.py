@@ -103,6 +103,8 @@ def test_bad_refinement_settings(tok):
     model = make_pgm("llama", "prefix")
     with pytest.raises(TypeError, match="Refinement"):
         model.generate_prompt(SHOTS, tokenizer=tok, refinement=5)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        model.generate_prompt(SHOTS, tokenizer=tok, refinement=Refinement(1))
 
 
 def test_refinement_rejects_bad_settings(tok):

@@ -85,6 +85,11 @@ def refine(
     whatever the caller's grad mode, since refinement cannot work without them.
     """
     check_refinement(steps, lr, batch_size, max_batch_tokens)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Refinement takes gradient steps, which torch.inference_mode() forbids: make or refine the prompt under "
+            "torch.no_grad() (refinement turns gradients back on for itself) or outside inference mode."
+        )
     if not shots:
         raise ValueError("Refinement needs at least one shot to tune the prompt on.")
     lr = refine_lr(prompt.design, lr)
