@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then refine the prompt by this many Adam steps on the shots the PGM read (default 0: the one pass)",
     )
     prompt.add_argument(
-        "--refine-lr", type=float, help="refinement's Adam learning rate (default: the prompt design's refine_lr)"
+        "--refine-lr", type=float, help="refinement's Adam learning rate (default: refine_prompt's, 5e-2)"
     )
     prompt.add_argument("--output", help="also save the prompt as a safetensors file")
     prompt.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--refine-lr", type=float,
-        help="the refined methods' Adam learning rate (default: the prompt design's refine_lr, measured on dev)",
+        help="the refined methods' Adam learning rate (default: refine_prompt's, 5e-2, measured on dev)",
     )
     evaluation.add_argument(
         "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"

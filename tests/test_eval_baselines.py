@@ -12,7 +12,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_metal.cli import main
 from peft_metal.data import Example, Task
-from peft_metal.designs import get_design
 from peft_metal.evaluation import (
     BaselineOptions,
     evaluate,
@@ -35,6 +34,7 @@ from peft_metal.inference import (
     score_options,
 )
 from peft_metal.metal_prompt.queries import encode_queries
+from peft_metal.metal_prompt.refine import DEFAULT_LR
 
 # PEFT's own prefix tuning (peft 0.21) still hands the model `past_key_values`; only peft-metal's calls must not.
 pytestmark = pytest.mark.filterwarnings("default:`past_key_values` is deprecated:FutureWarning")
@@ -211,8 +211,7 @@ def test_metal_refine_one_record_per_step_count(pgm, tok):
 def test_refine_with_zero_steps_reads_like_metal(parts, tok):
     metal = prepare_method("metal", parts, tok, SHOTS)
     refined = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=0)
-    default_lr = get_design(parts.tuner.metal_config.prompt_design).refine_lr  # the design's, as refine_prompt's
-    assert refined.info == {"refine_steps": 0, "refine_lr": default_lr} and refined.context_tokens == metal.context_tokens
+    assert refined.info == {"refine_steps": 0, "refine_lr": DEFAULT_LR} and refined.context_tokens == metal.context_tokens
     a, b = (extend_context(parts.lm, *query_input(parts, tok, p, QUERY.input)) for p in (metal, refined))
     torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-6, rtol=1e-6)
     moved = prepare_method("metal+refine", parts, tok, SHOTS, refine_steps=2, refine_lr=1e-1)

@@ -7,9 +7,8 @@ import torch
 from conftest import DESIGNS, SHOTS, K, make_pgm
 
 from peft_metal import GeneratedPrompt, Refinement
-from peft_metal.designs import get_design
 from peft_metal.metal_prompt.queries import answer_tokens, encode_queries, split_by_tokens
-from peft_metal.metal_prompt.refine import refine
+from peft_metal.metal_prompt.refine import DEFAULT_LR, refine
 
 
 @pytest.fixture(autouse=True)
@@ -65,17 +64,16 @@ def test_an_unrefined_prompt_file_has_no_refinement_key(tok, tmp_path):
 
 
 @pytest.mark.parametrize("design", ["discrete", "prefix"])
-def test_the_default_rate_is_the_designs(design, tok):
+def test_the_default_rate(design, tok):
     model = make_pgm("llama", design)
     with torch.no_grad():
         prompt = model.generate_prompt(SHOTS, tokenizer=tok)
     default = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2)
-    explicit = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2, lr=get_design(design).refine_lr)
-    assert default.refinement[0]["lr"] == get_design(design).refine_lr
+    explicit = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=2, lr=DEFAULT_LR)
+    assert default.refinement[0]["lr"] == DEFAULT_LR == Refinement(2).resolved().lr
     for name in ("embeds", "keys", "values"):
         if getattr(default, name) is not None:
             assert torch.equal(getattr(default, name), getattr(explicit, name)), name
-    assert get_design("prefix").refine_lr != get_design("discrete").refine_lr  # keys/values and embeddings differ
 
 
 @pytest.mark.parametrize("scope", ["all", "padding"])

@@ -148,7 +148,7 @@ def test_refined_prompts_are_their_own_prompts(served, tok):
     """refine_steps: the PGM's prompt tuned on the shots it read, made once, stored under its own id, and no longer
     text (a refined discrete prompt is read as its tuned embeddings)."""
     from peft_metal import GeneratedPrompt, Refinement
-    from peft_metal.designs import get_design
+    from peft_metal.metal_prompt.refine import DEFAULT_LR
 
     client, model, store = served
     plain = _create(client, num_demonstrations=1).json()
@@ -160,8 +160,7 @@ def test_refined_prompts_are_their_own_prompts(served, tok):
     again = client.post("/v1/prompts", json=body)
     assert again.status_code == 200 and again.json()["prompt_id"] == created["prompt_id"]
     info = client.get(f"/v1/prompts/{created['prompt_id']}").json()
-    lr = get_design("discrete").refine_lr
-    assert info["refinement"] == [{"steps": 2, "lr": lr, "batch_size": 8, "seed": 0, "num_shots": len(SHOTS) - 1}]
+    assert info["refinement"] == [{"steps": 2, "lr": DEFAULT_LR, "batch_size": 8, "seed": 0, "num_shots": len(SHOTS) - 1}]
     assert "text" not in info and client.get(f"/v1/prompts/{plain['prompt_id']}").json()["refinement"] == []
     stored = store.get(created["prompt_id"])
     with torch.no_grad():

@@ -33,7 +33,7 @@ class PromptDesign(ABC):
     Each design also declares what its prompt is, so nothing outside `designs/` needs to know design names: the
     payload tensors it carries (and at which axis they hold the K positions), whether the LM reads it as embeddings
     or keys/values, whether it is made of vocabulary tokens (then it is plain text any LM service can read), and what
-    refinement tunes (`tunable_payload`) at which Adam rate by default (`refine_lr`).
+    refinement tunes (`tunable_payload`).
     """
 
     name: ClassVar[str]
@@ -42,9 +42,6 @@ class PromptDesign(ABC):
     optional_payload: ClassVar[tuple[str, ...]] = ()  # also saved when present
     reads_as: ClassVar[str] = EMBEDDINGS
     is_text: ClassVar[bool] = False
-    # refine_prompt's default Adam rate: input embeddings and per-layer keys/values want different steps (as PEFT's
-    # prompt tuning and prefix tuning do); the values are dev-panel measurements (docs/results.md, "Refinement").
-    refine_lr: ClassVar[float] = 1e-2
 
     @abstractmethod
     def make(

@@ -22,7 +22,6 @@ class PrefixDesign(PromptDesign):
     needs_cache = True
     payload = {"keys": 2, "values": 2}  # layers x kv-heads x K x head-dim
     reads_as = KEYS_VALUES
-    refine_lr = 5e-2
 
     def make(
         self, readout: PGMReadout, lm: PreTrainedModel, temperature: float, training: bool

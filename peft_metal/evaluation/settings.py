@@ -62,7 +62,7 @@ class EvaluationSettings:
     metric: Optional[str] = None
     baseline: BaselineOptions = field(default_factory=BaselineOptions)
     refine_steps: Any = DEFAULT_REFINE_STEPS
-    refine_lr: Optional[float] = DEFAULT_REFINE_LR  # None: the prompt design's `refine_lr`
+    refine_lr: Optional[float] = DEFAULT_REFINE_LR  # None: refine_prompt's default
     refine_batch_size: int = DEFAULT_REFINE_BATCH_SIZE
 
     def __post_init__(self) -> None:
@@ -79,7 +79,7 @@ class EvaluationSettings:
             raise TypeError(f"baseline must be a BaselineOptions, got {type(self.baseline).__name__}.")
         lr = self.refine_lr
         if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0):
-            raise ValueError(f"refine_lr must be a number > 0, or None for the prompt design's default; got {lr!r}.")
+            raise ValueError(f"refine_lr must be a number > 0, or None for refine_prompt's default; got {lr!r}.")
         for group, verb in ((self.pgm_methods, "generate a prompt from"), (self.baseline_methods, "train on")):
             if group and self.shots < 1:
                 raise ValueError(f"Methods {list(group)} {verb} the shots: shots must be >= 1, got {self.shots}.")

@@ -14,7 +14,7 @@ harness's `acc` and `acc_norm` are computed from the same log-likelihoods `peft-
 Model args: `pretrained` (base model: `smollm2-135m` or a transformers id or folder), `pgm` (PGM folder; default the
 one shipped for the base model), `metal_shots` (16), `num_demonstrations` (0; the last d shots are kept as plain
 demonstrations after the prompt, as `metal+demos`), `refine_steps` (0; then the prompt is refined by that many steps
-on the shots the PGM read, as `metal+refine` / `metal+demos+refine`), `refine_lr` (the prompt design's), `shot_seed`
+on the shots the PGM read, as `metal+refine` / `metal+demos+refine`), `refine_lr` (refine_prompt's default), `shot_seed`
 (0), `precision` (auto/fp32/bf16 frozen weights, as
 `peft-metal eval --precision`), `device`, `include_path` (the folder of the tasks' YAML when they are not lm-eval's
 own: see `MetalLM.task`), `max_gen_toks` (256). lm-eval's `batch_size` is accepted and not used: the options of one
@@ -301,7 +301,7 @@ class MetalLM(LM):
             "metal_shots": self.metal_shots,
             "num_demonstrations": self.num_demonstrations,
             "refine_steps": self.refinement.steps,
-            "refine_lr": self.refinement.for_design(self.parts.tuner.metal_config.prompt_design).lr,
+            "refine_lr": self.refinement.resolved().lr,
             "shot_seed": self.shot_seed,
             "precision": self.precision,
         }

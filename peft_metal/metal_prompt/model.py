@@ -230,7 +230,7 @@ class MetaLPromptModel(LoraModel):
         seed: int = 0,
     ) -> GeneratedPrompt:
         """A new prompt: `prompt` tuned by `steps` Adam steps on `shots` (prompt tuning started from it), at `lr`
-        (None: the design's `refine_lr`, measured on the dev panel).
+        (None: `refine.DEFAULT_LR`, 5e-2, measured on the dev panel).
 
         Prefix prompts are tuned per layer (keys and values); weighted_sum and hidden_state prompts as embeddings;
         a discrete prompt as the embeddings of its tokens, so the result is a soft prompt that keeps `token_ids` and

@@ -259,8 +259,7 @@ class Service:
         unrefined prompt keeps the id it had before refinement existed."""
         if refinement is None:
             return self.pgm_config
-        resolved = refinement.for_design(self.tuner.metal_config.prompt_design)
-        return {**self.pgm_config, "refinement": dataclasses.asdict(resolved)}
+        return {**self.pgm_config, "refinement": dataclasses.asdict(refinement.resolved())}
 
     async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int, refinement: Optional[Refinement]):
         def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
