@@ -14,7 +14,7 @@ peft-metal eval --model smollm2-135m --pgm "$PGM" --tasks "$DEV_TASKS" --shots 1
     --methods zero_shot,icl,metal,metal+demos --seed 0 --no-progress --output "$OUT/dev_main.json"
 # Gradient refinement: dev accuracy against refinement steps (0 = the generated prompt as it is)
 peft-metal eval --model smollm2-135m --pgm "$PGM" --tasks "$DEV_TASKS" --shots 16 --queries 30 \
-    --methods metal+refine --refine-steps 0,5,10,20 --seed 0 --no-progress --output "$OUT/dev_refine.json"
+    --methods metal+refine --refine-steps 0,5,10,20 --refine-lr 1e-3 --seed 0 --no-progress --output "$OUT/dev_refine.json"
 # One PGM for many shot counts: |XP| x |XL|
 python benchmarks/shot_counts.py --pgm "$PGM" --tasks "$DEV_TASKS" --xp 4,8,16,32 --xl 0,4 --queries 30 \
     --output "$OUT/shot_counts.json"

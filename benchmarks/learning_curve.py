@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--methods", default="metal,metal+demos")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--refine-steps", default="10", help="the refined methods' step count(s), as peft-metal eval")
-    parser.add_argument("--refine-lr", type=float, default=1e-3, help="the refined methods' Adam learning rate")
+    parser.add_argument("--refine-lr", type=float, help="the refined methods' Adam learning rate (default: refine_prompt's)")
     parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="learning_curve")
