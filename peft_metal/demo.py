@@ -1,8 +1,10 @@
 """The main job (`make demo` / `peft-metal demo`): SmolLM2-135M and its PGM on dev tasks, against zero-shot and ICL.
 
 For each dev task the demo makes the prompt from 16 shots, shows it, and scores zero-shot, ICL-16 (all 16 shots as
-demonstrations) and MetaL-Prompt (the 16 shots read by the PGM, no demonstrations) on the same seeded queries, with
-the prompt-creation time and the tokens the LM reads per query before each query; then one summary line.
+demonstrations), MetaL-Prompt (the 16 shots read by the PGM, no demonstrations) and MetaL-Prompt as served at its
+best on the dev panel (`metal+demos+refine`: 12 shots read by the PGM, the prompt refined 10 steps on them, 4 kept as
+demonstrations) on the same seeded queries, with the prompt-creation time and the tokens the LM reads per query
+before each query; then one summary line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .designs import get_design
 from .evaluation import evaluate, write_results
 
 DEMO_TASKS = ("phrase_relatedness", "similarities_abstraction", "cause_and_effect/two_sentences", "snarks")
-DEMO_METHODS = ("zero_shot", "icl", "metal")
+DEMO_METHODS = ("zero_shot", "icl", "metal", "metal+demos+refine")
 
 
 def describe_prompt(model: Any, tokenizer: Any, shots: Sequence[tuple[str, str]]) -> str:
