@@ -190,9 +190,10 @@ class MetalLM(LM):
         if task_name not in self._prepared:
             shots = task_shots(self.task(task_name), self.metal_shots, self.shot_seed)
             refine = self.refinement.steps > 0
-            method = (METAL_DEMOS_REFINE if refine else METAL_DEMOS) if self.num_demonstrations else (
-                METAL_REFINE if refine else METAL
-            )
+            if self.num_demonstrations:
+                method = METAL_DEMOS_REFINE if refine else METAL_DEMOS
+            else:
+                method = METAL_REFINE if refine else METAL
             with self.parts.lora_off(), torch.no_grad():
                 prepared = prepare_method(
                     method, self.parts, self.tokenizer, shots, self.num_demonstrations,

@@ -158,6 +158,8 @@ class MetaLPromptModel(LoraModel):
         """
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
+        if refinement is not None and not isinstance(refinement, Refinement):
+            raise TypeError(f"refinement must be a Refinement (or None), got {type(refinement).__name__}.")
         shots = normalize_shots(shots)
         if isinstance(num_demonstrations, bool) or not isinstance(num_demonstrations, int):
             raise TypeError(f"num_demonstrations must be an int, got {type(num_demonstrations).__name__}.")
@@ -179,8 +181,6 @@ class MetaLPromptModel(LoraModel):
         prompt = self._with_demonstrations(prompt, shots[split:], tokenizer)
         if refinement is None:
             return prompt
-        if not isinstance(refinement, Refinement):
-            raise TypeError(f"refinement must be a Refinement (or None), got {type(refinement).__name__}.")
         return self.refine_prompt(
             prompt, shots[:split], tokenizer, refinement.steps, refinement.lr, refinement.batch_size, refinement.seed
         )

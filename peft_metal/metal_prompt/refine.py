@@ -65,7 +65,7 @@ def check_refinement(steps: int, lr: Optional[float], batch_size: int, max_batch
             f"batch_size={batch_size}, max_batch_tokens={max_batch_tokens})."
         )
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ValueError(f"refinement lr must be a number > 0, or None for the design's default; got {lr!r}.")
+        raise ValueError(f"refinement lr must be a number > 0, or None for DEFAULT_LR ({DEFAULT_LR}); got {lr!r}.")
 
 
 def refine(
