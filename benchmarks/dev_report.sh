@@ -3,7 +3,7 @@
 #   bash benchmarks/dev_report.sh [PGM_DIR_OR_HUB_ID] [OUTPUT_DIR]
 # Dev families only (peft_metal/data/bigbench_splits.json); reserved families are refused by the loaders.
 set -euo pipefail
-PGM=${1:-peft_metal/shipped/smollm2-135m}
+PGM=${1:-pgms/smollm2-discrete-k8}  # the PGM of docs/results.md's dev tables (shipped until 2026-11-30)
 OUT=${2:-benchmarks/results}
 DEV_TASKS=phrase_relatedness,similarities_abstraction,cause_and_effect/one_sentence,snarks,swahili_english_proverbs,code_line_description
 LARGE_DEV_TASKS=reasoning_about_colored_objects,unit_conversion/si_conversion,unit_conversion/unit_identification,bbq_lite_json/age_ambig
