@@ -220,8 +220,8 @@ class Service:
                 "num_demonstrations",
             )
         refinement = self._refinement(refine_steps)
-        pgm_config = self._made_by(refinement)
-        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, pgm_config)
+        made_by = self._made_by(refinement)
+        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, made_by)
         loop = asyncio.get_running_loop()
         pending = self._creating.get(key)
         if pending is not None and pending.get_loop() is loop:  # the same prompt is being made: wait for it
@@ -230,7 +230,7 @@ class Service:
         else:
             # A task of its own: a client going away does not cancel a generation others may be waiting for.
             task_ = self._creating[key] = loop.create_task(
-                self._get_or_create(task, shots, num_demonstrations, refinement)
+                self._get_or_create(task, shots, num_demonstrations, refinement, made_by)
             )
             task_.add_done_callback(lambda done: self._creating.pop(key) if self._creating.get(key) is done else None)
             prompt_id, prompt, cached = await asyncio.shield(task_)
@@ -261,7 +261,9 @@ class Service:
             return self.pgm_config
         return {**self.pgm_config, "refinement": dataclasses.asdict(refinement.resolved())}
 
-    async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int, refinement: Optional[Refinement]):
+    async def _get_or_create(
+        self, task: str, shots: Shots, num_demonstrations: int, refinement: Optional[Refinement], made_by: dict[str, Any]
+    ):
         def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
             def generate_prompt() -> GeneratedPrompt:
                 return self.tuner.generate_prompt(
@@ -271,7 +273,6 @@ class Service:
 
             return self.runner.call(generate_prompt)
 
-        made_by = self._made_by(refinement)
         return await self.in_store(
             self.store.get_or_create, task, shots, num_demonstrations, self.base_fingerprint, made_by, make
         )
