@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .compat import forget_gguf_quantizer, give_the_head_contiguous_input
@@ -41,27 +42,34 @@ def converted_smollm2() -> Path:
     """A transformers folder of SmolLM2-135M, de-quantized from the GGUF once (about 15 s) and then reused.
 
     The folder is written under a temporary name and renamed into place, so a killed conversion never leaves a
-    half-written model that later runs would load.
+    half-written model that later runs would load; a lock beside it makes processes that start together on a new
+    machine (`peft-metal train --processes 2`, two evaluations) convert once, the others waiting and then reusing it.
     """
     target = cache_dir() / SMOLLM2_NAME
     if (target / "config.json").is_file():
         return target
-    gguf = smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{SMOLLM2_NAME}.lock"):
+        if (target / "config.json").is_file():  # converted by another process while this one waited
+            return target
+        gguf = smollm2_gguf_path()
+        staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+        try:
+            save_converted_smollm2(gguf, staging)
+            shutil.rmtree(target, ignore_errors=True)  # a folder without config.json is what an older kill left
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def save_converted_smollm2(gguf: Path, folder: Path) -> None:
+    """De-quantize the GGUF to float32 and save it with its tokenizer as a transformers folder."""
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     forget_gguf_quantizer(model)  # the weights are de-quantized to float32 on load
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def resolve_model_path(name: str) -> Union[str, Path]:

