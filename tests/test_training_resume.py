@@ -278,6 +278,46 @@ def test_text_stage_then_task_episodes_and_resume_exactly(tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_text_mix_rate_outside_its_range_is_refused(tmp_path, rate):
+    with pytest.raises(ValueError, match=r"text_mix_rate must be in \[0, 1\)"):
+        TrainingArguments(output_dir=str(tmp_path), text_mix_rate=rate)
+
+
+def test_texts_interleaved_with_task_episodes_and_resume_exactly(tmp_path):
+    """`text_mix_rate`: after the text stage, texts keep coming among the task episodes at that rate (their losses
+    logged apart); a run killed in the middle resumes to the same episodes and weights."""
+    from peft_metal.data.text import TextEpisode
+
+    settings = dict(scope="padding", text_stage_steps=1, text_mix_rate=0.5, max_steps=6)
+    uninterrupted = make_trainer(tmp_path / "a", "prefix", **settings)
+    drawn = []
+    original = uninterrupted.next_episode
+
+    def record():
+        episode = original()
+        drawn.append(isinstance(episode, TextEpisode))
+        return episode
+
+    uninterrupted.next_episode = record
+    uninterrupted.train()
+    assert drawn[:2] == [True, True]  # the text stage: 2 episodes per step
+    assert 0 < sum(drawn[2:]) < len(drawn[2:])  # then both kinds
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert any("text_lm_loss" in record and "lm_loss" in record for record in records)
+    killed = make_trainer(tmp_path / "b", "prefix", **settings)
+    killed.train(stop_after=3)
+    resumed = make_trainer(tmp_path / "b", "prefix", **settings)
+    kinds = []
+    resumed_original = resumed.next_episode
+    resumed.next_episode = lambda: kinds.append(isinstance(episode := resumed_original(), TextEpisode)) or episode
+    resumed.train(resume=True)
+    assert kinds == drawn[2 * 2 :]  # resumed from checkpoint-2 (checkpoints every 2 steps)
+    expected, actual = pgm_state(uninterrupted), pgm_state(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_text_episode_loss_trains_the_pgm(tmp_path):
     from peft_metal.data.text import TextSampler
 

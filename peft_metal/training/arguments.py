@@ -55,6 +55,9 @@ class TrainingArguments:
     # The optional generic-text first stage: the first `text_stage_steps` optimizer steps compress the first part of
     # texts made from train-task inputs and predict (and distil) the rest; the task episodes follow.
     text_stage_steps: int = 0
+    # After the text stage, the share of episodes that are texts (drawn at random, seeded), interleaved with the task
+    # episodes: the text objective kept on while the task objective trains.
+    text_mix_rate: float = 0.0
     mixed_precision: str = "auto"
     # "auto": on a CPU, SDPA for the reads without gradient and eager attention for the passes that train (7% more
     # episodes/s than eager throughout: benchmarks/results/train_throughput_attention.md); the model's own choice on a
@@ -86,6 +89,11 @@ class TrainingArguments:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:
             raise ValueError(f"text_stage_steps must be between 0 and max_steps ({self.max_steps}), got {self.text_stage_steps}.")
+        if not 0 <= self.text_mix_rate < 1:
+            raise ValueError(
+                f"text_mix_rate must be in [0, 1), got {self.text_mix_rate}: it is the share of texts among the episodes "
+                "after the text stage (a run of texts only is text_stage_steps = max_steps)."
+            )
         for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")

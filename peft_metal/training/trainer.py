@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -176,7 +177,7 @@ class MetaTrainer:
             task_sampling=args.task_sampling, symbol_label_rate=args.symbol_label_rate,
         )
         self.text_sampler = None
-        if args.text_stage_steps > 0:
+        if args.text_stage_steps > 0 or args.text_mix_rate > 0:
             self.text_sampler = TextSampler(train_tasks, seed=args.seed * 1000 + self.accelerator.process_index)
         self.dev_episodes = []
         if dev_tasks is None:
@@ -236,14 +237,23 @@ class MetaTrainer:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens
 
     def next_episode(self):
-        """The next episode (a text one during the text stage) whose PGM input fits `max_pgm_tokens`; skipped ones
-        are counted and logged, not hidden."""
-        text_stage = self.step < self.args.text_stage_steps
+        """The next episode whose PGM input fits `max_pgm_tokens`: a text one during the text stage, and after it a
+        text one at `text_mix_rate`; skipped ones are counted and logged, not hidden."""
         while True:
-            episode = next(self.text_sampler) if text_stage else next(self.sampler)
+            episode = next(self.text_sampler) if self._text_turn() else next(self.sampler)
             if not self._too_long(episode):
                 return episode
             self.skipped_long += 1
+
+    def _text_turn(self) -> bool:
+        """Whether the next episode is a text. After the text stage the draw is seeded by both samplers' positions,
+        which checkpoints restore, so a resumed run interleaves exactly as an uninterrupted one."""
+        if self.step < self.args.text_stage_steps:
+            return True
+        if self.args.text_mix_rate == 0:
+            return False
+        draw = random.Random(f"mix:{self.args.seed}:{self.accelerator.process_index}:{self.sampler.step}:{self.text_sampler.step}")
+        return draw.random() < self.args.text_mix_rate
 
     def evaluate(self) -> float:
         """Mean query loss over fixed dev episodes, prompts made as at serving (eval mode, no gradient)."""
@@ -279,9 +289,12 @@ class MetaTrainer:
         running: list[float] = []
         running_parts: dict[str, list[float]] = {}  # the loss's terms (lm_loss, distillation, prompt_target, ...)
         while self.step < args.max_steps:
+            mixed = args.text_mix_rate > 0 and self.step >= args.text_stage_steps
             for _ in range(args.gradient_accumulation_steps):
                 with self.accelerator.accumulate(self.loss_module):
-                    losses = self.loss_module(self.next_episode())
+                    episode = self.next_episode()
+                    is_text = isinstance(episode, TextEpisode)
+                    losses = self.loss_module(episode)
                     self.accelerator.backward(losses["loss"])
                     if self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -289,8 +302,8 @@ class MetaTrainer:
                     self.optimizer.zero_grad()
                 running.append(losses["loss"].item())
                 for name, value in losses.items():
-                    if name != "loss":
-                        running_parts.setdefault(name, []).append(value.item())
+                    if name != "loss":  # a text episode's terms apart, when texts and tasks interleave
+                        running_parts.setdefault(f"text_{name}" if mixed and is_text else name, []).append(value.item())
             self.scheduler.step()
             self.step += 1
             episodes = (self.step - start_step) * args.gradient_accumulation_steps * self.accelerator.num_processes
