@@ -114,8 +114,10 @@ def test_cli_refuses_tasks_outside_the_train_split(capsys):
 
 
 def test_bad_target_settings_are_refused_before_a_folder_records_them(tmp_path, capsys):
-    with pytest.raises(ValueError, match="lr > 0"):
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
         TargetSettings(pgm="tiny", lr=0.0)
+    with pytest.raises(ValueError, match="shots >= 1"):
+        TargetSettings(pgm="tiny", shots=0)
     arguments = ["prompt-targets", "--pgm", "x", "--output", str(tmp_path / "t"), "--tasks", "anachronisms", "--steps", "-1"]
     assert main(arguments) == 2
     assert "steps >= 0" in capsys.readouterr().err and not (tmp_path / "t").exists()

@@ -42,11 +42,13 @@ class TargetSettings:
 
     def __post_init__(self) -> None:
         # checked before a folder records them: a bad value must not leave a manifest that refuses the corrected one
-        if self.shots < 1 or self.steps < 0 or not self.lr > 0 or self.batch_size < 1:
-            raise ValueError(
-                f"prompt targets need shots >= 1, steps >= 0, lr > 0 and batch_size >= 1 (got shots={self.shots}, "
-                f"steps={self.steps}, lr={self.lr}, batch_size={self.batch_size})."
-            )
+        if self.shots < 1:
+            raise ValueError(f"prompt targets need shots >= 1, got {self.shots}.")
+        self.refinement()  # the refinement's own checks
+
+    def refinement(self) -> Refinement:
+        """The refinement that makes each target from the PGM's prompt."""
+        return Refinement(self.steps, self.lr, self.batch_size, self.seed)
 
 
 def target_path(directory: str | os.PathLike, task_name: str) -> Path:
@@ -89,7 +91,7 @@ def make_prompt_targets(
             continue
         shots, _ = task.split(settings.shots, 0, settings.seed)
         pairs = [example.as_shot() for example in shots]
-        refinement = Refinement(settings.steps, settings.lr, settings.batch_size, settings.seed)
+        refinement = settings.refinement()
         with torch.no_grad():
             refined = tuner.generate_prompt(pairs, tokenizer=tokenizer, chunk_size="auto", refinement=refinement)
         partial = path.with_name(path.name + ".partial")  # renamed when complete: a kill leaves no half target
