@@ -14,7 +14,6 @@ recomputed, so the script can be rerun as a run goes on (a session later, say) t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -66,18 +65,20 @@ def training_facts(checkpoint: Path | None) -> tuple[float | None, int]:
 
 
 def untrained_pgm(run: Path):
-    """The PGM the run started from: built from its settings with its seed, as the trainer builds it."""
+    """A fresh PGM built from the run's settings with its seed, as the trainer builds it."""
     args = run_settings(run)
     torch.manual_seed(args.seed)
-    return build_pgm(dataclasses.replace(args, init_from=None))
+    return build_pgm(args)
 
 
 def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path) -> dict[str, Any]:
-    if pgm is None:
+    """The dev panel on `pgm`; None is the PGM the run started from: its `init_from` PGM, else a fresh one."""
+    start = run_settings(run).init_from
+    if pgm is None and start is None:
         model, tokenizer = untrained_pgm(run)
     else:
         lm, tokenizer = load_base_model(run_settings(run).model)
-        model = PeftModel.from_pretrained(lm, str(pgm))
+        model = PeftModel.from_pretrained(lm, str(pgm if pgm is not None else start))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
     merged = evaluate_seeds(model, tokenizer, tasks, settings, DEV_PANEL.seeds, progress=False)
@@ -113,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, action="append", required=True)
     parser.add_argument("--checkpoints", help="comma-separated steps (default: every checkpoint of every run)")
-    parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0)")
+    parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0: its init_from PGM, else a fresh one)")
     parser.add_argument("--methods", default="metal,metal+demos")
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--refine-steps", default="10", help="the refined methods' step count(s), as peft-metal eval")
