@@ -15,7 +15,6 @@ frozen LM reading the shots without gradient (`read_shots`), the PGM making the 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 
 import peft_metal  # noqa: F401
 from peft_metal.metal_prompt.queries import encode_queries
@@ -93,7 +94,7 @@ def main() -> None:
     mean_total = statistics.fmean(row["total"] for row in rows)
     parts = {part: statistics.fmean(row[part] for row in rows) for part in PARTS}
     parts["other"] = mean_total - sum(parts.values())
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     report = {
         "command": "python benchmarks/episode_profile.py " + " ".join(sys.argv[1:]), "machine": machine,
         "config": args.config, "precision": trainer.precision, "episodes": len(rows), "seconds_per_episode": mean_total,

@@ -12,13 +12,15 @@ Writes `head_matmul.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 from timing import median_seconds  # benchmarks/timing.py
 
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M
@@ -49,7 +51,7 @@ def main() -> None:
             ),
             f"all {args.length} positions": 1000 * median_seconds(lambda: F.linear(hidden, weight), args.repeats),
         }
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     report = {"command": "python benchmarks/head_matmul.py " + " ".join(sys.argv[1:]), "machine": machine,
               "batch": args.batch, "length": args.length, "keep": args.keep, "median_ms": rows}
     lines = [

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
@@ -156,7 +158,7 @@ def main() -> None:
         references = {f"{m} (dev panel)": scored[m]["mean"] for m in ("zero_shot", "icl") if m in scored}
     report.update(
         command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        machine=machine_description(),
         references=references,
     )
     # columns as the evaluation report labels them (a refined method per step count: metal+refine@20)

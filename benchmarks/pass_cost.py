@@ -13,12 +13,14 @@ Writes `<name>.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 from timing import median_seconds  # benchmarks/timing.py
 
 from peft_metal.base_models import load_base_model
@@ -53,7 +55,7 @@ def main() -> None:
 
         rows.append({"batch": batch, "length": length, "forward_ms": 1000 * median_seconds(forward, args.repeats),
                      "forward_backward_ms": 1000 * median_seconds(forward_backward, args.repeats)})
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     report = {"command": "python benchmarks/pass_cost.py " + " ".join(sys.argv[1:]), "machine": machine,
               "precision": precision, "rows": rows}
     lines = [

@@ -10,13 +10,14 @@ each method's mean accuracy under both precisions, the difference (target: withi
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 
 import peft_metal  # noqa: F401
 from peft_metal.evaluation import EvaluationSettings, evaluate_seeds, load_eval_tasks
@@ -44,7 +45,7 @@ def main() -> None:
         records = evaluate_seeds(model, tokenizer, tasks, EvaluationSettings(args.methods, DEV_PANEL.shots, args.queries), DEV_PANEL.seeds)
         runs[precision] = {"seconds": round(time.perf_counter() - started, 1), "summary": summary(records), "records": records}
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     report = {"command": "python benchmarks/precision_eval.py " + " ".join(sys.argv[1:]), "machine": machine,
               "pgm": pgm, "panel": DEV_PANEL.name, "queries": args.queries, "runs": runs}
     lines = [

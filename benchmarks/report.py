@@ -12,13 +12,35 @@ from typing import Any
 import torch
 
 from peft_metal.evaluation.report import markdown_table, summary
+from peft_metal.precision import cpu_has_fast_bf16
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (machines of one kind have differed: AMX or AVX2 only)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """One line naming the machine a figure came from: architecture, CPU model, whether it multiplies bf16 in
+    hardware (which decides `mixed_precision="auto"`), threads and torch."""
+    bf16 = "bf16 in hardware" if cpu_has_fast_bf16() else "no bf16 hardware"
+    return f"{platform.machine()}, {cpu_model()} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def provenance() -> dict[str, Any]:
     """The command as it was typed and the machine it ran on, for a report's JSON."""
     return {
         "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(), "cpu": cpu_model(), "bf16_hardware": cpu_has_fast_bf16(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+        },
     }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+    machine_description,
+    write_report,
+)
 
 import peft_metal  # noqa: F401
 from peft_metal.training import MetaTrainer, TrainingArguments
@@ -141,7 +143,7 @@ def main() -> None:
     for result in results:
         result["speedup_vs_first"] = round(result["episodes_per_s"] / baseline, 2)
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_description()
     report = {"command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
               "machine": machine, "steps": args.steps, "warmup_steps": args.warmup_steps, "runs": results}
     lines = [
