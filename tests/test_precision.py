@@ -49,6 +49,12 @@ def test_cast_keeps_what_trains_in_fp32_and_buffers_untouched():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not cpu_has_fast_bf16(),
+    reason="this CPU has no bf16 hardware (AMX / AVX512-BF16): auto precision is fp32 here, and bf16 matrix products are "
+    "emulated, some 60x slower than fp32 (seen on an AMD EPYC with AVX2 only), too slow for the real model; the check "
+    "runs where auto picks bf16",
+)
 def test_bf16_dev_loss_within_one_percent_of_fp32():
     """The shipped compressed-context training config, on fixed dev episodes: the mean episode loss of a PGM whose
     frozen weights are bf16 is within 1% of the fp32 one (same PGM weights, prompts made as at serving)."""
