@@ -318,12 +318,54 @@ def test_texts_interleaved_with_task_episodes_and_resume_exactly(tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_texts_without_spaces_are_cut_inside_the_text():
+    """Japanese or Chinese inputs have no spaces: cut at a word boundary, their continuation was one "word" of as
+    little as one token (an empty loss, NaN, in a run's log); now they are cut inside the text."""
+    from itertools import permutations
+
+    from peft_metal.data.text import TEXT_SEPARATOR, TextSampler
+
+    sentences = ["結果を聞きに来てくれた彼女は、先生に悪いと言われました。", "可惜的是，石头没有出来!", "滞在が成功していると考えています。"]
+    # a space or two, as in the run's NaN texts ("...勧められました! !"): the word cut left " !" to predict
+    task = Task("multiemo_like", [Example(sentence + " !" * (i % 2), "x") for i, sentence in enumerate(sentences * 3)])
+    sampler = TextSampler([task], inputs_per_text=4)
+    for step in range(20):
+        episode = sampler.episode(step)
+        assert len(episode.continuation.strip()) >= 5  # not " !"
+        assert episode.prefix + episode.continuation in {  # the text, cut in two
+            TEXT_SEPARATOR.join(picked) for picked in permutations([e.input for e in task.examples], 4)
+        }
+
+
+def test_a_text_with_nothing_to_predict_is_skipped_and_counted(tmp_path):
+    """A continuation under 2 tokens is never trained on (its loss would be an empty mean): the trainer skips it and
+    counts it, and the loss refuses it with the reason."""
+    from peft_metal.data.text import TextEpisode
+
+    trainer = make_trainer(tmp_path, "prefix", scope="padding", text_stage_steps=2)
+    short = TextEpisode("upper", prefix="ab cd ef gh", continuation="i")
+    assert len(trainer.tokenizer(short.continuation, add_special_tokens=False)["input_ids"]) == 1
+    real = trainer.text_sampler
+
+    class TwoShortTextsFirst:
+        queue = [short, short]
+
+        def __next__(self):
+            return self.queue.pop() if self.queue else next(real)
+
+    trainer.text_sampler = TwoShortTextsFirst()
+    episode = trainer.next_episode()
+    assert episode is not short and trainer.skipped_short_texts == 2
+    with pytest.raises(ValueError, match="continuation of 1 token"):
+        trainer.loss_module(short)
+
+
 def test_text_episode_loss_trains_the_pgm(tmp_path):
     from peft_metal.data.text import TextSampler
 
     trainer = make_trainer(tmp_path, "prefix", scope="padding", distillation_weight=1.0)
     episode = TextSampler(tasks(), inputs_per_text=4).episode(0)
-    assert episode.prefix and episode.continuation.startswith(" ")
+    assert episode.prefix and episode.continuation  # texts of inputs without spaces: cut inside the text
     trainer.model.train()
     losses = trainer.loss_module(episode)
     assert losses["distillation"] >= 0 and torch.isfinite(losses["lm_loss"])

@@ -15,6 +15,8 @@ from typing import Any
 from .task import Task
 
 TEXT_SEPARATOR = "\n\n"
+# A continuation cut at a word boundary shorter than this is cut inside the text instead (texts without spaces).
+MIN_CONTINUATION_CHARACTERS = 20
 
 
 @dataclass
@@ -50,13 +52,16 @@ class TextSampler:
         task = self.tasks[rng.randrange(len(self.tasks))]
         inputs = [example.input.strip() for example in task.examples if example.input.strip()]
         picked = rng.sample(inputs, min(self.inputs_per_text, len(inputs)))
-        words = TEXT_SEPARATOR.join(picked).split(" ")
+        text = TEXT_SEPARATOR.join(picked)
+        words = text.split(" ")
         cut = min(max(1, round(len(words) * self.prefix_fraction)), len(words) - 1) if len(words) > 1 else 1
-        prefix, continuation = " ".join(words[:cut]), " ".join(words[cut:])
-        if not continuation:  # one word only: cut inside the text instead
-            half = max(1, len(prefix) // 2)
-            prefix, continuation = prefix[:half], prefix[half:]
-        return TextEpisode(task.name, prefix=prefix, continuation=" " + continuation)
+        prefix, continuation = " ".join(words[:cut]), " " + " ".join(words[cut:])  # prefix + continuation == text
+        if len(continuation) < MIN_CONTINUATION_CHARACTERS:
+            # Few spaces (Japanese, Chinese) left one or two "words" to predict, as little as one token: an empty
+            # loss. Cut inside the text instead, at the same fraction of its characters.
+            cut = min(max(1, round(len(text) * self.prefix_fraction)), len(text) - 1)
+            prefix, continuation = text[:cut], text[cut:]
+        return TextEpisode(task.name, prefix=prefix, continuation=continuation)
 
     def __iter__(self) -> TextSampler:
         return self

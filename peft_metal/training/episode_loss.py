@@ -176,6 +176,11 @@ class EpisodeLoss(nn.Module):
         device = model_device(self.model.get_base_model())
         prefix = self._ids(episode.prefix, device)
         continuation = self._ids(episode.continuation, device).unsqueeze(0)
+        if continuation.shape[1] < 2:  # the LM predicts the continuation's tokens after its first: none would be scored
+            raise ValueError(
+                f"text episode of {episode.task_name!r} has a continuation of {continuation.shape[1]} token(s) "
+                f"({episode.continuation!r}): at least 2 are needed for a loss; cut the text elsewhere."
+            )
         shots_read = None
         if self._reads_shots_once:
             shots_read = tuner.read_shots(prefix)

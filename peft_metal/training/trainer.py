@@ -218,6 +218,7 @@ class MetaTrainer:
         )
         self.step = 0
         self.skipped_long = 0
+        self.skipped_short_texts = 0
         self.earlier_seconds = 0.0  # training time of the sessions before a resume, so runs compare at equal wall-clock
 
     @property
@@ -241,9 +242,16 @@ class MetaTrainer:
         text one at `text_mix_rate`; skipped ones are counted and logged, not hidden."""
         while True:
             episode = next(self.text_sampler) if self._text_turn() else next(self.sampler)
-            if not self._too_long(episode):
+            if self._too_long(episode):
+                self.skipped_long += 1
+            elif self._nothing_to_predict(episode):
+                self.skipped_short_texts += 1
+            else:
                 return episode
-            self.skipped_long += 1
+
+    def _nothing_to_predict(self, episode) -> bool:
+        """A text whose continuation is under 2 tokens leaves the loss no token to score (an empty mean, NaN)."""
+        return isinstance(episode, TextEpisode) and len(self.tokenizer(episode.continuation, add_special_tokens=False)["input_ids"]) < 2
 
     def _text_turn(self) -> bool:
         """Whether the next episode is a text. After the text stage the draw is seeded by both samplers' positions,
@@ -277,6 +285,7 @@ class MetaTrainer:
                 self.accelerator.process_index, self.accelerator.num_processes,
             )
             self.step, self.skipped_long = meta["step"], meta["extra"].get("skipped_long", 0)
+            self.skipped_short_texts = meta["extra"].get("skipped_short_texts", 0)
             self.earlier_seconds = meta["extra"].get("train_seconds", 0.0)
             if self.text_sampler is not None and "text_sampler" in meta["extra"]:
                 self.text_sampler.load_state_dict(meta["extra"]["text_sampler"])
@@ -315,6 +324,8 @@ class MetaTrainer:
                 record.update(train_seconds=round(self._train_seconds(), 1))
                 window = args.log_every * args.gradient_accumulation_steps
                 record.update(loss=_mean(running[-window:]), lr=self.scheduler.get_last_lr()[0], episodes_per_s=episodes_per_s, skipped_long=self.skipped_long)
+                if self.text_sampler is not None:
+                    record.update(skipped_short_texts=self.skipped_short_texts)
                 if len(running_parts) > 1:  # with more than one term, each one's mean too
                     record.update({name: _mean(values[-window:]) for name, values in running_parts.items()})
             if self.dev_episodes and (self.step % args.eval_every == 0 or self.step == args.max_steps):
@@ -339,7 +350,10 @@ class MetaTrainer:
         return self.earlier_seconds + time.perf_counter() - self._started
 
     def _checkpoint_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"skipped_long": self.skipped_long, "train_seconds": round(self._train_seconds(), 1)}
+        extra: dict[str, Any] = {
+            "skipped_long": self.skipped_long, "skipped_short_texts": self.skipped_short_texts,
+            "train_seconds": round(self._train_seconds(), 1),
+        }
         if self.text_sampler is not None:
             extra["text_sampler"] = self.text_sampler.state_dict()
         return extra
