@@ -74,6 +74,9 @@ class TrainingArguments:
     # as the episode has queries). It is what refinement minimizes (prompt tuning on the shots), asked of the one pass
     # on every episode and every task.
     shot_answers_weight: float = 0.0
+    # The weight of a cross-entropy over each multiple-choice query's options, scored as evaluation ranks them (mean
+    # log-probability per answer token), towards the correct one: the dev panel's own criterion as a training term.
+    option_ranking_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,7 +97,8 @@ class TrainingArguments:
                 f"text_mix_rate must be in [0, 1), got {self.text_mix_rate}: it is the share of texts among the episodes "
                 "after the text stage (a run of texts only is text_stage_steps = max_steps)."
             )
-        for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight"):
+        for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight",
+                     "option_ranking_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):

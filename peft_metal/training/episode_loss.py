@@ -1,7 +1,7 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
 plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher), the distance of
-the prompt to its task's refined prompt (`prompt_targets`) and the same cross-entropy on XP's own answers (what
-refinement minimizes).
+the prompt to its task's refined prompt (`prompt_targets`), the same cross-entropy on XP's own answers (what
+refinement minimizes) and a cross-entropy over multiple-choice queries' options (what evaluation ranks).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
 wrapper's forward, and the PGM's work happens inside this forward).
@@ -32,7 +32,14 @@ from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
-from .options import encode_options, option_distillation_loss, option_scores
+from .options import (
+    encode_option_queries,
+    encode_options,
+    option_distillation_loss,
+    option_ranking,
+    option_scores,
+    row_mean_logprobs,
+)
 from .prompt_targets import prompt_target_loss
 
 
@@ -55,6 +62,7 @@ class EpisodeLoss(nn.Module):
         prompt_targets: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
         prompt_target_weight: float = 0.0,
         shot_answers_weight: float = 0.0,
+        option_ranking_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -72,6 +80,7 @@ class EpisodeLoss(nn.Module):
         self.prompt_targets = prompt_targets or {}
         self.prompt_target_weight = prompt_target_weight
         self.shot_answers_weight = shot_answers_weight
+        self.option_ranking_weight = option_ranking_weight
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -126,6 +135,8 @@ class EpisodeLoss(nn.Module):
             losses = {"lm_loss": outputs.loss}
             if self.shot_answers_weight > 0:
                 losses["shot_answers"] = self._shot_answers_loss(prompt, episode, device)
+            if self.option_ranking_weight > 0 and (ranked := self._option_ranking(prompt, episode, device)) is not None:
+                losses["option_ranking"], losses["option_accuracy"] = ranked
         target = self.prompt_targets.get(episode.task_name)
         if target is not None:
             losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
@@ -145,6 +156,7 @@ class EpisodeLoss(nn.Module):
             + self.option_distillation_weight * losses.get("option_distillation", 0.0)
             + self.prompt_target_weight * losses.get("prompt_target", 0.0)
             + self.shot_answers_weight * losses.get("shot_answers", 0.0)
+            + self.option_ranking_weight * losses.get("option_ranking", 0.0)
         )
         return losses
 
@@ -155,6 +167,18 @@ class EpisodeLoss(nn.Module):
         processes, against 6 to 9 s without the term (the two runs' logs)."""
         pairs = [example.as_shot() for example in episode.xp[: len(episode.queries)]]
         return self._answer(prompt, encode_queries(pairs, self.tokenizer, self.template, device)).loss
+
+    def _option_ranking(self, prompt, episode: Episode, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-entropy of the softmax over each multiple-choice query's option scores (mean log-probability per
+        token, as evaluation ranks them) against its correct options, and the share ranked right (a metric, logged
+        beside the losses, never added to them); None for an episode without such queries. The gold answer's own
+        cross-entropy raises every option that shares its tokens; this term asks that it beat the others."""
+        options = encode_option_queries(episode.queries, self.tokenizer, self.template, device)
+        if options is None:
+            return None
+        outputs = self._answer(prompt, options.batch)
+        loss, accuracy = option_ranking(row_mean_logprobs(outputs.logits, options.batch.labels), options)
+        return loss, accuracy.to(device)
 
     def _answer(self, prompt, batch: QueryBatch, use_cache: bool = False, only_labelled_logits: bool = True):
         """The LM reading `batch` (queries and their answers) after `prompt`, scored on the answers."""

@@ -1,8 +1,10 @@
-"""The distribution an LM puts on the options of multiple-choice queries, continuing from the keys/values it computed
-over the queries with their gold answers: what MEND-style option distillation compares between teacher and student.
+"""The distribution an LM puts on the options of multiple-choice queries, scored as evaluation scores them (mean
+log-probability per token after the query): what MEND-style option distillation compares between teacher and student,
+and what the option-ranking term trains towards the correct option.
 
-Each option is scored as evaluation scores it, by its mean log-probability per token after the query. The option rows
-continue each query's cached keys/values with the gold answer masked out, so no query is read twice.
+For distillation the option rows continue each query's cached keys/values with the gold answer masked out, so no
+query is read twice; the ranking term reads each (query, option) pair as a query row of its own, so that with
+`gradient_from_answers_only` only the options' tokens carry a gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..compat import cache_from_layers, cache_kwargs
 from ..data import Example
 from ..metal_prompt import ShotTemplate
-from ..metal_prompt.queries import QueryBatch
+from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import positions_from_mask
 
 
@@ -114,3 +116,53 @@ def option_distillation_loss(teacher_scores: torch.Tensor, student_scores: torch
         student = F.log_softmax(student_scores.index_select(0, index), dim=0)
         losses.append(F.kl_div(student, teacher, log_target=True, reduction="sum"))
     return torch.stack(losses).mean()
+
+
+@dataclass
+class OptionQueries:
+    """Every (query, option) pair of a batch's multiple-choice queries as a query batch labelled on the option, with
+    each query's rows and which of them are correct."""
+
+    batch: QueryBatch
+    groups: list[list[int]]  # per multiple-choice query, its rows in the order of its options
+    correct: list[list[int]]  # per multiple-choice query, the positions (within its group) of its correct options
+
+
+def encode_option_queries(
+    queries: Sequence[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
+) -> Optional[OptionQueries]:
+    """One row per option of every query with two or more options (None when there is none); an option is correct
+    when it is one of the example's answers (`output` or a tied alternative; `Example` holds them among its options)."""
+    pairs, groups, correct = [], [], []
+    for example in queries:
+        if example.options is None or len(example.options) < 2:
+            continue
+        groups.append(list(range(len(pairs), len(pairs) + len(example.options))))
+        correct.append([i for i, option in enumerate(example.options) if option in example.answers])
+        pairs.extend((example.input, option) for option in example.options)
+    if not pairs:
+        return None
+    return OptionQueries(encode_queries(pairs, tokenizer, template, device), groups, correct)
+
+
+def row_mean_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability per labelled token of each row, from logits at a row's last `logits.shape[1]` positions
+    (each predicting the next token) and the rows' full labels: evaluation's `acc_per_token` score, differentiable."""
+    kept = logits.shape[1]
+    targets = labels[:, labels.shape[1] - kept + 1 :]
+    scored = targets != -100
+    logprobs = -F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets.masked_fill(~scored, 0), reduction="none"
+    )
+    return (logprobs * scored).sum(dim=1) / scored.sum(dim=1)
+
+
+def option_ranking(scores: torch.Tensor, options: OptionQueries) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each query's softmax over its options' scores against its correct options (their total
+    probability), averaged over queries; and the share of queries whose best-scored option is correct (not a loss)."""
+    losses, hits = [], []
+    for group, right in zip(options.groups, options.correct):
+        group_scores = scores[group[0] : group[-1] + 1]
+        losses.append(torch.logsumexp(group_scores, dim=0) - torch.logsumexp(group_scores[right], dim=0))
+        hits.append(float(int(group_scores.argmax()) in right))
+    return torch.stack(losses).mean(), torch.tensor(sum(hits) / len(hits))

@@ -212,6 +212,7 @@ class MetaTrainer:
                 prompt_targets=prompt_targets,
                 prompt_target_weight=args.prompt_target_weight,
                 shot_answers_weight=args.shot_answers_weight,
+                option_ranking_weight=args.option_ranking_weight,
             ),
             optimizer,
             scheduler,
@@ -265,13 +266,20 @@ class MetaTrainer:
 
     def evaluate(self) -> float:
         """Mean query loss over fixed dev episodes, prompts made as at serving (eval mode, no gradient)."""
+        return self.dev_metrics()["dev_loss"]
+
+    def dev_metrics(self) -> dict[str, float]:
+        """Each term of the loss over the fixed dev episodes (`dev_loss` the query loss, `dev_<term>` the others, such
+        as option ranking and its accuracy, averaged over the episodes that have them), prompts made as at serving."""
         self.model.eval()
-        losses = []
+        terms: dict[str, list[float]] = {}
         with torch.no_grad():
             for episode in self.dev_episodes:
-                losses.append(self.accelerator.unwrap_model(self.loss_module)(episode)["lm_loss"].item())
+                for name, value in self.accelerator.unwrap_model(self.loss_module)(episode).items():
+                    if name != "loss":
+                        terms.setdefault("dev_loss" if name == "lm_loss" else f"dev_{name}", []).append(value.item())
         self.model.train()
-        return sum(losses) / len(losses)
+        return {name: _mean(values) for name, values in terms.items()}
 
     def train(self, resume: bool = False, stop_after: Optional[int] = None) -> dict[str, Any]:
         """Train to `max_steps` (or stop early after `stop_after` optimizer steps, as a kill would)."""
@@ -290,7 +298,7 @@ class MetaTrainer:
             if self.text_sampler is not None and "text_sampler" in meta["extra"]:
                 self.text_sampler.load_state_dict(meta["extra"]["text_sampler"])
         if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
-            self._log({"step": 0, "dev_loss": self.evaluate()})
+            self._log({"step": 0, **self.dev_metrics()})
         self.model.train()
         start_step, started = self.step, time.perf_counter()
         self._started = started
@@ -329,7 +337,7 @@ class MetaTrainer:
                 if len(running_parts) > 1:  # with more than one term, each one's mean too
                     record.update({name: _mean(values[-window:]) for name, values in running_parts.items()})
             if self.dev_episodes and (self.step % args.eval_every == 0 or self.step == args.max_steps):
-                record["dev_loss"] = self.evaluate()
+                record.update(self.dev_metrics())
             if record:
                 self._log({"step": self.step, **record})
             if self.step % args.checkpoint_every == 0:

@@ -1,0 +1,98 @@
+"""The option-ranking term (`option_ranking_weight`): each multiple-choice query's options scored as evaluation ranks
+them (mean log-probability per answer token after the query), a cross-entropy towards the correct ones that trains
+the PGM, its accuracy logged beside it, in training and on dev."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHOTS, build_tokenizer, encode, make_pgm
+
+from peft_metal.data import Episode, Example, Task
+from peft_metal.metal_prompt import ShotTemplate
+from peft_metal.training import EpisodeLoss, MetaTrainer, TrainingArguments
+from peft_metal.training.options import encode_option_queries
+
+QUERIES = [
+    Example("good", "yes", options=("no", "yes", "maybe")),
+    Example("free text", "whatever"),  # generative: no option rows
+    Example("a rather bad film", "no", alternatives=("nope",), options=("no", "yes", "nope")),  # two correct
+]
+
+
+def episode(queries=QUERIES) -> Episode:
+    shots = [Example(x, y) for x, y in SHOTS]
+    return Episode("t", xp=shots[:2], xl=shots[2:], queries=list(queries))
+
+
+def test_option_rows_group_every_option_and_mark_the_correct_ones():
+    options = encode_option_queries(QUERIES, build_tokenizer(), ShotTemplate(), torch.device("cpu"))
+    assert options.groups == [[0, 1, 2], [3, 4, 5]] and options.correct == [[1], [0, 2]]
+    assert options.batch.input_ids.shape[0] == 6
+    assert encode_option_queries(QUERIES[1:2], build_tokenizer(), ShotTemplate(), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("scope", ["all", "padding"])
+@pytest.mark.parametrize("answers_only", [False, True])
+def test_the_term_ranks_options_by_their_mean_logprob_after_the_query(scope, answers_only):
+    torch.manual_seed(0)
+    tok, template = build_tokenizer(), ShotTemplate()
+    model = make_pgm("llama", "prefix", lora_scope=scope).eval()
+    module = EpisodeLoss(model, tok, gradient_from_answers_only=answers_only, option_ranking_weight=0.5)
+    with torch.no_grad():
+        losses = module(episode())
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1)
+        expected_losses, hits = [], []
+        for example in (QUERIES[0], QUERIES[2]):
+            query = encode(tok, template.format_query(example.input))
+            scores = []
+            for option in example.options:
+                option_ids = encode(tok, template.format_answer(option))
+                logits = model(prompt=prompt, input_ids=torch.cat([query, option_ids]).unsqueeze(0)).logits[0]
+                logprobs = F.log_softmax(logits[len(query) - 1 : -1].float(), dim=-1)
+                scores.append(logprobs[torch.arange(len(option_ids)), option_ids].mean())
+            scores = torch.stack(scores)
+            right = [i for i, option in enumerate(example.options) if option in example.answers]
+            expected_losses.append(torch.logsumexp(scores, 0) - torch.logsumexp(scores[right], 0))
+            hits.append(float(int(scores.argmax()) in right))
+    assert losses["option_ranking"].item() == pytest.approx(torch.stack(expected_losses).mean().item(), abs=1e-4)
+    assert losses["option_accuracy"].item() == pytest.approx(sum(hits) / 2)
+    assert losses["loss"].item() == pytest.approx(losses["lm_loss"].item() + 0.5 * losses["option_ranking"].item(), rel=1e-5)
+
+
+def test_the_term_alone_trains_lora_and_padding_and_needs_multiple_choice():
+    model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding").train()
+    module = EpisodeLoss(model, build_tokenizer(), gradient_from_answers_only=True, option_ranking_weight=1.0)
+    module(episode())["option_ranking"].backward()
+    padding = model.base_model.metal_padding["default"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and "metal_padding" not in n)
+    generative_only = module(episode(QUERIES[1:2]))
+    assert "option_ranking" not in generative_only and "option_accuracy" not in generative_only
+
+
+def test_a_run_logs_the_term_and_its_dev_accuracy_and_a_negative_weight_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="option_ranking_weight must be >= 0"):
+        TrainingArguments(option_ranking_weight=-1.0)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"]
+    vowel = Task("vowel", [Example(w, "yes" if w[0] in "aeiou" else "no", options=("no", "yes")) for w in words])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), prompt_design="prefix", lora_scope="padding", max_steps=2, learning_rate=1e-2,
+        warmup_steps=1, gradient_accumulation_steps=2, xp_range=(1, 3), xl_range=(0, 1), num_queries=2,
+        checkpoint_every=2, eval_every=2, log_every=1, gradient_from_answers_only=True, option_ranking_weight=2.0,
+    )
+    model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding")
+    MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=[vowel], dev_tasks=[vowel]).train()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    trained = [record for record in log if "loss" in record]
+    assert trained and all({"lm_loss", "option_ranking", "option_accuracy"} <= set(record) for record in trained)
+    for record in trained:
+        assert record["loss"] == pytest.approx(record["lm_loss"] + 2.0 * record["option_ranking"], rel=1e-5)
+        assert 0 <= record["option_accuracy"] <= 1
+    evaluated = [record for record in log if "dev_loss" in record]
+    assert [record["step"] for record in evaluated] == [0, 2]
+    assert all(0 <= record["dev_option_accuracy"] <= 1 and record["dev_option_ranking"] > 0 for record in evaluated)
