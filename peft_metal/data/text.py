@@ -17,6 +17,8 @@ from .task import Task
 TEXT_SEPARATOR = "\n\n"
 # A continuation cut at a word boundary shorter than this is cut inside the text instead (texts without spaces).
 MIN_CONTINUATION_CHARACTERS = 20
+# The LM predicts a continuation's tokens after its first, so one of fewer tokens leaves its loss nothing to score.
+MIN_CONTINUATION_TOKENS = 2
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..compat import (
     returned_cache,
 )
 from ..data import Episode
-from ..data.text import TextEpisode
+from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.queries import QueryBatch, encode_queries
@@ -200,10 +200,10 @@ class EpisodeLoss(nn.Module):
         device = model_device(self.model.get_base_model())
         prefix = self._ids(episode.prefix, device)
         continuation = self._ids(episode.continuation, device).unsqueeze(0)
-        if continuation.shape[1] < 2:  # the LM predicts the continuation's tokens after its first: none would be scored
+        if continuation.shape[1] < MIN_CONTINUATION_TOKENS:
             raise ValueError(
                 f"text episode of {episode.task_name!r} has a continuation of {continuation.shape[1]} token(s) "
-                f"({episode.continuation!r}): at least 2 are needed for a loss; cut the text elsewhere."
+                f"({episode.continuation!r}): at least {MIN_CONTINUATION_TOKENS} are needed for a loss; cut the text elsewhere."
             )
         shots_read = None
         if self._reads_shots_once:

@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
-from ..data.text import TextEpisode, TextSampler
+from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..metal_prompt.model import PADDING_ATTRIBUTE
 from ..pgm import attach_pgm, check_pgm_folder
@@ -251,8 +251,10 @@ class MetaTrainer:
                 return episode
 
     def _nothing_to_predict(self, episode) -> bool:
-        """A text whose continuation is under 2 tokens leaves the loss no token to score (an empty mean, NaN)."""
-        return isinstance(episode, TextEpisode) and len(self.tokenizer(episode.continuation, add_special_tokens=False)["input_ids"]) < 2
+        """A text whose continuation is too short leaves the loss no token to score (an empty mean, NaN)."""
+        if not isinstance(episode, TextEpisode):
+            return False
+        return len(self.tokenizer(episode.continuation, add_special_tokens=False)["input_ids"]) < MIN_CONTINUATION_TOKENS
 
     def _text_turn(self) -> bool:
         """Whether the next episode is a text. After the text stage the draw is seeded by both samplers' positions,
