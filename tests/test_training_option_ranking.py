@@ -14,7 +14,7 @@ from conftest import SHOTS, build_tokenizer, encode, make_pgm
 from peft_metal.data import Episode, Example, Task
 from peft_metal.metal_prompt import ShotTemplate
 from peft_metal.training import EpisodeLoss, MetaTrainer, TrainingArguments
-from peft_metal.training.options import encode_option_queries
+from peft_metal.training.options import encode_option_queries, ranked_options
 
 QUERIES = [
     Example("good", "yes", options=("no", "yes", "maybe")),
@@ -96,3 +96,14 @@ def test_a_run_logs_the_term_and_its_dev_accuracy_and_a_negative_weight_is_refus
     evaluated = [record for record in log if "dev_loss" in record]
     assert [record["step"] for record in evaluated] == [0, 2]
     assert all(0 <= record["dev_option_accuracy"] <= 1 and record["dev_option_ranking"] > 0 for record in evaluated)
+
+
+def test_a_query_with_many_options_is_ranked_against_a_seeded_sample_of_distractors():
+    many = Example("pick", "o7", alternatives=("o3",), options=tuple(f"o{i}" for i in range(20)))
+    ranked = ranked_options(many, max_options=5)
+    assert len(ranked) == 5 and {"o3", "o7"} <= set(ranked)
+    assert ranked == sorted(ranked, key=lambda option: int(option[1:]))  # the options' own order
+    assert ranked_options(many, max_options=5) == ranked  # the same draw every time (exact resume)
+    assert ranked_options(many, max_options=20) == list(many.options)
+    options = encode_option_queries([many], build_tokenizer(), ShotTemplate(), torch.device("cpu"), max_options=5)
+    assert options.groups == [[0, 1, 2, 3, 4]] and [ranked[i] for i in options.correct[0]] == ["o3", "o7"]

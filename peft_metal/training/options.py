@@ -9,6 +9,7 @@ query is read twice; the ranking term reads each (query, option) pair as a query
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -128,18 +129,42 @@ class OptionQueries:
     correct: list[list[int]]  # per multiple-choice query, the positions (within its group) of its correct options
 
 
+# Every ranked option is a query row with its own graded pass, so a query's options are ranked against at most this
+# many: a train task with 100 options (abstract_narrative_understanding/99_distractors) would otherwise make 400 rows of
+# long narratives in one episode, gigabytes of activations.
+MAX_RANKED_OPTIONS = 8
+
+
+def ranked_options(example: Example, max_options: int = MAX_RANKED_OPTIONS) -> list[str]:
+    """The options a query is ranked over: all of them when they are at most `max_options`, else its correct ones and
+    distractors drawn at random (seeded by the example, so a resumed run draws the same), in the options' order."""
+    options = list(example.options or ())
+    if len(options) <= max_options:
+        return options
+    distractors = [option for option in options if option not in example.answers]
+    rng = random.Random(f"{example.input}\x00{example.output}")
+    kept = set(rng.sample(distractors, max(1, max_options - (len(options) - len(distractors)))))
+    return [option for option in options if option in example.answers or option in kept]
+
+
 def encode_option_queries(
-    queries: Sequence[Example], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, device: torch.device
+    queries: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ShotTemplate,
+    device: torch.device,
+    max_options: int = MAX_RANKED_OPTIONS,
 ) -> Optional[OptionQueries]:
-    """One row per option of every query with two or more options (None when there is none); an option is correct
-    when it is one of the example's answers (`output` or a tied alternative; `Example` holds them among its options)."""
+    """One row per ranked option (`ranked_options`) of every query with two or more options (None when there is
+    none); an option is correct when it is one of the example's answers (`output` or a tied alternative; `Example`
+    holds them among its options)."""
     pairs, groups, correct = [], [], []
     for example in queries:
         if example.options is None or len(example.options) < 2:
             continue
-        groups.append(list(range(len(pairs), len(pairs) + len(example.options))))
-        correct.append([i for i, option in enumerate(example.options) if option in example.answers])
-        pairs.extend((example.input, option) for option in example.options)
+        options = ranked_options(example, max_options)
+        groups.append(list(range(len(pairs), len(pairs) + len(options))))
+        correct.append([i for i, option in enumerate(options) if option in example.answers])
+        pairs.extend((example.input, option) for option in options)
     if not pairs:
         return None
     return OptionQueries(encode_queries(pairs, tokenizer, template, device), groups, correct)
