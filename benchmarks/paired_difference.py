@@ -41,7 +41,8 @@ def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
         labels = sorted({method_label(record) for record in records})
         raise SystemExit(f"{source} has no records labelled {label!r}; it has {labels}.")
     settings = data.get("settings", {})
-    return label, scores, {"file": source, "name": Path(path).name, "seeds": settings.get("seeds"), "queries": settings.get("queries")}
+    name = Path(path).name + (f":{key_path}" if key_path else "")  # points.1 and points.2 of one file told apart
+    return label, scores, {"file": source, "name": name, "seeds": settings.get("seeds"), "queries": settings.get("queries")}
 
 
 def main() -> None:
