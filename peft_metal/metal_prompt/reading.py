@@ -121,6 +121,12 @@ def keeps_logits(lm: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
+def kept_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The labels that logits kept at a row's last `logits.shape[1]` positions predict (each position the next
+    token), aligned with `logits[:, :-1]`: shared by the query loss and the option scores, which must agree."""
+    return labels[:, labels.shape[1] - logits.shape[1] + 1 :]
+
+
 def forward_with_prompt(
     lm: PreTrainedModel,
     prompt: GeneratedPrompt,
@@ -180,7 +186,7 @@ def forward_with_prompt(
     if labels is not None:
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            labels[:, query_length - kept + 1 :].reshape(-1),
+            kept_targets(logits, labels).reshape(-1),
             ignore_index=-100,
         )
     return causal_lm_output(loss, logits, returned_cache(outputs) if use_cache else None)

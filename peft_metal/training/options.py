@@ -21,7 +21,7 @@ from ..compat import cache_from_layers, cache_kwargs
 from ..data import Example
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.queries import QueryBatch, encode_queries
-from ..metal_prompt.reading import positions_from_mask
+from ..metal_prompt.reading import kept_targets, positions_from_mask
 
 
 @dataclass
@@ -173,8 +173,7 @@ def encode_option_queries(
 def row_mean_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean log-probability per labelled token of each row, from logits at a row's last `logits.shape[1]` positions
     (each predicting the next token) and the rows' full labels: evaluation's `acc_per_token` score, differentiable."""
-    kept = logits.shape[1]
-    targets = labels[:, labels.shape[1] - kept + 1 :]
+    targets = kept_targets(logits, labels)
     scored = targets != -100
     logprobs = -F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets.masked_fill(~scored, 0), reduction="none"
