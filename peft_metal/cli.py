@@ -354,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = evaluation.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", help="comma-separated task names (dev or train families; reserved ones are refused)")
     which.add_argument(
-        "--split", choices=("dev", "train", "dev-panel"),
+        "--split", choices=("dev", "train", "dev-panel", "dev-panel-confirm"),
         help="every task of a split of bigbench_splits.json, or dev-panel: the named dev panel (14 multiple-choice "
-        "tasks, 25 queries, seeds 0 and 1; see evaluation/panels.py)",
+        "tasks, 25 queries, seeds 0 and 1; see evaluation/panels.py), or dev-panel-confirm: the same tasks drawn "
+        "again (seeds 2 and 3), to confirm a choice made on dev-panel",
     )
     evaluation.add_argument("--task-dir", help="a folder of BIG-bench JSON tasks to load from instead of the bigbench package")
     evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")

@@ -121,10 +121,21 @@ def test_cli_suggests_method_names(tmp_path, capsys):
     assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
 
 
-def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tmp_path):
-    """`--split dev-panel`: the named panel's tasks, its seeds (records merged over them) and its queries unless
-    given; every task is a dev family's, and the report carries standard errors."""
-    from peft_metal.evaluation.panels import DEV_PANEL
+def test_confirmation_panel_draws_the_same_tasks_again():
+    """`dev-panel-confirm` scores the panel's tasks on seeds the panel does not use: other shots and queries."""
+    from peft_metal.evaluation.panels import DEV_PANEL, DEV_PANEL_CONFIRM
+
+    assert DEV_PANEL_CONFIRM.tasks == DEV_PANEL.tasks and DEV_PANEL_CONFIRM.questions == DEV_PANEL.questions
+    assert not set(DEV_PANEL_CONFIRM.seeds) & set(DEV_PANEL.seeds)
+
+
+@pytest.mark.parametrize("panel_name", ["dev-panel", "dev-panel-confirm"])
+def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tmp_path, panel_name):
+    """`--split dev-panel` (and its confirmation draw): the named panel's tasks, its seeds (records merged over them)
+    and its queries unless given; every task is a dev family's, and the report carries standard errors."""
+    from peft_metal.evaluation.panels import DEV_PANEL, PANELS
+
+    panel = PANELS[panel_name]
 
     splits = load_splits()
     families = {task.split("/", 1)[0] for task in DEV_PANEL.tasks}
@@ -134,15 +145,15 @@ def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tm
 
     output = tmp_path / "panel.json"
     code = main([
-        "eval", "--model", str(saved / "model"), "--pgm", str(saved / "pgm"), "--split", "dev-panel",
+        "eval", "--model", str(saved / "model"), "--pgm", str(saved / "pgm"), "--split", panel_name,
         "--queries", "1", "--methods", "zero_shot", "--shots", "1", "--output", str(output), "--no-progress",
     ])
     assert code == 0
     payload = json.loads(output.read_text())
-    assert payload["settings"]["panel"] == "dev-panel" and payload["settings"]["seeds"] == [0, 1]
-    assert [record["task"] for record in payload["results"]] == list(DEV_PANEL.tasks)
+    assert payload["settings"]["panel"] == panel_name and payload["settings"]["seeds"] == list(panel.seeds)
+    assert [record["task"] for record in payload["results"]] == list(panel.tasks)
     for record in payload["results"]:
-        assert record["seeds"] == [0, 1]
+        assert record["seeds"] == list(panel.seeds)
         assert "error" in record or record["n"] == 2
     assert "zero_shot" in payload["summary"] and payload["summary"]["zero_shot"]["se"] >= 0
     assert "±" in output.with_suffix(".md").read_text()

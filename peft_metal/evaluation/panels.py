@@ -4,11 +4,17 @@
 multiple-choice tasks, at most two tasks from each, 25 queries per task and seed, seeds 0 and 1, so 700 questions
 (one standard error of a mean accuracy near 0.5 is about 0.019, against 0.037 for the 180 questions of the six dev
 tasks used before). Only dev families are in it: nothing here is reserved for acceptance testing.
+
+`dev-panel-confirm` is the same tasks drawn again (seeds 2 and 3: other shots and queries; a small task shares some
+questions between draws), to confirm a choice made on `dev-panel`. A PGM's prompt depends on the 16 shots it reads,
+and two draws per task are few: a PGM chosen as the best of many on one draw carries that draw's luck, which a
+second draw does not share (docs/results.md, "A second draw"). A winner on `dev-panel` is a candidate until it wins
+here too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..data import check_allowed
 
@@ -49,7 +55,9 @@ DEV_PANEL = Panel(
     seeds=(0, 1),
 )
 
-PANELS = {panel.name: panel for panel in (DEV_PANEL,)}
+DEV_PANEL_CONFIRM = replace(DEV_PANEL, name="dev-panel-confirm", seeds=(2, 3))
+
+PANELS = {panel.name: panel for panel in (DEV_PANEL, DEV_PANEL_CONFIRM)}
 
 
 def get_panel(name: str) -> Panel:
