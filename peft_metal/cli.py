@@ -276,6 +276,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.panels import PANELS
+
     parser = argparse.ArgumentParser(prog="peft-metal", description="MetaL-Prompt: meta-learned prompt generation.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train a PGM on the train families of BIG-bench")
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = evaluation.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", help="comma-separated task names (dev or train families; reserved ones are refused)")
     which.add_argument(
-        "--split", choices=("dev", "train", "dev-panel", "dev-panel-confirm"),
+        "--split", choices=("dev", "train", *PANELS),
         help="every task of a split of bigbench_splits.json, or dev-panel: the named dev panel (14 multiple-choice "
         "tasks, 25 queries, seeds 0 and 1; see evaluation/panels.py), or dev-panel-confirm: the same tasks drawn "
         "again (seeds 2 and 3), to confirm a choice made on dev-panel",
