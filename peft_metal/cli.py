@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+DEV_RESULTS_HELP = (
+    "results.json files of `peft-metal eval` (one per draw of the panel) whose means go into the model card, each "
+    "labelled with its panel and seeds"
+)
+
 
 def _train(args: argparse.Namespace) -> int:
     from .training import MetaTrainer, TrainingArguments
@@ -40,17 +45,30 @@ def _launch_training(args: argparse.Namespace) -> int:
     return subprocess.run(command, env=process_environment(args.processes)).returncode
 
 
-def _export(args: argparse.Namespace) -> int:
-    import json
+def _dev_results(paths: Optional[Sequence[str]]) -> Optional[dict[str, float]]:
+    """The labelled means of every results.json given (one per draw of the panel), for a model card."""
+    from .evaluation.report import labelled_means
 
+    return {label: mean for path in paths or () for label, mean in labelled_means(path).items()} or None
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .pgm import record_dev_results
+
+    try:
+        record_dev_results(args.pgm, _dev_results(args.dev_results))
+    except (ValueError, OSError) as error:
+        print(f"peft-metal card: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Dev results written into {args.pgm}/adapter_config.json and its README.md")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
     from .training.trainer import export_checkpoint
 
     try:
-        dev_results = None
-        if args.dev_results:
-            summary = json.loads(Path(args.dev_results).read_text(encoding="utf-8"))["summary"]
-            dev_results = {method: round(stats["mean"], 4) for method, stats in summary.items()}
-        target = export_checkpoint(args.run_dir, args.output, args.step, dev_results)
+        target = export_checkpoint(args.run_dir, args.output, args.step, _dev_results(args.dev_results))
     except (ValueError, OSError, KeyError) as error:
         print(f"peft-metal export: error: {error}", file=sys.stderr)
         return 2
@@ -303,8 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", required=True, help="the run's output_dir")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
     export.add_argument("--output", required=True, help="folder to write the PGM to")
-    export.add_argument("--dev-results", help="a results.json of `peft-metal eval` whose means go into the model card")
+    export.add_argument("--dev-results", nargs="+", help=DEV_RESULTS_HELP)
     export.set_defaults(run=_export)
+
+    card = commands.add_parser(
+        "card", help="put dev results into a saved PGM's config and model card (e.g. after evaluating it on more draws)"
+    )
+    card.add_argument("--pgm", required=True, help="the saved PGM's folder")
+    card.add_argument("--dev-results", nargs="+", required=True, help=DEV_RESULTS_HELP)
+    card.set_defaults(run=_card)
 
     prompt = commands.add_parser(
         "prompt", help="make a task's prompt from shots in a JSONL file; a discrete prompt is printed as text any LM "

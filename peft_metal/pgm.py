@@ -51,6 +51,17 @@ def attach_pgm(lm: Any, source: Union[str, os.PathLike], is_trainable: bool = Fa
         ) from None
 
 
+def record_dev_results(folder: Union[str, os.PathLike], dev_results: dict[str, float]) -> None:
+    """Replace the dev results in a saved PGM's training summary, and so in its model card (the config writes both),
+    leaving its weights and every other fact as they are."""
+    from .metal_prompt import MetaLPromptConfig
+
+    check_pgm_folder(folder)
+    config = MetaLPromptConfig.from_pretrained(str(folder))
+    config.training_summary = {**(config.training_summary or {}), "dev_results": dev_results}
+    config.save_pretrained(str(folder))
+
+
 def shipped_pgm(model_name: str) -> Optional[str]:
     folder = SHIPPED_PGMS.get(model_name)
     path = SHIPPED_DIR / folder if folder else None

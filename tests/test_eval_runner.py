@@ -135,6 +135,25 @@ def test_merge_seeds_weights_scores_by_questions():
     assert "error" in merged[1] and merged[1]["seeds"] == [0, 1]
 
 
+def test_standard_error_across_draws_counts_how_much_each_tasks_seeds_disagree(tmp_path):
+    """`draw_se`: per task the variance of its seeds' scores over the number of seeds, summed over tasks, square
+    root over the number of tasks; absent for one seed; shown as its own row of the markdown table."""
+    from peft_metal.evaluation.report import draw_standard_error, summary
+
+    scores = {"a": (0.2, 0.6), "b": (0.5, 0.5), "c": (1.0, 0.8)}
+    records = [{"task": task, "method": "metal", "metric": "acc", "score": score, "n": 25, "seed": seed}
+               for task, pair in scores.items() for seed, score in enumerate(pair)]
+    merged = merge_seeds(records)
+    assert [record["seed_scores"] for record in merged] == [list(pair) for pair in scores.values()]
+    expected = ((0.4**2 / 4 + 0.0 + 0.2**2 / 4) ** 0.5) / 3  # two seeds: variance (s0 - s1)^2 / 2, over 2 seeds
+    assert draw_standard_error(merged) == pytest.approx(expected)
+    assert summary(merged)["metal"]["draw_se"] == pytest.approx(expected)
+    one_seed = [record for record in records if record["seed"] == 0]
+    assert draw_standard_error(merge_seeds(one_seed)) is None and "draw_se" not in summary(merge_seeds(one_seed))
+    write_results(merged, tmp_path / "results.json")
+    assert f"| ± across seeds' draws | | {expected:.3f} |" in (tmp_path / "results.md").read_text()
+
+
 def test_merged_standard_errors_are_those_of_the_pooled_questions():
     from peft_metal.evaluation.metrics import mean_stderr
 

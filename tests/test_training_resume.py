@@ -168,6 +168,38 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
         _saved_pgm(make_lm("llama"), wrong)
 
 
+def test_grow_slots_widens_a_saved_pgm(tmp_path):
+    """`grow_slots` starts a run with more slots than the saved PGM: LoRA as saved, slot i as saved slot i mod K,
+    everything trainable; fewer or as many slots, or no init_from, are refused by name."""
+    from conftest import K, make_lm
+
+    from peft_metal.training.trainer import _saved_pgm
+
+    first = make_trainer(tmp_path / "first", "prefix", scope="padding", max_steps=2)
+    saved = first.save_final(first._summary([], 0.0))  # baked: padding_reparameterization "none"
+    trained = pgm_state(first)
+    wider = 2 * K + 1
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "wide"), prompt_design="prefix", lora_scope="padding", num_prompt_tokens=wider,
+        r=4, padding_reparameterization="none", init_from=str(saved), grow_slots=True,
+    )
+    grown = _saved_pgm(make_lm("llama"), args)
+    state = {n: p.detach() for n, p in grown.named_parameters() if p.requires_grad}
+    assert state.keys() == trained.keys()
+    for name in trained:
+        if "metal_padding" in name:
+            assert state[name].shape[0] == wider
+            torch.testing.assert_close(state[name], trained[name][torch.arange(wider) % K], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(state[name], trained[name], rtol=0, atol=0, msg=name)
+    assert grown.peft_config["default"].num_prompt_tokens == wider
+
+    with pytest.raises(ValueError, match=f"saved num_prompt_tokens {K}, settings {K}"):
+        _saved_pgm(make_lm("llama"), dataclasses.replace(args, num_prompt_tokens=K))
+    with pytest.raises(ValueError, match="grow_slots widens the PGM given by init_from"):
+        TrainingArguments(grow_slots=True)
+
+
 def test_padding_learning_rate_gives_the_padding_a_group_of_its_own(tmp_path):
     trainer = make_trainer(tmp_path, "prefix", scope="padding", padding_learning_rate=0.5)
     lora, padding = trainer.optimizer.param_groups
@@ -249,6 +281,39 @@ def test_export_a_checkpoint_of_a_run_that_goes_on(tmp_path, monkeypatch):
             exported.generate_prompt(SHOTS, tokenizer=tok).keys, checkpoint.generate_prompt(SHOTS, tokenizer=tok).keys
         )
     assert main(["export", "--run-dir", str(tmp_path / "run"), "--step", "7", "--output", str(tmp_path / "x")]) == 2
+
+
+def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatch, capsys):
+    """`peft-metal card`: a saved PGM's dev results are replaced by those of several eval files, each figure named
+    with the panel and seeds it was measured on; the weights stay as they were; a file that is no eval output is
+    refused by name."""
+    from conftest import make_lm
+
+    from peft_metal.cli import main
+
+    trainer = make_trainer(tmp_path / "run", "prefix", scope="padding")
+    trainer.train(stop_after=2)
+    monkeypatch.setattr("peft_metal.training.trainer.load_base_model", lambda name: (make_lm("llama"), None))
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "pgm")]) == 0
+    weights = (tmp_path / "pgm" / "adapter_model.safetensors").read_bytes()
+    draws = []
+    for seeds, mean in (([0, 1], 0.5), ([2, 3], 0.25)):
+        draws.append(tmp_path / f"draw{seeds[0]}.json")
+        draws[-1].write_text(json.dumps({"summary": {"metal": {"mean": mean}},
+                                         "settings": {"panel": "dev-panel", "seeds": seeds, "tasks": ["a", "b"]}}))
+    assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", *map(str, draws)]) == 0
+    config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
+    assert config["training_summary"]["dev_results"] == {
+        "metal (dev-panel, seeds 0,1)": 0.5, "metal (dev-panel, seeds 2,3)": 0.25
+    }
+    assert config["training_summary"]["episodes"] == 4
+    assert "- metal (dev-panel, seeds 2,3): 0.250" in (tmp_path / "pgm" / "README.md").read_text()
+    assert (tmp_path / "pgm" / "adapter_model.safetensors").read_bytes() == weights
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": []}))
+    assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(bad)]) == 2
+    assert "has no 'summary'" in capsys.readouterr().err
 
 
 def test_text_stage_then_task_episodes_and_resume_exactly(tmp_path):

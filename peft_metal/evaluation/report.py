@@ -64,7 +64,24 @@ def summary(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 stats = metric_means(records, name)
                 if stats is not None:
                     table[method][name], table[method][f"{name}_stderr"] = stats[0], stats[1]
+            draws = draw_standard_error(records)
+            if draws is not None:
+                table[method]["draw_se"] = draws
     return table
+
+
+def draw_standard_error(records: Sequence[dict[str, Any]]) -> Optional[float]:
+    """The standard error of the mean score over tasks that counts each seed's draw of shots *and* queries, from how
+    much each task's seeds disagree (the sample variance of its per-seed scores); `se` counts the questions alone,
+    but a prompt made from the shots moves with their draw. None unless every record has two or more seed scores."""
+    if not records or any(len(record.get("seed_scores", ())) < 2 for record in records):
+        return None
+    variance = 0.0
+    for record in records:
+        scores = record["seed_scores"]
+        mean = sum(scores) / len(scores)
+        variance += sum((score - mean) ** 2 for score in scores) / (len(scores) - 1) / len(scores)
+    return math.sqrt(variance) / len(records)
 
 
 def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,6 +101,8 @@ def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         n = sum(record["n"] for record in records)
         combined = dict(first, n=n, seeds=[record.get("seed") for record in records])
         combined.pop("seed", None)
+        if len(records) > 1:
+            combined["seed_scores"] = [record["score"] for record in records]
         for key, value in first.items():
             if key in ("n", "seed") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -184,6 +203,12 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         + " |"
     )
     lines.append("| questions | | " + " | ".join(str(means[m]["questions"]) if m in means else "-" for m in methods) + " |")
+    if any("draw_se" in stats for stats in means.values()):
+        lines.append(
+            "| ± across seeds' draws | | "
+            + " | ".join(f"{means[m]['draw_se']:.3f}" if "draw_se" in means.get(m, {}) else "-" for m in methods)
+            + " |"
+        )
 
     lines += metrics_table(results)
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
@@ -234,3 +259,19 @@ def write_results(
     markdown.write_text(markdown_table(results), encoding="utf-8")
     plot_means(results, plot)
     return {"json": path, "markdown": markdown, "plot": plot}
+
+
+def labelled_means(path: str | os.PathLike) -> dict[str, float]:
+    """The mean score of each method in a `results.json`, labelled with where it was measured (the panel or the
+    number of tasks, and the seeds that drew the shots and queries), so a model card that quotes several draws of the
+    same panel says which figure is which: `{"metal (dev-panel, seeds 0,1)": 0.511, ...}`."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "summary" not in payload:
+        raise ValueError(f"{path} has no 'summary': give a results.json written by `peft-metal eval`.")
+    settings = payload.get("settings") or {}
+    where = [settings.get("panel") or (f"{len(settings['tasks'])} tasks" if settings.get("tasks") else None)]
+    if settings.get("seeds") is not None:
+        where.append("seeds " + ",".join(str(seed) for seed in settings["seeds"]))
+    label = ", ".join(part for part in where if part)
+    return {f"{method} ({label})" if label else method: round(stats["mean"], 4) for method, stats in payload["summary"].items()}
+

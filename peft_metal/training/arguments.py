@@ -78,6 +78,10 @@ class TrainingArguments:
     # log-probability per answer token), towards the correct one: the dev panel's own criterion as a training term.
     option_ranking_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
+    # With init_from, a num_prompt_tokens larger than the saved PGM's: its LoRA is kept as saved and its K slots are
+    # repeated in turn over the new ones (slot i starts as saved slot i mod K), so a longer prompt starts from what
+    # the shorter one learnt instead of from scratch.
+    grow_slots: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,8 @@ class TrainingArguments:
                 f"symbol_label_rate={self.symbol_label_rate} renames an episode's labels, which its task's prompt "
                 "target (refined on the real labels) does not know: set symbol_label_rate to 0 to use prompt_targets."
             )
+        if self.grow_slots and self.init_from is None:
+            raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 

@@ -9,6 +9,7 @@ progress bar and a JSONL log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -83,14 +84,40 @@ def _saved_pgm(lm, args: TrainingArguments):
     saved = PeftConfig.from_pretrained(args.init_from)
     if not isinstance(saved, MetaLPromptConfig):
         raise ValueError(f"init_from={args.init_from!r} holds a {type(saved).__name__}, not a MetaL-Prompt PGM.")
-    differ = {name: (getattr(saved, name), getattr(args, name)) for name in SHAPE_SETTINGS if getattr(saved, name) != getattr(args, name)}
+    must_match = [name for name in SHAPE_SETTINGS if not (args.grow_slots and name == "num_prompt_tokens")]
+    differ = {name: (getattr(saved, name), getattr(args, name)) for name in must_match if getattr(saved, name) != getattr(args, name)}
     if differ:
         listed = ", ".join(f"{name}: saved {was!r}, settings {now!r}" for name, (was, now) in differ.items())
         raise ValueError(
             f"init_from={args.init_from!r} does not match this run's settings ({listed}). Set them as the saved PGM "
             "has them (a baked PGM has padding_reparameterization 'none'), or start from a fresh PGM."
         )
+    if args.grow_slots:
+        return _saved_pgm_with_more_slots(lm, args, saved)
     return attach_pgm(lm, args.init_from, is_trainable=True)
+
+
+def _saved_pgm_with_more_slots(lm, args: TrainingArguments, saved: MetaLPromptConfig):
+    """The saved PGM widened to `args.num_prompt_tokens` slots (`grow_slots`): LoRA as saved, and the saved slots'
+    embeddings repeated in turn over the new slots, so every slot starts as one the PGM was trained with."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    if args.num_prompt_tokens <= saved.num_prompt_tokens:
+        raise ValueError(
+            f"grow_slots needs more slots than init_from={args.init_from!r} has (saved num_prompt_tokens "
+            f"{saved.num_prompt_tokens}, settings {args.num_prompt_tokens}): raise num_prompt_tokens, or set "
+            "grow_slots to false to continue with the saved K."
+        )
+    config = dataclasses.replace(saved, num_prompt_tokens=args.num_prompt_tokens, inference_mode=False)
+    model = get_peft_model(lm, config)
+    weights = load_peft_weights(args.init_from)
+    [padding_key] = [key for key in weights if PADDING_ATTRIBUTE in key and key.endswith(".embedding")]
+    slots = torch.arange(args.num_prompt_tokens) % saved.num_prompt_tokens
+    weights[padding_key] = weights[padding_key][slots]
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ValueError(f"init_from={args.init_from!r} holds weights this PGM has no place for: {result.unexpected_keys[:3]}")
+    return model
 
 
 def parameter_groups(model, padding_learning_rate: Optional[float]) -> list[dict[str, Any]]:
