@@ -46,10 +46,12 @@ def _launch_training(args: argparse.Namespace) -> int:
 
 
 def _dev_results(paths: Optional[Sequence[str]]) -> Optional[dict[str, float]]:
-    """The labelled means of every results.json given (one per draw of the panel), for a model card."""
+    """The labelled means of the PGM's own methods (`metal...`; references such as ICL belong to the docs, not to the
+    PGM's card) in every results.json given (one per draw of the panel)."""
     from .evaluation.report import labelled_means
 
-    return {label: mean for path in paths or () for label, mean in labelled_means(path).items()} or None
+    means = {label: mean for path in paths or () for label, mean in labelled_means(path).items()}
+    return {label: mean for label, mean in means.items() if label.startswith("metal")} or None
 
 
 def _card(args: argparse.Namespace) -> int:

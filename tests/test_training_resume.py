@@ -299,7 +299,7 @@ def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatc
     draws = []
     for seeds, mean in (([0, 1], 0.5), ([2, 3], 0.25)):
         draws.append(tmp_path / f"draw{seeds[0]}.json")
-        draws[-1].write_text(json.dumps({"summary": {"metal": {"mean": mean}},
+        draws[-1].write_text(json.dumps({"summary": {"metal": {"mean": mean}, "icl": {"mean": 0.75}},
                                          "settings": {"panel": "dev-panel", "seeds": seeds, "tasks": ["a", "b"]}}))
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", *map(str, draws)]) == 0
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
