@@ -3,7 +3,7 @@
     python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
         [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
         [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)]
-        [--references benchmarks/results/precision_eval.json] [--name learning_curve]
+        [--references benchmarks/results/precision_eval.json] [--seeds 2,3 (another draw of the panel)] [--name learning_curve]
 
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
 precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
@@ -67,24 +67,31 @@ def training_facts(checkpoint: Path | None) -> tuple[float | None, int]:
 
 
 def untrained_pgm(run: Path):
-    """A fresh PGM built from the run's settings with its seed, as the trainer builds it."""
+    """The PGM the trainer starts the run with, built from its settings with its seed: a fresh one, or with
+    `grow_slots` its `init_from` PGM widened to the run's slots."""
     args = run_settings(run)
     torch.manual_seed(args.seed)
     return build_pgm(args)
 
 
-def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path) -> dict[str, Any]:
-    """The dev panel on `pgm`; None is the PGM the run started from: its `init_from` PGM, else a fresh one."""
+def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """The dev panel on `pgm`; None is the PGM the run started from: its `init_from` PGM (widened, with
+    `grow_slots`), else a fresh one."""
     start = run_settings(run).init_from
-    if pgm is None and start is None:
+    if pgm is None and (start is None or run_settings(run).grow_slots):
         model, tokenizer = untrained_pgm(run)
     else:
         lm, tokenizer = load_base_model(run_settings(run).model)
         model = PeftModel.from_pretrained(lm, str(pgm if pgm is not None else start))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
-    merged = evaluate_seeds(model, tokenizer, tasks, settings, DEV_PANEL.seeds, progress=False)
+    merged = evaluate_seeds(model, tokenizer, tasks, settings, seeds, progress=False)
     return {"precision": precision, "summary": summary(merged), "records": merged}
+
+
+def seeds_label(point: dict[str, Any]) -> str:
+    """The seeds a point was scored on (points written before `--seeds` existed used the panel's)."""
+    return ",".join(str(seed) for seed in point.get("seeds", DEV_PANEL.seeds))
 
 
 def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float]) -> None:
@@ -94,14 +101,15 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float])
     figure = Figure(figsize=(6.5, 4), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    series: dict[tuple[str, str, str], list[tuple[int, float, float]]] = {}
     for point in points:
         for method, stats in point["summary"].items():
-            series.setdefault((point["run"], method), []).append((point["episodes"], stats["mean"], stats["se"]))
-    for (run, method), values in series.items():
+            key = (point["run"], method, seeds_label(point))
+            series.setdefault(key, []).append((point["episodes"], stats["mean"], stats["se"]))
+    for (run, method, seeds), values in series.items():
         values.sort()
         axes.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
-                      capsize=3, label=f"{Path(run).name}: {method}")
+                      capsize=3, label=f"{Path(run).name}: {method} (seeds {seeds})")
     for (label, value), style in zip(references.items(), ("--", ":", "-.")):
         axes.axhline(value, color="gray", linestyle=style, label=label)
     axes.set_xscale("symlog", linthresh=100)
@@ -123,12 +131,16 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, help="the refined methods' Adam learning rate (default: refine_prompt's)")
     parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)),
+                        help="the seeds that draw each task's shots and queries (default: the panel's; 2,3 is "
+                        "dev-panel-confirm's draw)")
     parser.add_argument("--name", default="learning_curve")
     args = parser.parse_args()
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
 
     path = args.output / f"{args.name}.json"
     report = json.loads(path.read_text()) if path.exists() else {"points": []}
-    done = {(p["run"], p["step"]) for p in report["points"]}
+    done = {(p["run"], p["step"], seeds_label(p)) for p in report["points"]}
     tasks = load_eval_tasks(names=list(DEV_PANEL.tasks))
     settings = EvaluationSettings(
         args.methods, DEV_PANEL.shots, args.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
@@ -139,15 +151,15 @@ def main() -> None:
         if args.untrained:
             points.insert(0, (0, None))
         for step, folder in points:
-            if (str(run), step) in done:
+            if (str(run), step, ",".join(map(str, seeds))) in done:
                 continue
-            print(f"scoring {run} step {step} ...", flush=True)
-            result = score(folder / "pgm" if folder is not None else None, tasks, settings, run)
+            print(f"scoring {run} step {step}, seeds {seeds} ...", flush=True)
+            result = score(folder / "pgm" if folder is not None else None, tasks, settings, run, seeds)
             seconds, processes = training_facts(folder)
             episodes = episodes_seen(run_settings(run), step, processes)
-            point = {"run": str(run), "step": step, "episodes": episodes, "train_seconds": seconds}
+            point = {"run": str(run), "step": step, "seeds": list(seeds), "episodes": episodes, "train_seconds": seconds}
             report["points"].append({**point, **result})
-            report["points"].sort(key=lambda p: (p["run"], p["step"]))
+            report["points"].sort(key=lambda p: (p["run"], seeds_label(p), p["step"]))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=1) + "\n")  # kept after every checkpoint: resumable
 
@@ -164,10 +176,11 @@ def main() -> None:
     # columns as the evaluation report labels them (a refined method per step count: metal+refine@20)
     methods = list(dict.fromkeys(label for point in report["points"] for label in point["summary"]))
     lines = [
-        f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run; mean accuracy ± one standard error.",
+        f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run, each task's shots and queries drawn "
+        "by the seeds named; mean accuracy ± one standard error.",
         "",
-        "| run | step | episodes | training seconds (this run) | " + " | ".join(methods) + " |",
-        "|---|---|---|---|" + "---|" * len(methods),
+        "| run | seeds | step | episodes | training seconds (this run) | " + " | ".join(methods) + " |",
+        "|---|---|---|---|---|" + "---|" * len(methods),
     ]
     for point in report["points"]:
         cells = [
@@ -176,7 +189,8 @@ def main() -> None:
         ]
         seconds = f"{point['train_seconds']:,.0f}" if point.get("train_seconds") is not None else "-"
         lines.append(
-            f"| {Path(point['run']).name} | {point['step']} | {point['episodes']} | {seconds} | " + " | ".join(cells) + " |"
+            f"| {Path(point['run']).name} | {seeds_label(point)} | {point['step']} | {point['episodes']} | {seconds} | "
+            + " | ".join(cells) + " |"
         )
     lines += ["", "References: " + ", ".join(f"{k} {v:.3f}" for k, v in references.items())] if references else []
     write_report(args.output, args.name, report, lines)

@@ -128,13 +128,29 @@ class TrainingArguments:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainingArguments":
-        data = json.loads(Path(path).read_text())
+        """Settings from a JSON file; `"extends": "other.json"` (relative to the file) takes that file's settings
+        first, so a config that varies another says only what it changes."""
+        data = cls._settings_of(Path(path), ())
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**data)
+
+    @classmethod
+    def _settings_of(cls, path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+        if path.resolve() in seen:
+            chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+            raise ValueError(f"{path}: configs extend each other in a circle ({chain}).")
+        data = json.loads(path.read_text())
+        base = data.pop("extends", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown training settings {unknown}; known ones are {sorted(known)}.")
-        data.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**data)
+            raise ValueError(f"{path}: unknown training settings {unknown}; known ones are {sorted(known)} and 'extends'.")
+        if base is None:
+            return data
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ValueError(f"{path}: extends {base!r}, but {base_path} is not a file (the path is relative to {path.parent}).")
+        return {**cls._settings_of(base_path, (*seen, path.resolve())), **data}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,0 +1,45 @@
+"""Training settings from JSON: every example config loads, and `extends` takes another config's settings first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peft_metal.training import TrainingArguments
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("config", sorted(EXAMPLES.glob("train_*.json")) + sorted(EXAMPLES.glob("probe_*.json")),
+                         ids=lambda path: path.name)
+def test_every_example_config_loads(config):
+    assert TrainingArguments.from_json(config).output_dir.startswith("runs/")
+
+
+def write(path: Path, **settings) -> Path:
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_extends_takes_the_base_settings_then_its_own(tmp_path):
+    write(tmp_path / "base.json", output_dir="runs/base", learning_rate=1e-3, seed=3, num_prompt_tokens=16)
+    (tmp_path / "variants").mkdir()
+    write(tmp_path / "variants" / "mid.json", extends="../base.json", learning_rate=3e-5)
+    leaf = write(tmp_path / "variants" / "leaf.json", extends="mid.json", output_dir="runs/leaf", num_prompt_tokens=64)
+    args = TrainingArguments.from_json(leaf, seed=9)
+    assert (args.output_dir, args.learning_rate, args.num_prompt_tokens, args.seed) == ("runs/leaf", 3e-5, 64, 9)
+
+
+def test_extends_refuses_a_missing_base_a_circle_and_unknown_settings(tmp_path):
+    missing = write(tmp_path / "a.json", extends="nowhere.json")
+    with pytest.raises(ValueError, match="extends 'nowhere.json', but .*nowhere.json is not a file"):
+        TrainingArguments.from_json(missing)
+    write(tmp_path / "b.json", extends="c.json")
+    write(tmp_path / "c.json", extends="b.json")
+    with pytest.raises(ValueError, match="configs extend each other in a circle"):
+        TrainingArguments.from_json(tmp_path / "b.json")
+    write(tmp_path / "base.json", learning_rate=1e-3, lerning_rate=2e-3)
+    with pytest.raises(ValueError, match=r"base.json: unknown training settings \['lerning_rate'\]"):
+        TrainingArguments.from_json(write(tmp_path / "d.json", extends="base.json"))
