@@ -1,0 +1,89 @@
+"""Means over several draws of the panel, with standard errors that count the draws: is a method's lead over another
+larger than how much it moves from one draw of shots and queries to the next?
+
+    python benchmarks/draw_spread.py \
+        --series shipped benchmarks/results/learning_curve_text_stage.json:points.0=metal \
+            benchmarks/results/dev_panel_fresh_draw_shipped.json=metal benchmarks/results/dev_panel_third_draw_shipped.json=metal \
+        --series zero-shot benchmarks/results/precision_eval.json:runs.bf16=zero_shot \
+            benchmarks/results/dev_panel_fresh_draw_references.json=zero_shot benchmarks/results/dev_panel_third_draw_shipped.json=zero_shot \
+        [--name draw_spread]
+
+Each `--series` is a name and one `FILE[:KEY.PATH]=LABEL` per draw (as `paired_difference.py` reads them), draws in
+the same order in every series. The tasks are fixed (the panel's); what is random is each draw's shots and queries.
+So a series' error is, per task, the variance of its score across draws over the number of draws, summed over tasks,
+square root, over the number of tasks; and each series is compared with the first draw by draw (the same shots and
+queries), the per-task differences' spread across draws giving the error of the mean difference. Writes `<name>.json`
+and `.md` under benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+from paired_difference import records_of  # benchmarks/paired_difference.py
+from report import provenance, write_report  # benchmarks/report.py
+
+
+def across_draws(draws: list[dict[str, float]]) -> tuple[float, float]:
+    """(mean over draws and tasks, its standard error from each task's spread across draws)."""
+    tasks = sorted(draws[0])
+    mean = statistics.mean(statistics.mean(draw[task] for draw in draws) for task in tasks)
+    variance = sum(statistics.variance([draw[task] for draw in draws]) / len(draws) for task in tasks)
+    return mean, math.sqrt(variance) / len(tasks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--series", nargs="+", action="append", required=True, metavar="NAME FILE=LABEL",
+                        help="a name, then one FILE[:KEY.PATH]=LABEL per draw")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="draw_spread")
+    args = parser.parse_args()
+
+    series = {}
+    for name, *draws in args.series:
+        if len(draws) < 2:
+            parser.error(f"series {name!r} has {len(draws)} draw(s): an error across draws needs at least two.")
+        series[name] = [records_of(draw) for draw in draws]
+    counts = {name: len(draws) for name, draws in series.items()}
+    if len(set(counts.values())) > 1:
+        raise SystemExit(f"every series needs the same draws, in the same order: {counts}.")
+    first_name, first = next(iter(series.items()))
+    for name, draws in series.items():
+        for index, ((_, scores, source), (_, first_scores, first_source)) in enumerate(zip(draws, first)):
+            if set(scores) != set(first_scores):
+                raise SystemExit(f"{name}, draw {index + 1} ({source['name']}) is not on {first_name}'s tasks.")
+            if None not in (source["seeds"], first_source["seeds"]) and source["seeds"] != first_source["seeds"]:
+                raise SystemExit(f"{name}, draw {index + 1}: seeds {source['seeds']}, {first_name}: {first_source['seeds']}.")
+
+    rows = []
+    for name, draws in series.items():
+        scores = [draw[1] for draw in draws]
+        mean, se = across_draws(scores)
+        row = {"series": name, "draws": [draw[2] for draw in draws], "draw_means": [statistics.mean(s.values()) for s in scores],
+               "mean": mean, "se_across_draws": se}
+        if name != first_name:
+            differences = [{task: f[1][task] - s[task] for task in s} for f, s in zip(first, scores)]
+            row["difference_from_first"], row["difference_se"] = across_draws(differences)
+        rows.append(row)
+    report = {**provenance(), "series": rows}
+    lines = [
+        f"Each series over {counts[first_name]} draws of the same tasks: the mean of the draws' means, ± its standard "
+        f"error from each task's spread across draws; and {first_name} minus each series draw by draw.",
+        "",
+        "| series | mean per draw | mean | ± across draws | " + f"{first_name} minus it |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        per_draw = " / ".join(f"{value:.3f}" for value in row["draw_means"])
+        difference = (f"{row['difference_from_first']:+.3f} ± {row['difference_se']:.3f}"
+                      if "difference_from_first" in row else "")
+        lines.append(f"| {row['series']} | {per_draw} | {row['mean']:.3f} | {row['se_across_draws']:.3f} | {difference} |")
+    write_report(args.output, args.name, report, lines)
+
+
+if __name__ == "__main__":
+    main()
