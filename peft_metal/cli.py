@@ -58,7 +58,10 @@ def _card(args: argparse.Namespace) -> int:
     from .pgm import record_dev_results
 
     try:
-        record_dev_results(args.pgm, _dev_results(args.dev_results))
+        dev_results = _dev_results(args.dev_results)
+        if dev_results is None:
+            raise ValueError(f"{', '.join(args.dev_results)} hold no results of the PGM's methods (metal...) to record.")
+        record_dev_results(args.pgm, dev_results)
     except (ValueError, OSError) as error:
         print(f"peft-metal card: error: {error}", file=sys.stderr)
         return 2

@@ -314,6 +314,10 @@ def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatc
     bad.write_text(json.dumps({"results": []}))
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(bad)]) == 2
     assert "has no 'summary'" in capsys.readouterr().err
+    references = tmp_path / "references.json"
+    references.write_text(json.dumps({"summary": {"icl": {"mean": 0.75}}, "settings": {"seeds": [0, 1]}}))
+    assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(references)]) == 2
+    assert "hold no results of the PGM's methods" in capsys.readouterr().err
 
 
 def test_text_stage_then_task_episodes_and_resume_exactly(tmp_path):

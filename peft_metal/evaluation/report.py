@@ -274,4 +274,3 @@ def labelled_means(path: str | os.PathLike) -> dict[str, float]:
         where.append("seeds " + ",".join(str(seed) for seed in settings["seeds"]))
     label = ", ".join(part for part in where if part)
     return {f"{method} ({label})" if label else method: round(stats["mean"], 4) for method, stats in payload["summary"].items()}
-
