@@ -19,20 +19,19 @@ and `.md` under benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
 from paired_difference import records_of  # benchmarks/paired_difference.py
 from report import provenance, write_report  # benchmarks/report.py
 
+from peft_metal.evaluation.report import error_across_draws
+
 
 def across_draws(draws: list[dict[str, float]]) -> tuple[float, float]:
     """(mean over draws and tasks, its standard error from each task's spread across draws)."""
-    tasks = sorted(draws[0])
-    mean = statistics.mean(statistics.mean(draw[task] for draw in draws) for task in tasks)
-    variance = sum(statistics.variance([draw[task] for draw in draws]) / len(draws) for task in tasks)
-    return mean, math.sqrt(variance) / len(tasks)
+    by_task = [[draw[task] for draw in draws] for task in sorted(draws[0])]
+    return statistics.mean(statistics.mean(scores) for scores in by_task), error_across_draws(by_task)
 
 
 def main() -> None:

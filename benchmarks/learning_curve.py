@@ -77,12 +77,12 @@ def untrained_pgm(run: Path):
 def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path, seeds: tuple[int, ...]) -> dict[str, Any]:
     """The dev panel on `pgm`; None is the PGM the run started from: its `init_from` PGM (widened, with
     `grow_slots`), else a fresh one."""
-    start = run_settings(run).init_from
-    if pgm is None and (start is None or run_settings(run).grow_slots):
+    args = run_settings(run)
+    if pgm is None and (args.init_from is None or args.grow_slots):
         model, tokenizer = untrained_pgm(run)
     else:
-        lm, tokenizer = load_base_model(run_settings(run).model)
-        model = PeftModel.from_pretrained(lm, str(pgm if pgm is not None else start))
+        lm, tokenizer = load_base_model(args.model)
+        model = PeftModel.from_pretrained(lm, str(pgm if pgm is not None else args.init_from))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
     merged = evaluate_seeds(model, tokenizer, tasks, settings, seeds, progress=False)
@@ -151,7 +151,7 @@ def main() -> None:
         if args.untrained:
             points.insert(0, (0, None))
         for step, folder in points:
-            if (str(run), step, ",".join(map(str, seeds))) in done:
+            if (str(run), step, seeds_label({"seeds": seeds})) in done:
                 continue
             print(f"scoring {run} step {step}, seeds {seeds} ...", flush=True)
             result = score(folder / "pgm" if folder is not None else None, tasks, settings, run, seeds)

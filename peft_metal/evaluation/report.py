@@ -76,12 +76,17 @@ def draw_standard_error(records: Sequence[dict[str, Any]]) -> Optional[float]:
     but a prompt made from the shots moves with their draw. None unless every record has two or more seed scores."""
     if not records or any(len(record.get("seed_scores", ())) < 2 for record in records):
         return None
+    return error_across_draws([record["seed_scores"] for record in records])
+
+
+def error_across_draws(scores_by_task: Sequence[Sequence[float]]) -> float:
+    """The standard error of the mean over fixed tasks of each task's mean over its draws: per task, the sample
+    variance of its draws' scores over their number, summed over tasks, square root, over the number of tasks."""
     variance = 0.0
-    for record in records:
-        scores = record["seed_scores"]
+    for scores in scores_by_task:
         mean = sum(scores) / len(scores)
         variance += sum((score - mean) ** 2 for score in scores) / (len(scores) - 1) / len(scores)
-    return math.sqrt(variance) / len(records)
+    return math.sqrt(variance) / len(scores_by_task)
 
 
 def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
