@@ -102,6 +102,20 @@ def refine(
     return replace(tuned, refinement=[*prompt.refinement, record])
 
 
+def first_order(start: GeneratedPrompt, refined: GeneratedPrompt, lm: PreTrainedModel) -> GeneratedPrompt:
+    """`refined`, written as `start` plus the shift refinement made, the shift held constant: first-order MAML.
+
+    A loss read after the result has the refined prompt's value and passes its gradient straight to whatever made
+    `start` (the PGM), so meta-training can ask for a start that refinement takes furthest, without differentiating
+    through the refinement steps themselves.
+    """
+    design = get_design(start.design)
+    before = design.tunable_payload(start, lm)
+    after = design.tunable_payload(refined, lm)
+    shifted = {name: tensor + (after[name].to(tensor.dtype) - tensor).detach() for name, tensor in before.items()}
+    return replace(start, **shifted)
+
+
 def _tune(
     lm: PreTrainedModel,
     prompt: GeneratedPrompt,

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..metal_prompt.refine import DEFAULT_BATCH_SIZE, Refinement, check_refinement
+
 # "auto": bf16 where the hardware multiplies it fast (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32;
 # "no" is the same as "fp32".
 MIXED_PRECISIONS = ("auto", "no", "fp32", "bf16")
@@ -77,6 +79,12 @@ class TrainingArguments:
     # The weight of a cross-entropy over each multiple-choice query's options, scored as evaluation ranks them (mean
     # log-probability per answer token), towards the correct one: the dev panel's own criterion as a training term.
     option_ranking_weight: float = 0.0
+    # Train the PGM for the refinement its prompts get at serving (`Refinement`): each episode's prompt is refined
+    # this many Adam steps on XP's own pairs (at `refinement_lr`, default serving's 5e-2) before the queries score it,
+    # and the gradient reaches the PGM to first order (MAML's first-order approximation: the refinement's shift is
+    # held constant). 0: the queries score the one-pass prompt, as the paper trains.
+    refinement_steps: int = 0
+    refinement_lr: Optional[float] = None
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     # With init_from, a num_prompt_tokens larger than the saved PGM's: its LoRA is kept as saved and its K slots are
     # repeated in turn over the new ones (slot i starts as saved slot i mod K), so a longer prompt starts from what
@@ -121,6 +129,9 @@ class TrainingArguments:
                 f"symbol_label_rate={self.symbol_label_rate} renames an episode's labels, which its task's prompt "
                 "target (refined on the real labels) does not know: set symbol_label_rate to 0 to use prompt_targets."
             )
+        check_refinement(self.refinement_steps, self.refinement_lr, DEFAULT_BATCH_SIZE)
+        if self.refinement_lr is not None and self.refinement_steps == 0:
+            raise ValueError(f"refinement_lr={self.refinement_lr} is set but refinement_steps is 0: set both, or neither.")
         if self.grow_slots and self.init_from is None:
             raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -151,6 +162,11 @@ class TrainingArguments:
         if not base_path.is_file():
             raise ValueError(f"{path}: extends {base!r}, but {base_path} is not a file (the path is relative to {path.parent}).")
         return {**cls._settings_of(base_path, (*seen, path.resolve())), **data}
+
+    @property
+    def refinement(self) -> Optional[Refinement]:
+        """The refinement each episode's prompt gets before the queries score it, if any."""
+        return Refinement(self.refinement_steps, self.refinement_lr) if self.refinement_steps else None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

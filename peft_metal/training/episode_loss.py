@@ -1,7 +1,8 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
 plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher), the distance of
 the prompt to its task's refined prompt (`prompt_targets`), the same cross-entropy on XP's own answers (what
-refinement minimizes) and a cross-entropy over multiple-choice queries' options (what evaluation ranks).
+refinement minimizes) and a cross-entropy over multiple-choice queries' options (what evaluation ranks). With a
+`refinement`, the queries score the prompt after serving's refinement on XP, to first order (MAML's approximation).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
 wrapper's forward, and the PGM's work happens inside this forward).
@@ -30,8 +31,10 @@ from ..data import Episode
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode
 from ..metal_prompt import ShotTemplate
 from ..metal_prompt.model import ReadShots
+from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.reading import keeps_logits, model_device, positions_from_mask
+from ..metal_prompt.refine import Refinement, first_order
 from .options import (
     encode_option_queries,
     encode_options,
@@ -63,6 +66,7 @@ class EpisodeLoss(nn.Module):
         prompt_target_weight: float = 0.0,
         shot_answers_weight: float = 0.0,
         option_ranking_weight: float = 0.0,
+        refinement: Optional[Refinement] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -81,6 +85,8 @@ class EpisodeLoss(nn.Module):
         self.prompt_target_weight = prompt_target_weight
         self.shot_answers_weight = shot_answers_weight
         self.option_ranking_weight = option_ranking_weight
+        # Serving's refinement, applied to each episode's prompt (on XP) before the queries score it; first order.
+        self.refinement = refinement
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -119,6 +125,8 @@ class EpisodeLoss(nn.Module):
                     num_demonstrations=len(xl_shots),
                     chunk_size=self.chunk_size,
                 )
+            if self.refinement is not None:
+                prompt = self._refined(prompt, episode)
             options = None
             if self.option_distillation_weight > 0:
                 options = encode_options(
@@ -159,6 +167,16 @@ class EpisodeLoss(nn.Module):
             + self.option_ranking_weight * losses.get("option_ranking", 0.0)
         )
         return losses
+
+    def _refined(self, prompt: GeneratedPrompt, episode: Episode) -> GeneratedPrompt:
+        """The prompt after serving's refinement on XP (the shots the PGM read), as a first-order function of the
+        one-pass prompt, so the queries' loss trains the PGM towards the start refinement takes furthest."""
+        refinement = self.refinement
+        refined = self.model.base_model.refine_prompt(
+            prompt, [example.as_shot() for example in episode.xp], self.tokenizer,
+            steps=refinement.steps, lr=refinement.lr, batch_size=refinement.batch_size, seed=refinement.seed,
+        )
+        return first_order(prompt, refined, self.model.get_base_model())
 
     def _shot_answers_loss(self, prompt, episode: Episode, device: torch.device) -> torch.Tensor:
         """-log P_LM(y | prompt(XP), XL, x) over XP's own pairs (x, y), read as the queries are: as many pairs as the

@@ -240,6 +240,7 @@ class MetaTrainer:
                 prompt_target_weight=args.prompt_target_weight,
                 shot_answers_weight=args.shot_answers_weight,
                 option_ranking_weight=args.option_ranking_weight,
+                refinement=args.refinement,
             ),
             optimizer,
             scheduler,
