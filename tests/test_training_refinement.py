@@ -11,6 +11,7 @@ import torch
 from conftest import build_tokenizer, make_pgm
 from test_training_resume import make_trainer, tasks
 
+from peft_metal.compat import current_attention_implementation
 from peft_metal.data import Episode
 from peft_metal.metal_prompt.queries import encode_queries
 from peft_metal.metal_prompt.refine import Refinement, first_order
@@ -93,3 +94,22 @@ def test_settings_are_checked_and_a_run_trains(tmp_path):
     assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
     saved = json.loads((tmp_path / "training_args.json").read_text())
     assert saved["refinement_steps"] == 1
+
+
+def test_refinement_reads_with_the_models_own_attention_not_the_graded_passes(monkeypatch):
+    pgm = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding").train()
+    lm = pgm.get_base_model()
+    lm.set_attn_implementation("sdpa")
+    seen = []
+    tuner = pgm.base_model
+    original = type(tuner).refine_prompt
+
+    def recording(self, *args, **kwargs):
+        seen.append(current_attention_implementation(lm))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tuner), "refine_prompt", recording)
+    upper = tasks()[0]
+    episode = Episode("upper", xp=upper.examples[:3], xl=[], queries=upper.examples[4:5])
+    EpisodeLoss(pgm, build_tokenizer(), graded_attention="eager", refinement=Refinement(1))(episode)
+    assert seen == ["sdpa"]

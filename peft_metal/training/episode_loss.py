@@ -172,10 +172,13 @@ class EpisodeLoss(nn.Module):
         """The prompt after serving's refinement on XP (the shots the PGM read), as a first-order function of the
         one-pass prompt, so the queries' loss trains the PGM towards the start refinement takes furthest."""
         refinement = self.refinement
-        refined = self.model.base_model.refine_prompt(
-            prompt, [example.as_shot() for example in episode.xp], self.tokenizer,
-            steps=refinement.steps, lr=refinement.lr, batch_size=refinement.batch_size, seed=refinement.seed,
-        )
+        # With serving's attention, not the eager attention of the graded passes: eager keeps every layer's scores
+        # over XP's rows for the backward, and a run with it was OOM-killed at 10.5 GB in one process.
+        with attention_implementation(self.model.get_base_model(), self.reading_attention):
+            refined = self.model.base_model.refine_prompt(
+                prompt, [example.as_shot() for example in episode.xp], self.tokenizer,
+                steps=refinement.steps, lr=refinement.lr, batch_size=refinement.batch_size, seed=refinement.seed,
+            )
         return first_order(prompt, refined, self.model.get_base_model())
 
     def _shot_answers_loss(self, prompt, episode: Episode, device: torch.device) -> torch.Tensor:
