@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Optional
 
 import torch
@@ -181,9 +181,7 @@ class MetaLPromptModel(LoraModel):
         prompt = self._with_demonstrations(prompt, shots[split:], tokenizer)
         if refinement is None:
             return prompt
-        return self.refine_prompt(
-            prompt, shots[:split], tokenizer, refinement.steps, refinement.lr, refinement.batch_size, refinement.seed
-        )
+        return self.refine_prompt(prompt, shots[:split], tokenizer, **asdict(refinement))
 
     def generate_prompt_from_ids(self, token_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
         """The prompt made from text the PGM reads as it is (1-D token ids, no shot template): the generic-text stage

@@ -36,7 +36,8 @@ DEFAULT_LR = 5e-2
 @dataclass(frozen=True)
 class Refinement:
     """How `generate_prompt` refines the prompt it makes: `steps` Adam steps at `lr` (None: `DEFAULT_LR`) on
-    minibatches of `batch_size` of the shots the PGM read, in an order drawn from `seed`."""
+    minibatches of `batch_size` of the shots the PGM read, in an order drawn from `seed`. Its fields are
+    `refine_prompt`'s keywords, so callers pass `**asdict(refinement)`."""
 
     steps: int
     lr: Optional[float] = None

@@ -11,6 +11,7 @@ wrapper's forward, and the PGM's work happens inside this forward).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import asdict
 from typing import ContextManager, Mapping, Optional
 
 import torch
@@ -171,13 +172,11 @@ class EpisodeLoss(nn.Module):
     def _refined(self, prompt: GeneratedPrompt, episode: Episode) -> GeneratedPrompt:
         """The prompt after serving's refinement on XP (the shots the PGM read), as a first-order function of the
         one-pass prompt, so the queries' loss trains the PGM towards the start refinement takes furthest."""
-        refinement = self.refinement
         # With serving's attention, not the eager attention of the graded passes: eager keeps every layer's scores
         # over XP's rows for the backward, and a run with it was OOM-killed at 10.5 GB in one process.
         with attention_implementation(self.model.get_base_model(), self.reading_attention):
             refined = self.model.base_model.refine_prompt(
-                prompt, [example.as_shot() for example in episode.xp], self.tokenizer,
-                steps=refinement.steps, lr=refinement.lr, batch_size=refinement.batch_size, seed=refinement.seed,
+                prompt, [example.as_shot() for example in episode.xp], self.tokenizer, **asdict(self.refinement)
             )
         return first_order(prompt, refined, self.model.get_base_model())
 
