@@ -177,11 +177,40 @@ def test_tasks_that_list_their_labels_or_have_many_are_not_renamed():
 def test_state_saved_before_the_sampling_settings_existed_still_resumes(tasks):
     sampler = EpisodeSampler(tasks, seed=5)
     state = sampler.state_dict()
-    del state["task_sampling"], state["symbol_label_rate"]
+    del state["task_sampling"], state["symbol_label_rate"], state["foreign_shots"]
     resumed = EpisodeSampler(tasks, seed=5)
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match="task_sampling"):
         EpisodeSampler(tasks, seed=5, task_sampling="family").load_state_dict(state)
+    with pytest.raises(ValueError, match="foreign_shots"):
+        EpisodeSampler(tasks, seed=5, foreign_shots=True).load_state_dict(state)
+
+
+def test_foreign_shots_are_as_many_as_xp_from_another_family_and_leave_the_episode_as_it_was(tasks):
+    siblings = [make_task("beta/two", 24), make_task("beta/three", 24)]
+    plain = EpisodeSampler(tasks + siblings, seed=3)
+    foreign = EpisodeSampler(tasks + siblings, seed=3, foreign_shots=True)
+    drawn = set()
+    for step in range(200):
+        episode = foreign.episode(step)
+        family = episode.task_name.split("/")[0]
+        assert episode.foreign_task.split("/")[0] != family
+        examples = {task.name: set(task.examples) for task in tasks + siblings}[episode.foreign_task]
+        assert len(episode.foreign_xp) == len(episode.xp) and set(episode.foreign_xp) <= examples
+        assert len(set(episode.foreign_xp)) == len(episode.foreign_xp)
+        unchanged = plain.episode(step)
+        assert (episode.task_name, episode.xp, episode.xl, episode.queries) == (
+            unchanged.task_name, unchanged.xp, unchanged.xl, unchanged.queries
+        )
+        assert unchanged.foreign_task is None and unchanged.foreign_xp == []
+        drawn.add(episode.foreign_task)
+    assert drawn == {task.name for task in tasks + siblings}
+    assert foreign.episode(7) == EpisodeSampler(tasks + siblings, seed=3, foreign_shots=True).episode(7)
+
+
+def test_foreign_shots_need_a_second_family():
+    with pytest.raises(ValueError, match="all of family 'beta'.*set foreign_shots to False"):
+        EpisodeSampler([make_task("beta/one", 30), make_task("beta/two", 30)], foreign_shots=True)
 
 
 @pytest.mark.parametrize(

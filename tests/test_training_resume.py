@@ -59,6 +59,7 @@ def pgm_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
         ("prefix", "padding", 1.0, {}),
         ("prefix", "padding", 0.0, {"gradient_from_answers_only": True}),
         ("prefix", "padding", 0.0, {"padding_learning_rate": 0.1}),
+        ("prefix", "padding", 0.0, {"task_contrast_weight": 1.0, "gradient_from_answers_only": True}),
     ],
 )
 def test_resume_reaches_same_weights(tmp_path, design, scope, distillation_weight, extra):

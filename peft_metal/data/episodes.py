@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .task import Example, Task
@@ -25,7 +25,7 @@ SYMBOL_LABELS = (
 MAX_SYMBOL_LABELS = 10
 
 # What a sampler state saved before these settings existed was drawn with.
-SETTINGS_BEFORE_THEY_EXISTED = {"task_sampling": "task", "symbol_label_rate": 0.0}
+SETTINGS_BEFORE_THEY_EXISTED = {"task_sampling": "task", "symbol_label_rate": 0.0, "foreign_shots": False}
 
 
 @dataclass
@@ -33,13 +33,17 @@ class Episode:
     """One meta-training step's data, all drawn from one task and mutually disjoint.
 
     `xp` are the shots the prompt generator reads, `xl` the shots kept as plain in-context demonstrations, and
-    `queries` the examples the loss is computed on.
+    `queries` the examples the loss is computed on. `foreign_xp`, drawn only by a sampler with `foreign_shots`, are
+    as many shots of a task of another family (`foreign_task`): the prompt made from them is the one the queries
+    should score worse with (the task-contrast term of meta-training).
     """
 
     task_name: str
     xp: list[Example]
     xl: list[Example]
     queries: list[Example]
+    foreign_task: str | None = None
+    foreign_xp: list[Example] = field(default_factory=list)
 
 
 def _check_range(value: Any, name: str, minimum: int) -> tuple[int, int]:
@@ -72,6 +76,7 @@ class EpisodeSampler:
         seed: int = 0,
         task_sampling: str = "task",
         symbol_label_rate: float = 0.0,
+        foreign_shots: bool = False,
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks:
@@ -100,8 +105,16 @@ class EpisodeSampler:
         self.step = 0
         families: dict[str, list[Task]] = {}
         for task in self.tasks:
-            families.setdefault(task.name.split("/", 1)[0], []).append(task)
+            families.setdefault(task.family, []).append(task)
         self._families = list(families.values())
+        if not isinstance(foreign_shots, bool):
+            raise TypeError(f"foreign_shots must be a bool, got {type(foreign_shots).__name__}.")
+        if foreign_shots and len(self._families) < 2:
+            raise ValueError(
+                f"foreign_shots draws each episode's foreign shots from another task family, but the tasks are all of "
+                f"family {self.tasks[0].family!r}: add tasks of another family or set foreign_shots to False."
+            )
+        self.foreign_shots = foreign_shots
         # Only a sampler that renames labels scans every example of every task for them.
         self._relabelable = {task.name for task in self.tasks if has_fixed_labels(task)} if self.symbol_label_rate else set()
 
@@ -130,7 +143,18 @@ class EpisodeSampler:
         # Drawn only when the setting is on, so the episodes of runs without it are those they always were.
         if self.symbol_label_rate and task.name in self._relabelable and rng.random() < self.symbol_label_rate:
             episode = with_symbol_labels(episode, rng)
+        if self.foreign_shots:
+            episode = self._with_foreign_shots(episode, task.family, rng)
         return episode
+
+    def _with_foreign_shots(self, episode: Episode, family: str, rng: random.Random) -> Episode:
+        """As many shots as XP has, of a task drawn from any other family (a task of the same family, one of the 74
+        multiemo subtasks say, can be the same task in all but name)."""
+        others = [tasks for tasks in self._families if tasks[0].family != family]
+        tasks = others[rng.randrange(len(others))]
+        task = tasks[rng.randrange(len(tasks))]
+        shots, _ = task.split(len(episode.xp), 0, seed=rng.getrandbits(64))
+        return replace(episode, foreign_task=task.name, foreign_xp=shots)
 
     def __iter__(self) -> EpisodeSampler:
         return self
@@ -149,6 +173,7 @@ class EpisodeSampler:
             "task_names": [task.name for task in self.tasks],
             "task_sampling": self.task_sampling,
             "symbol_label_rate": self.symbol_label_rate,
+            "foreign_shots": self.foreign_shots,
         }
 
     def state_dict(self) -> dict[str, Any]:

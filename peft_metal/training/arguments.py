@@ -85,6 +85,11 @@ class TrainingArguments:
     # held constant). 0: the queries score the one-pass prompt, as the paper trains.
     refinement_steps: int = 0
     refinement_lr: Optional[float] = None
+    # The weight of a term that asks the queries to score worse with a prompt made from another family's shots than
+    # with their own: softplus(loss(own prompt) - loss(foreign prompt)). A prompt that ignores its shots (the one
+    # generic prompt the panel's prompt swaps found) gains nothing on it; one that carries its task does. Each episode
+    # then also draws as many shots of another family's task (`Episode.foreign_xp`), read and scored as XP's are.
+    task_contrast_weight: float = 0.0
     init_from: Optional[str] = None  # a saved PGM folder to start from (continued meta-training; same design, K, r)
     # With init_from, a num_prompt_tokens larger than the saved PGM's: its LoRA is kept as saved and its K slots are
     # repeated in turn over the new ones (slot i starts as saved slot i mod K), so a longer prompt starts from what
@@ -110,7 +115,7 @@ class TrainingArguments:
                 "after the text stage (a run of texts only is text_stage_steps = max_steps)."
             )
         for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight",
-                     "option_ranking_weight"):
+                     "option_ranking_weight", "task_contrast_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):
@@ -132,6 +137,11 @@ class TrainingArguments:
         check_refinement(self.refinement_steps, self.refinement_lr, DEFAULT_BATCH_SIZE)
         if self.refinement_lr is not None and self.refinement_steps == 0:
             raise ValueError(f"refinement_lr={self.refinement_lr} is set but refinement_steps is 0: set both, or neither.")
+        if self.task_contrast_weight > 0 and self.refinement_steps > 0:
+            raise ValueError(
+                f"task_contrast_weight={self.task_contrast_weight} scores the one-pass prompts of XP and of foreign "
+                f"shots, but refinement_steps={self.refinement_steps} trains for refined ones: set one of them to 0."
+            )
         if self.grow_slots and self.init_from is None:
             raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
         if self.mixed_precision not in MIXED_PRECISIONS:

@@ -1,7 +1,8 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
 plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher), the distance of
 the prompt to its task's refined prompt (`prompt_targets`), the same cross-entropy on XP's own answers (what
-refinement minimizes) and a cross-entropy over multiple-choice queries' options (what evaluation ranks). With a
+refinement minimizes), a cross-entropy over multiple-choice queries' options (what evaluation ranks) and a contrast
+with the prompt made from another family's shots (what a prompt that ignores its shots cannot win). With a
 `refinement`, the queries score the prompt after serving's refinement on XP, to first order (MAML's approximation).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
@@ -68,6 +69,7 @@ class EpisodeLoss(nn.Module):
         shot_answers_weight: float = 0.0,
         option_ranking_weight: float = 0.0,
         refinement: Optional[Refinement] = None,
+        task_contrast_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -88,6 +90,8 @@ class EpisodeLoss(nn.Module):
         self.option_ranking_weight = option_ranking_weight
         # Serving's refinement, applied to each episode's prompt (on XP) before the queries score it; first order.
         self.refinement = refinement
+        # The term that asks a prompt of another family's shots to serve the queries worse (`_task_contrast`).
+        self.task_contrast_weight = task_contrast_weight
 
     def _graded(self) -> ContextManager[None]:
         if self.graded_attention is None or not torch.is_grad_enabled():
@@ -114,18 +118,12 @@ class EpisodeLoss(nn.Module):
         xl_shots = [example.as_shot() for example in episode.xl]
         xp_ids, xl_ids = self._encode(episode.xp), self._encode(episode.xl)
         shots_read = tuner.read_shots(xp_ids) if self._reads_shots_once else None
+        contrast = self.task_contrast_weight > 0 and bool(episode.foreign_xp)
+        foreign_read = tuner.read_shots(self._encode(episode.foreign_xp)) if contrast and self._reads_shots_once else None
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
         with self._graded():
-            if shots_read is not None:
-                prompt = tuner.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
-            else:
-                prompt = self.model.generate_prompt(
-                    [example.as_shot() for example in episode.xp] + xl_shots,
-                    tokenizer=self.tokenizer,
-                    num_demonstrations=len(xl_shots),
-                    chunk_size=self.chunk_size,
-                )
+            prompt = self._prompt(episode.xp, xl_shots, shots_read)
             if self.refinement is not None:
                 prompt = self._refined(prompt, episode)
             options = None
@@ -142,6 +140,10 @@ class EpisodeLoss(nn.Module):
                 only_labelled_logits=self.distillation_weight == 0 and options is None,
             )
             losses = {"lm_loss": outputs.loss}
+            if contrast:
+                losses["foreign_lm_loss"], losses["task_contrast"] = self._task_contrast(
+                    outputs.loss, episode, xl_shots, batch, foreign_read
+                )
             if self.shot_answers_weight > 0:
                 losses["shot_answers"] = self._shot_answers_loss(prompt, episode, device)
             if self.option_ranking_weight > 0 and (ranked := self._option_ranking(prompt, episode, device)) is not None:
@@ -166,8 +168,32 @@ class EpisodeLoss(nn.Module):
             + self.prompt_target_weight * losses.get("prompt_target", 0.0)
             + self.shot_answers_weight * losses.get("shot_answers", 0.0)
             + self.option_ranking_weight * losses.get("option_ranking", 0.0)
+            + self.task_contrast_weight * losses.get("task_contrast", 0.0)
         )
         return losses
+
+    def _prompt(self, xp, xl_shots: list, shots_read: Optional[ReadShots]) -> GeneratedPrompt:
+        """The prompt made from the examples `xp` (already read by the frozen LM when `shots_read` is given), with
+        `xl_shots` kept as its demonstrations."""
+        if shots_read is not None:
+            return self.model.base_model.generate_prompt_from_read_shots(shots_read, self.tokenizer, demonstrations=xl_shots)
+        return self.model.generate_prompt(
+            [example.as_shot() for example in xp] + xl_shots,
+            tokenizer=self.tokenizer,
+            num_demonstrations=len(xl_shots),
+            chunk_size=self.chunk_size,
+        )
+
+    def _task_contrast(
+        self, own_loss: torch.Tensor, episode: Episode, xl_shots: list, batch: QueryBatch, foreign_read: Optional[ReadShots]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries' loss after the prompt made from another family's shots (`foreign_read`: those shots read by
+        the frozen LM, as XP's; the same demonstrations), and softplus(own loss - that loss): small when the prompt
+        made from the task's own shots serves its queries clearly better, which a prompt that ignores its shots cannot
+        do. Its gradient reaches the PGM through both prompts, so it rewards prompts that carry their task."""
+        foreign = self._prompt(episode.foreign_xp, xl_shots, foreign_read)
+        foreign_loss = self._answer(foreign, batch).loss
+        return foreign_loss, F.softplus(own_loss - foreign_loss)
 
     def _refined(self, prompt: GeneratedPrompt, episode: Episode) -> GeneratedPrompt:
         """The prompt after serving's refinement on XP (the shots the PGM read), as a first-order function of the

@@ -202,6 +202,7 @@ class MetaTrainer:
         self.sampler = EpisodeSampler(
             train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index,
             task_sampling=args.task_sampling, symbol_label_rate=args.symbol_label_rate,
+            foreign_shots=args.task_contrast_weight > 0,
         )
         self.text_sampler = None
         if args.text_stage_steps > 0 or args.text_mix_rate > 0:
@@ -241,6 +242,7 @@ class MetaTrainer:
                 shot_answers_weight=args.shot_answers_weight,
                 option_ranking_weight=args.option_ranking_weight,
                 refinement=args.refinement,
+                task_contrast_weight=args.task_contrast_weight,
             ),
             optimizer,
             scheduler,
@@ -260,11 +262,13 @@ class MetaTrainer:
                 log.write(json.dumps(record) + "\n")
 
     def _too_long(self, episode) -> bool:
+        """Whether a text the PGM reads (the text's prefix; XP, and foreign shots if drawn) exceeds max_pgm_tokens."""
         if isinstance(episode, TextEpisode):
-            text = episode.prefix
+            texts = [episode.prefix]
         else:
-            text = self.model.base_model.template.format_shots([e.as_shot() for e in episode.xp])
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens
+            format_shots = self.model.base_model.template.format_shots
+            texts = [format_shots([e.as_shot() for e in shots]) for shots in (episode.xp, episode.foreign_xp) if shots]
+        return any(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.args.max_pgm_tokens for text in texts)
 
     def next_episode(self):
         """The next episode whose PGM input fits `max_pgm_tokens`: a text one during the text stage, and after it a
