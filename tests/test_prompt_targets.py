@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_pgm
+from conftest import assert_lora_and_padding_have_gradients, build_tokenizer, make_pgm
 from test_training_resume import make_trainer, tasks
 
 from peft_metal.cli import main
@@ -67,9 +67,7 @@ def test_the_loss_is_zero_at_the_target_and_trains_the_pgm(pgm):
     doubled = {name: 2 * t for name, t in same.items()}
     assert prompt_target_loss(prompt.detach().to(dtype=torch.float32), doubled, lm).item() == pytest.approx(0.25, rel=1e-4)
     prompt_target_loss(prompt, doubled, lm).backward()
-    padding = pgm.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pgm.named_parameters() if "lora_" in n)
+    assert_lora_and_padding_have_gradients(pgm)
 
 
 def test_a_run_with_targets_logs_the_term_and_ends_closer_to_them(tmp_path):

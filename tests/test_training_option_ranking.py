@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHOTS, build_tokenizer, encode, make_pgm
+from conftest import SHOTS, assert_lora_and_padding_have_gradients, build_tokenizer, encode, make_pgm
 
 from peft_metal.data import Episode, Example, Task
 from peft_metal.metal_prompt import ShotTemplate
@@ -67,9 +67,7 @@ def test_the_term_alone_trains_lora_and_padding_and_needs_multiple_choice():
     model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding").train()
     module = EpisodeLoss(model, build_tokenizer(), gradient_from_answers_only=True, option_ranking_weight=1.0)
     module(episode())["option_ranking"].backward()
-    padding = model.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    assert_lora_and_padding_have_gradients(model)
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and "metal_padding" not in n)
     generative_only = module(episode(QUERIES[1:2]))
     assert "option_ranking" not in generative_only and "option_accuracy" not in generative_only

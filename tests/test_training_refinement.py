@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_pgm
+from conftest import assert_lora_and_padding_have_gradients, build_tokenizer, make_pgm
 from test_training_resume import make_trainer, tasks
 
 from peft_metal.compat import current_attention_implementation
@@ -72,9 +72,7 @@ def test_the_refined_loss_trains_lora_and_padding():
     upper = tasks()[0]
     episode = Episode("upper", xp=upper.examples[:3], xl=upper.examples[3:4], queries=upper.examples[4:5])
     EpisodeLoss(pgm, build_tokenizer(), refinement=Refinement(1))(episode)["loss"].backward()
-    padding = pgm.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pgm.named_parameters() if "lora_" in n)
+    assert_lora_and_padding_have_gradients(pgm)
 
 
 def test_settings_are_checked_and_a_run_trains(tmp_path):

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_pgm
+from conftest import assert_lora_and_padding_have_gradients, build_tokenizer, make_pgm
 from test_training_resume import make_trainer, tasks
 
 from peft_metal.data import Episode
@@ -36,9 +36,7 @@ def test_the_term_alone_trains_lora_and_padding():
     upper = tasks()[0]
     episode = Episode("upper", xp=upper.examples[:3], xl=[], queries=upper.examples[4:5])
     EpisodeLoss(pgm, build_tokenizer(), shot_answers_weight=1.0)(episode)["shot_answers"].backward()
-    padding = pgm.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pgm.named_parameters() if "lora_" in n)
+    assert_lora_and_padding_have_gradients(pgm)
 
 
 def test_a_run_logs_the_term_and_a_negative_weight_is_refused(tmp_path):

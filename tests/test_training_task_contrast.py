@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tokenizer, make_pgm
+from conftest import assert_lora_and_padding_have_gradients, build_tokenizer, make_pgm
 from test_training_resume import make_trainer, tasks
 
 from peft_metal.data import Episode
@@ -57,9 +57,7 @@ def test_the_term_trains_lora_and_padding_through_the_foreign_prompt_too():
     losses = EpisodeLoss(pgm, build_tokenizer(), task_contrast_weight=1.0)(episode_with_foreign_shots())
     # -foreign_lm_loss alone: a gradient only the foreign prompt can carry
     (-losses["foreign_lm_loss"]).backward()
-    padding = pgm.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pgm.named_parameters() if "lora_" in n)
+    assert_lora_and_padding_have_gradients(pgm)
 
 
 def test_a_run_logs_the_term_and_bad_settings_are_refused(tmp_path):
