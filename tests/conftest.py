@@ -176,8 +176,7 @@ def padding_module(model):
 @torch.no_grad()
 def assert_lora_and_padding_have_gradients(pgm) -> None:
     """After a backward: some LoRA weight and some padding parameter got a nonzero gradient."""
-    padding = pgm.base_model.metal_padding["default"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in padding_module(pgm).parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pgm.named_parameters() if "lora_" in n)
 
 
