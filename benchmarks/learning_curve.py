@@ -14,8 +14,10 @@ recomputed, so the script can be rerun as a run goes on (a session later, say) t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from peft import PeftModel
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
-    write_report,
+    write_markdown,
 )
 
 import peft_metal  # noqa: F401
@@ -120,6 +122,40 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float])
     figure.savefig(path)
 
 
+def _parse(text: str) -> dict[str, Any]:
+    return json.loads(text) if text.strip() else {"points": []}
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """The JSON report at `path` (empty if there is none), read under a shared lock: never half written."""
+    if not path.exists():
+        return {"points": []}
+    with path.open() as file:
+        fcntl.flock(file, fcntl.LOCK_SH)
+        return _parse(file.read())
+
+
+def update_report(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply `change` to the JSON report at `path` under an exclusive lock on the file, read afresh: two scorings
+    writing to one report (say two draws side by side) then keep each other's points instead of overwriting them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+        file.seek(0)
+        report = _parse(file.read())
+        change(report)
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def add_point(report: dict[str, Any], point: dict[str, Any]) -> None:
+    key = (point["run"], point["step"], seeds_label(point))
+    report["points"] = [p for p in report["points"] if (p["run"], p["step"], seeds_label(p)) != key] + [point]
+    report["points"].sort(key=lambda p: (p["run"], seeds_label(p), p["step"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, action="append", required=True)
@@ -139,8 +175,7 @@ def main() -> None:
     seeds = tuple(int(seed) for seed in args.seeds.split(","))
 
     path = args.output / f"{args.name}.json"
-    report = json.loads(path.read_text()) if path.exists() else {"points": []}
-    done = {(p["run"], p["step"], seeds_label(p)) for p in report["points"]}
+    done = {(p["run"], p["step"], seeds_label(p)) for p in read_report(path)["points"]}
     tasks = load_eval_tasks(names=list(DEV_PANEL.tasks))
     settings = EvaluationSettings(
         args.methods, DEV_PANEL.shots, args.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
@@ -158,20 +193,21 @@ def main() -> None:
             seconds, processes = training_facts(folder)
             episodes = episodes_seen(run_settings(run), step, processes)
             point = {"run": str(run), "step": step, "seeds": list(seeds), "episodes": episodes, "train_seconds": seconds}
-            report["points"].append({**point, **result})
-            report["points"].sort(key=lambda p: (p["run"], seeds_label(p), p["step"]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=1) + "\n")  # kept after every checkpoint: resumable
+            # kept after every checkpoint (resumable), merged with what others wrote meanwhile
+            update_report(path, lambda report: add_point(report, {**point, **result}))
 
     references = {}
     if args.references.exists():
         # the references scored as the checkpoints are: with the precision `peft-metal eval` uses by default
         scored = json.loads(args.references.read_text())["runs"]["bf16"]["summary"]
         references = {f"{m} (dev panel)": scored[m]["mean"] for m in ("zero_shot", "icl") if m in scored}
-    report.update(
-        command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
-        machine=machine_description(),
-        references=references,
+    report = update_report(
+        path,
+        lambda report: report.update(
+            command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
+            machine=machine_description(),
+            references=references,
+        ),
     )
     # columns as the evaluation report labels them (a refined method per step count: metal+refine@20)
     methods = list(dict.fromkeys(label for point in report["points"] for label in point["summary"]))
@@ -193,7 +229,7 @@ def main() -> None:
             + " | ".join(cells) + " |"
         )
     lines += ["", "References: " + ", ".join(f"{k} {v:.3f}" for k, v in references.items())] if references else []
-    write_report(args.output, args.name, report, lines)
+    write_markdown(args.output, args.name, lines)
     plot(args.output / f"{args.name}.png", report["points"], references)
 
 

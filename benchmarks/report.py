@@ -47,6 +47,11 @@ def provenance() -> dict[str, Any]:
 def write_report(output: Path, name: str, report: dict[str, Any], markdown_lines: list[str]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(output, name, markdown_lines)
+
+
+def write_markdown(output: Path, name: str, markdown_lines: list[str]) -> None:
+    """`<name>.md` (also printed): for a report whose JSON is written elsewhere."""
     markdown = "\n".join(markdown_lines) + "\n"
     (output / f"{name}.md").write_text(markdown)
     print(markdown, end="")
