@@ -7,7 +7,8 @@
 
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
 precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
-recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Writes
+recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Points are merged into
+the JSON under a file lock, so scorings of other seeds or checkpoints may write one report side by side. Writes
 `<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a precision_eval.json) are drawn as lines.
 """
 
