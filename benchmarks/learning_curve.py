@@ -8,14 +8,13 @@
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
 precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
 recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Points are merged into
-the JSON under a file lock, so scorings of other seeds or checkpoints may write one report side by side. Writes
+the JSON under a lock file beside it, so scorings of other seeds or checkpoints may write one report side by side. Writes
 `<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a precision_eval.json) are drawn as lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from peft import PeftModel
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
@@ -123,31 +123,27 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float])
     figure.savefig(path)
 
 
-def _parse(text: str) -> dict[str, Any]:
-    return json.loads(text) if text.strip() else {"points": []}
+def _report_lock(path: Path) -> FileLock:
+    """The lock beside a report that every read and write of it holds (filelock, as the model cache uses)."""
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 def read_report(path: Path) -> dict[str, Any]:
-    """The JSON report at `path` (empty if there is none), read under a shared lock: never half written."""
-    if not path.exists():
+    """The JSON report at `path` (empty if there is none), never half written."""
+    if not path.parent.is_dir():
         return {"points": []}
-    with path.open() as file:
-        fcntl.flock(file, fcntl.LOCK_SH)
-        return _parse(file.read())
+    with _report_lock(path):
+        return json.loads(path.read_text()) if path.exists() else {"points": []}
 
 
 def update_report(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply `change` to the JSON report at `path` under an exclusive lock on the file, read afresh: two scorings
-    writing to one report (say two draws side by side) then keep each other's points instead of overwriting them."""
+    """Apply `change` to the JSON report at `path`, read afresh under its lock: two scorings writing to one report
+    (say two draws side by side) then keep each other's points instead of overwriting them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
-        file.seek(0)
-        report = _parse(file.read())
+    with _report_lock(path):
+        report = json.loads(path.read_text()) if path.exists() else {"points": []}
         change(report)
-        file.seek(0)
-        file.truncate()
-        file.write(json.dumps(report, indent=2) + "\n")
+        path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
