@@ -62,14 +62,19 @@ def mean_prompt(tuner, tokenizer, tasks, shots: int) -> GeneratedPrompt:
     one prompt for every task, which carries nothing of any one task's shots."""
     design = DESIGNS[tuner.metal_config.prompt_design]
     if "token_ids" in design.payload:
-        raise SystemExit(f"--conditions mean averages a prompt's tensors; a {tuner.metal_config.prompt_design} prompt is tokens.")
+        raise SystemExit(
+            f"--conditions mean averages a prompt's tensors; a {tuner.metal_config.prompt_design} prompt is tokens."
+        )
     prompts = []
-    for task in tasks:
-        if len(task.examples) >= shots:
-            drawn = random.Random(f"mean prompt:{task.name}").sample(task.examples, shots)
-            prompts.append(tuner.generate_prompt([example.as_shot() for example in drawn], tokenizer=tokenizer, chunk_size="auto"))
+    for task in tasks:  # every train task has at least 48 examples (the split's selection)
+        drawn = random.Random(f"mean prompt:{task.name}").sample(task.examples, shots)
+        prompts.append(
+            tuner.generate_prompt([example.as_shot() for example in drawn], tokenizer=tokenizer, chunk_size="auto")
+        )
     means = {
-        name: torch.stack([getattr(prompt, name).float() for prompt in prompts]).mean(0).to(getattr(prompts[0], name).dtype)
+        name: torch.stack([getattr(prompt, name).float() for prompt in prompts])
+        .mean(0)
+        .to(getattr(prompts[0], name).dtype)
         for name in design.payload
     }
     print(f"mean prompt over {len(prompts)} train tasks", flush=True)
@@ -102,8 +107,12 @@ def panel_records(
                     for condition in conditions:
                         label = f"{method} ({LABELS[condition]})"
                         if condition == "mean":
-                            prepared = PreparedMethod(label, prompt_context(parts.lm, fixed), 0.0, fixed.context_length, prompt=fixed)
-                            record = evaluate_prepared(parts, tokenizer, task, prepared, task_queries, task_metric(task))
+                            prepared = PreparedMethod(
+                                label, prompt_context(parts.lm, fixed), 0.0, fixed.context_length, prompt=fixed
+                            )
+                            record = evaluate_prepared(
+                                parts, tokenizer, task, prepared, task_queries, task_metric(task)
+                            )
                             shots_from = "train tasks"
                         else:
                             source = index if condition == "own" else donor
@@ -125,10 +134,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
     parser.add_argument("--tasks", help="comma-separated train or dev tasks instead of the dev panel's")
     parser.add_argument("--symbol-labels", action="store_true", help="rename each task's labels to arbitrary words")
-    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)),
-                        help="the draws of shots and queries (another draw of the panel: 2,3)")
-    parser.add_argument("--conditions", default="own,swapped",
-                        help=f"comma-separated, of {', '.join(CONDITIONS)} (mean: one prompt for every task, `metal` only)")
+    parser.add_argument(
+        "--seeds",
+        default=",".join(map(str, DEV_PANEL.seeds)),
+        help="the draws of shots and queries (another draw of the panel: 2,3)",
+    )
+    parser.add_argument(
+        "--conditions",
+        default="own,swapped",
+        help=f"comma-separated, of {', '.join(CONDITIONS)} (mean: one prompt for every task, `metal` only)",
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="prompt_swap")
     args = parser.parse_args()
