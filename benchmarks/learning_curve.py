@@ -128,12 +128,16 @@ def _report_lock(path: Path) -> FileLock:
     return FileLock(path.with_name(f".{path.name}.lock"))
 
 
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"points": []}
+
+
 def read_report(path: Path) -> dict[str, Any]:
     """The JSON report at `path` (empty if there is none), never half written."""
     if not path.parent.is_dir():
         return {"points": []}
     with _report_lock(path):
-        return json.loads(path.read_text()) if path.exists() else {"points": []}
+        return _load(path)
 
 
 def update_report(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -141,7 +145,7 @@ def update_report(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[
     (say two draws side by side) then keep each other's points instead of overwriting them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _report_lock(path):
-        report = json.loads(path.read_text()) if path.exists() else {"points": []}
+        report = _load(path)
         change(report)
         path.write_text(json.dumps(report, indent=2) + "\n")
     return report

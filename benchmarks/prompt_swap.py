@@ -33,7 +33,7 @@ from report import write_records_report  # benchmarks/report.py: the JSON + mark
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
-from peft_metal.data import load_bigbench_task, tasks_for_split
+from peft_metal.data import load_bigbench_task, task_family, tasks_for_split
 from peft_metal.data.episodes import task_with_symbol_labels
 from peft_metal.designs import DESIGNS
 from peft_metal.evaluation import load_eval_tasks
@@ -45,15 +45,15 @@ from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.prompt import GeneratedPrompt
 from peft_metal.precision import cast_frozen_weights
 
-CONDITIONS = ("own", "swapped", "mean")
 LABELS = {"own": "own shots", "swapped": "next task's shots", "mean": "train tasks' mean prompt"}
+CONDITIONS = tuple(LABELS)
 
 
 def first_task_of_each_family(names: list[str]) -> list[str]:
     """One train task per family (the first by name), so no family with many subtasks weighs more in the mean."""
     chosen: dict[str, str] = {}
     for name in sorted(names):
-        chosen.setdefault(name.split("/")[0], name)
+        chosen.setdefault(task_family(name), name)
     return list(chosen.values())
 
 

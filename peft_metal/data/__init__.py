@@ -3,7 +3,7 @@
 from .bigbench import bigbench_root, list_bigbench_tasks, load_bigbench_file, load_bigbench_task
 from .episodes import Episode, EpisodeSampler
 from .splits import check_allowed, load_splits, tasks_for_split
-from .task import Example, Task
+from .task import Example, Task, task_family
 from .user import load_jsonl_task, task_from_dataset
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "load_bigbench_task",
     "load_jsonl_task",
     "load_splits",
+    "task_family",
     "task_from_dataset",
     "tasks_for_split",
 ]

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .task import task_family
+
 SPLITS_FILE = Path(__file__).with_name("bigbench_splits.json")
 SPLITS = ("train", "dev")
 REQUIRED_KEYS = ("train_families", "dev_families", "train_tasks", "dev_tasks")
@@ -45,7 +47,7 @@ def check_allowed(task_name: str, purpose: str) -> None:
     if not isinstance(task_name, str) or not task_name:
         raise ValueError(f"task_name must be a non-empty string, got {task_name!r}.")
     splits = load_splits()
-    family = task_name.split("/", 1)[0]
+    family = task_family(task_name)
     if family in splits[f"{purpose}_families"]:
         return
     for other in SPLITS:

@@ -22,6 +22,12 @@ def _as_str_tuple(value: Any, field_name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+
+def task_family(name: str) -> str:
+    """A task name's family, its first path component: data splits are made per family, so subtasks never straddle
+    them."""
+    return name.split("/", 1)[0]
+
 @dataclass(frozen=True)
 class Example:
     """One input with its correct answer.
@@ -129,8 +135,8 @@ class Task:
 
     @property
     def family(self) -> str:
-        """The first path component of the name: data splits are made per family, so subtasks never straddle them."""
-        return self.name.split("/", 1)[0]
+        """The task's family (`task_family` of its name)."""
+        return task_family(self.name)
 
     def split(self, num_shots: int, num_queries: int, seed: int) -> tuple[list[Example], list[Example]]:
         """Draw `num_shots` shots and `num_queries` queries, disjoint and reproducible for a given seed.
