@@ -22,11 +22,11 @@ def _as_str_tuple(value: Any, field_name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-
 def task_family(name: str) -> str:
     """A task name's family, its first path component: data splits are made per family, so subtasks never straddle
     them."""
     return name.split("/", 1)[0]
+
 
 @dataclass(frozen=True)
 class Example:
