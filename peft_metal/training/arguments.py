@@ -62,8 +62,9 @@ class TrainingArguments:
     text_mix_rate: float = 0.0
     mixed_precision: str = "auto"
     # "auto": on a CPU, SDPA for the reads without gradient and eager attention for the passes that train (7% more
-    # episodes/s than eager throughout: benchmarks/results/train_throughput_attention.md); the model's own choice on a
-    # GPU; or any transformers attention name, used for every pass.
+    # episodes/s than eager throughout: benchmarks/results/train_throughput_attention.md) while they are short, SDPA
+    # for long ones (EpisodeLoss.eager_max_scores); the model's own choice on a GPU; or any transformers attention
+    # name, used for every pass.
     attn_implementation: str = "auto"
     # Read each query's tokens before its answer without gradient, so only the answer positions take the graded
     # pass: the same loss, a gradient cut to the answers' own attention to the prompt, and a cheaper episode.

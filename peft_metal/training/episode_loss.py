@@ -47,6 +47,13 @@ from .options import (
 )
 from .prompt_targets import prompt_target_loss
 
+# Eager attention keeps every layer's scores (rows x queries x keys, per head) for the backward; SDPA does not. On short
+# graded passes eager is as fast or a little faster (benchmarks/results/train_throughput_attention.md), on long ones
+# SDPA is up to 2.5x faster, and eager's scores ran a paper's-scope run out of 24 GB
+# (benchmarks/results/graded_attention.md). So an episode whose largest graded pass would keep more scores than this,
+# per head and layer, takes its graded passes with the reads' attention instead.
+EAGER_MAX_SCORES = 2**18
+
 
 class EpisodeLoss(nn.Module):
     """Wraps the PEFT model; `forward(episode)` makes the prompt from XP in train mode and scores the queries.
@@ -78,8 +85,10 @@ class EpisodeLoss(nn.Module):
         self.option_distillation_weight = option_distillation_weight
         self.chunk_size = chunk_size
         # The attention implementation for the passes that carry a gradient (the PGM and the student LM), when it
-        # differs from the model's own, which the no-grad reads (shots, teacher) keep.
+        # differs from the model's own, which the no-grad reads (shots, teacher) keep; for episodes whose graded
+        # passes keep at most `eager_max_scores` scores per head and layer.
         self.graded_attention = graded_attention
+        self.eager_max_scores = EAGER_MAX_SCORES
         # The query tokens before the answers read without gradient (see `forward_with_prompt`).
         self.gradient_from_answers_only = gradient_from_answers_only
         self.reading_attention = current_attention_implementation(model.get_base_model())
@@ -93,10 +102,25 @@ class EpisodeLoss(nn.Module):
         # The term that asks a prompt of another family's shots to serve the queries worse (`_task_contrast`).
         self.task_contrast_weight = task_contrast_weight
 
-    def _graded(self) -> ContextManager[None]:
-        if self.graded_attention is None or not torch.is_grad_enabled():
+    def graded_scores(self, xp_tokens: int, context_tokens: int, batch: QueryBatch) -> int:
+        """Attention scores per head and layer of an episode's largest graded pass: the PGM over XP and its slots
+        (only the slots in the compressed scope), or the queries after `context_tokens` of prompt and XL."""
+        slots = self.model.base_model.metal_config.num_prompt_tokens
+        pgm_rows = slots if self._reads_shots_once else xp_tokens + slots
+        size, width = batch.input_ids.shape
+        return max(pgm_rows * (xp_tokens + slots), size * width * (context_tokens + width))
+
+    def _graded_attention(self, scores: int) -> Optional[str]:
+        """`graded_attention` for an episode whose largest graded pass keeps at most `eager_max_scores` scores per
+        head and layer, else the reads' own attention."""
+        if self.graded_attention is None:
+            return None
+        return self.graded_attention if scores <= self.eager_max_scores else self.reading_attention
+
+    def _graded(self, implementation: Optional[str]) -> ContextManager[None]:
+        if implementation is None or not torch.is_grad_enabled():
             return nullcontext()
-        return attention_implementation(self.model.get_base_model(), self.graded_attention)
+        return attention_implementation(self.model.get_base_model(), implementation)
 
     @property
     def template(self) -> ShotTemplate:
@@ -122,7 +146,9 @@ class EpisodeLoss(nn.Module):
         foreign_read = tuner.read_shots(self._encode(episode.foreign_xp)) if contrast and self._reads_shots_once else None
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
-        with self._graded():
+        slots = tuner.metal_config.num_prompt_tokens
+        graded = self._graded_attention(self.graded_scores(len(xp_ids), slots + len(xl_ids), batch))
+        with self._graded(graded):
             prompt = self._prompt(episode.xp, xl_shots, shots_read)
             if self.refinement is not None:
                 prompt = self._refined(prompt, episode)
@@ -159,7 +185,7 @@ class EpisodeLoss(nn.Module):
                 losses["distillation"] = distillation_loss(outputs.logits, teacher_logits, batch.attention_mask)
             if options is not None:
                 losses["option_distillation"] = self._option_distillation(
-                    options, batch, outputs, teacher_logits, teacher_layers, shots_read.first_position
+                    options, batch, outputs, teacher_logits, teacher_layers, shots_read.first_position, graded
                 )
         losses["loss"] = (
             losses["lm_loss"]
@@ -280,10 +306,12 @@ class EpisodeLoss(nn.Module):
         element = self.model.get_base_model().get_input_embeddings().weight.element_size()
         return 2 * config.num_hidden_layers * kv_heads * head_dim * length * element
 
-    def _option_distillation(self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset) -> torch.Tensor:
+    def _option_distillation(
+        self, options, batch, outputs, teacher_logits, teacher_layers, teacher_offset, graded: Optional[str]
+    ) -> torch.Tensor:
         """KL from the teacher's distribution over each multiple-choice query's options to the student's."""
         lm = self.model.get_base_model()
-        with self.model.base_model.lm_only(), self._graded():
+        with self.model.base_model.lm_only(), self._graded(graded):
             student = option_scores(lm, cache_layers(returned_cache(outputs)), batch, outputs.logits, options)
             with torch.no_grad():
                 teacher = option_scores(lm, teacher_layers, batch, teacher_logits, options, teacher_offset)

@@ -191,8 +191,8 @@ class MetaTrainer:
             cast_frozen_weights(model, self.precision)
         reads, graded = args.attn_implementation, None
         if args.attn_implementation == "auto" and device == "cpu":
-            # SDPA reads without gradient several times faster than eager attention on a CPU, but its backward is
-            # slower, so the passes that train use eager attention (benchmarks/results/train_throughput_attention.md).
+            # SDPA reads without gradient several times faster than eager attention on a CPU; the passes that train
+            # use eager attention while they are short (EpisodeLoss.eager_max_scores: graded_attention.md).
             reads, graded = "sdpa", "eager"
         if reads != "auto":
             model.get_base_model().set_attn_implementation(reads)
