@@ -98,6 +98,8 @@ def main() -> None:
     if args.peak_memory:
         peak_memory_worker(args)
         return
+    if args.episodes < 2:
+        raise SystemExit(f"--episodes {args.episodes}: at least 2, to span the episodes' sizes.")
 
     rows = []
     with tempfile.TemporaryDirectory() as output_dir:
