@@ -51,7 +51,9 @@ def test_graded_scores_count_the_largest_pass_of_either_scope(scope):
     loss = EpisodeLoss(pgm, tokenizer)
     queries = encode_queries([e.as_shot() for e in tasks()[0].examples[:3]], tokenizer, pgm.base_model.template, "cpu")
     rows, width = queries.input_ids.shape
-    pgm_rows = 1000 + K if scope == "all" else K
-    assert loss.graded_scores(1000, K + 5, queries) == max(pgm_rows * (1000 + K), rows * width * (K + 5 + width))
-    queries_pass = rows * width * (K + 5000 + width)
-    assert loss.graded_scores(1, K + 5000, queries) == queries_pass
+    # 1,000 shot tokens: the PGM's pass is the largest, over every shot row in the paper's scope, the slots' only in
+    # the compressed one.
+    expected = (1000 + K) ** 2 if scope == "all" else K * (1000 + K)
+    assert loss.graded_scores(1000, K + 5, queries) == expected
+    # A long context before the queries: their pass is the largest.
+    assert loss.graded_scores(1, K + 5000, queries) == rows * width * (K + 5000 + width)

@@ -49,7 +49,7 @@ from .prompt_targets import prompt_target_loss
 
 # Eager attention keeps every layer's scores (rows x queries x keys, per head) for the backward; SDPA does not. On short
 # graded passes eager is as fast or a little faster (benchmarks/results/train_throughput_attention.md), on long ones
-# SDPA is up to 2.5x faster, and eager's scores ran a paper's-scope run out of 24 GB
+# SDPA is up to twice as fast, and eager's scores ran a paper's-scope run out of 24 GB
 # (benchmarks/results/graded_attention.md). So an episode whose largest graded pass would keep more scores than this,
 # per head and layer, takes its graded passes with the reads' attention instead.
 EAGER_MAX_SCORES = 2**18
