@@ -53,8 +53,7 @@ def sized_episodes(trainer: MetaTrainer, draw: int) -> list[tuple[int, Any]]:
         if xp_tokens > trainer.args.max_pgm_tokens:
             continue
         batch = encode_queries([query.as_shot() for query in episode.queries], trainer.tokenizer, tuner.template, "cpu")
-        context = tuner.metal_config.num_prompt_tokens + len(loss._encode(episode.xl))
-        sized.append((loss.graded_scores(xp_tokens, context, batch), episode))
+        sized.append((loss.graded_scores(xp_tokens, len(loss._encode(episode.xl)), batch), episode))
     return sorted(sized, key=lambda item: item[0])
 
 

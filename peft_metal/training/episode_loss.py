@@ -102,13 +102,13 @@ class EpisodeLoss(nn.Module):
         # The term that asks a prompt of another family's shots to serve the queries worse (`_task_contrast`).
         self.task_contrast_weight = task_contrast_weight
 
-    def graded_scores(self, xp_tokens: int, context_tokens: int, batch: QueryBatch) -> int:
+    def graded_scores(self, xp_tokens: int, xl_tokens: int, batch: QueryBatch) -> int:
         """Attention scores per head and layer of an episode's largest graded pass: the PGM over XP and its slots
-        (only the slots in the compressed scope), or the queries after `context_tokens` of prompt and XL."""
+        (only the slots in the compressed scope), or the queries after the prompt and XL."""
         slots = self.model.base_model.metal_config.num_prompt_tokens
         pgm_rows = slots if self._reads_shots_once else xp_tokens + slots
         size, width = batch.input_ids.shape
-        return max(pgm_rows * (xp_tokens + slots), size * width * (context_tokens + width))
+        return max(pgm_rows * (xp_tokens + slots), size * width * (slots + xl_tokens + width))
 
     def _graded_attention(self, scores: int) -> Optional[str]:
         """`graded_attention` for an episode whose largest graded pass keeps at most `eager_max_scores` scores per
@@ -146,8 +146,7 @@ class EpisodeLoss(nn.Module):
         foreign_read = tuner.read_shots(self._encode(episode.foreign_xp)) if contrast and self._reads_shots_once else None
         device = model_device(self.model.get_base_model())
         batch = encode_queries([e.as_shot() for e in episode.queries], self.tokenizer, self.template, device)
-        slots = tuner.metal_config.num_prompt_tokens
-        graded = self._graded_attention(self.graded_scores(len(xp_ids), slots + len(xl_ids), batch))
+        graded = self._graded_attention(self.graded_scores(len(xp_ids), len(xl_ids), batch))
         with self._graded(graded):
             prompt = self._prompt(episode.xp, xl_shots, shots_read)
             if self.refinement is not None:
