@@ -169,10 +169,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         panel = get_panel(args.split) if args.split in PANELS else None
-        if panel is not None:
-            tasks = load_eval_tasks(names=list(panel.tasks), task_dir=args.task_dir)
-        else:
-            tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
         seeds = _seeds(args.seed, panel.seeds if panel else (0,))
         run = EvaluationSettings(
             args.methods, args.shots, args.queries if args.queries is not None else (panel.queries if panel else 50),
@@ -183,6 +179,11 @@ def _eval(args: argparse.Namespace) -> int:
                 prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
             ),
         )
+        # the settings first: a typo is named whether or not the task data is installed
+        if panel is not None:
+            tasks = load_eval_tasks(names=list(panel.tasks), task_dir=args.task_dir)
+        else:
+            tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2

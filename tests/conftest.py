@@ -7,6 +7,7 @@ reference LM.
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -38,6 +39,12 @@ FAMILIES = ("llama", "gpt2", "qwen2", "gemma")
 DESIGNS = tuple(peft_metal.designs.DESIGNS)
 SCOPES = ("all", "padding")
 K = 4  # prompt tokens used by most tests
+
+# The few tests that read real BIG-bench tasks need the bigbench package's data files, which `make test` installs when
+# the package index offers them (it withdrew bigbench 1.0.0 on 2026-12-04); everything else runs on tasks of its own.
+requires_bigbench = pytest.mark.skipif(
+    importlib.util.find_spec("bigbench") is None, reason="reads real BIG-bench tasks: needs `pip install --no-deps bigbench==1.0.0`"
+)
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]
 QUERIES = ["Input: nice\nOutput:", "Input: awful film\nOutput:"]

@@ -1,10 +1,10 @@
 """Loading BIG-bench JSON tasks: small fixture trees, malformed files, and the real installed package."""
 
-import importlib.util
 import json
 import logging
 
 import pytest
+from conftest import requires_bigbench
 
 from peft_metal.data import (
     Example,
@@ -163,11 +163,6 @@ def test_bad_prefix_type(tmp_path):
 
 
 # The installed package (bigbench==1.0.0, installed --no-deps: never imported, only its files are read).
-
-requires_bigbench = pytest.mark.skipif(
-    importlib.util.find_spec("bigbench") is None, reason="needs `pip install --no-deps bigbench==1.0.0`"
-)
-
 
 @requires_bigbench
 def test_real_tasks():

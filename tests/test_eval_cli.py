@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_lm, make_pgm
+from conftest import build_tokenizer, make_lm, make_pgm, requires_bigbench
 
 from peft_metal.cli import main
 from peft_metal.data import load_splits
@@ -71,23 +71,20 @@ def reserved_family() -> str:
     """A BIG-bench family in neither split (reserved for acceptance testing)."""
     splits = load_splits()
     allowed = set(splits["train_families"]) | set(splits["dev_families"])
-    try:
-        families = sorted(path.name for path in bigbench_root().iterdir() if (path / "task.json").is_file())
-    except (ModuleNotFoundError, FileNotFoundError):
-        return "not_a_split_family"
+    families = sorted(path.name for path in bigbench_root().iterdir() if (path / "task.json").is_file())
     return next(family for family in families if family not in allowed)
 
 
+@requires_bigbench
 def test_evaluation_accepts_any_bigbench_task():
     """The split guard is meta-training's: `peft-metal eval --tasks` takes a BIG-bench task of any family (its results
     are the user's business; this only checks the task is found and loaded)."""
     family = reserved_family()
-    if family == "not_a_split_family":
-        pytest.skip("needs the bigbench package")
     check_eval_task(family)
     assert load_eval_tasks(names=[family])[0].family == family
 
 
+@requires_bigbench
 def test_cli_names_a_missing_task_before_loading_anything(tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "no_such_family_at_all",
                  "--output", str(tmp_path / "r.json")])
@@ -95,10 +92,25 @@ def test_cli_names_a_missing_task_before_loading_anything(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    """Without the bigbench package (the index can withdraw it), eval names the package to install and the folder
+    option, before loading a model; settings are still checked first, so a typo is named whatever the data."""
+    import peft_metal.data.bigbench as bigbench_module
+
+    monkeypatch.setattr(bigbench_module.importlib.util, "find_spec", lambda name: None)
+    code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--output", str(tmp_path / "r.json")])
+    error = capsys.readouterr().err
+    assert code == 2 and "pip install --no-deps bigbench==1.0.0" in error and "--task-dir" in error
+    assert not (tmp_path / "r.json").exists()
+    code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--methods", "zero-shot"])
+    assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
+
+
 def dev_task() -> str:
     return load_splits()["dev_tasks"][0]
 
 
+@requires_bigbench
 def test_cli_suggests_allowed_tasks_for_typos(tmp_path, capsys):
     typo = dev_task()[:-1] + "x"
     code = main(["eval", "--model", str(tmp_path / "missing"), "--tasks", typo])
@@ -129,6 +141,7 @@ def test_confirmation_panel_draws_the_same_tasks_again():
     assert not set(DEV_PANEL_CONFIRM.seeds) & set(DEV_PANEL.seeds)
 
 
+@requires_bigbench
 @pytest.mark.parametrize("panel_name", ["dev-panel", "dev-panel-confirm"])
 def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tmp_path, panel_name):
     """`--split dev-panel` (and its confirmation draw): the named panel's tasks, its seeds (records merged over them)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_pgm
+from conftest import make_pgm, requires_bigbench
 
 from peft_metal.precision import cast_frozen_weights, cpu_has_fast_bf16, resolve_precision
 
@@ -49,6 +49,7 @@ def test_cast_keeps_what_trains_in_fp32_and_buffers_untouched():
 
 
 @pytest.mark.slow
+@requires_bigbench
 @pytest.mark.skipif(
     not cpu_has_fast_bf16(),
     reason="this CPU has no bf16 hardware (AMX / AVX512-BF16): auto precision is fp32 here, and bf16 matrix products are "

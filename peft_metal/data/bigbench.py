@@ -41,7 +41,8 @@ def bigbench_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"The bigbench package is not installed, so there are no BIG-bench task files. Install them with "
-            f"`{INSTALL_COMMAND}` (only the task files are needed, hence --no-deps)."
+            f"`{INSTALL_COMMAND}` (only the task files are needed, hence --no-deps), or load the tasks from a folder "
+            f"of BIG-bench task folders (`root=`; `peft-metal eval --task-dir`)."
         )
     root = Path(spec.submodule_search_locations[0]) / "benchmark_tasks"
     if not root.is_dir():
