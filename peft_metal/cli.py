@@ -25,9 +25,23 @@ def _train(args: argparse.Namespace) -> int:
     training_args = TrainingArguments.from_json(
         args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
     )
+    if not _has_task_data("train"):
+        return 2
     summary = MetaTrainer(training_args).train(resume=args.resume)
     print(summary)
     return 0
+
+
+def _has_task_data(command: str) -> bool:
+    """Whether the BIG-bench task files are installed; if not, says so (and how to get them) before a model is loaded."""
+    from .data import bigbench_root
+
+    try:
+        bigbench_root()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        print(f"peft-metal {command}: error: {error}", file=sys.stderr)
+        return False
+    return True
 
 
 def _launch_training(args: argparse.Namespace) -> int:
@@ -150,6 +164,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .pgm import load_pgm
 
+    if not _has_task_data("demo"):
+        return 2
     model, tokenizer, source = load_pgm(args.model, args.pgm, args.device, args.seed)
     run_demo(model, tokenizer, source or "fresh, untrained PGM", shots=args.shots, queries=args.queries, seed=args.seed, output=args.output)
     return 0

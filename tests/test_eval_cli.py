@@ -106,6 +106,24 @@ def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, monkeypa
     assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_train_and_demo_without_the_task_data_stop_before_loading_a_model(command, tmp_path, capsys, monkeypatch):
+    import peft_metal.data.bigbench as bigbench_module
+    import peft_metal.pgm
+    import peft_metal.training
+
+    monkeypatch.setattr(bigbench_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(peft_metal.pgm, "load_pgm", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    monkeypatch.setattr(peft_metal.training, "MetaTrainer", lambda *args, **kwargs: pytest.fail("built a trainer"))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run")}))
+    argv = ["train", "--config", str(config)] if command == "train" else ["demo", "--output", str(tmp_path / "d.json")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"peft-metal {command}: error: The bigbench package is not installed")
+    assert "pip install --no-deps bigbench==1.0.0" in error
+
+
 def dev_task() -> str:
     return load_splits()["dev_tasks"][0]
 
