@@ -92,12 +92,18 @@ def test_cli_names_a_missing_task_before_loading_anything(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def without_bigbench(monkeypatch):
+    """As on a machine where the bigbench package could not be installed: only its lookup fails."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bigbench" else find_spec(name, *args))
+
+
+def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, without_bigbench):
     """Without the bigbench package (the index can withdraw it), eval names the package to install and the folder
     option, before loading a model; settings are still checked first, so a typo is named whatever the data."""
-    import peft_metal.data.bigbench as bigbench_module
-
-    monkeypatch.setattr(bigbench_module.importlib.util, "find_spec", lambda name: None)
     code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--output", str(tmp_path / "r.json")])
     error = capsys.readouterr().err
     assert code == 2 and "pip install --no-deps bigbench==1.0.0" in error and "--task-dir" in error
@@ -107,12 +113,12 @@ def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize("command", ["train", "demo"])
-def test_train_and_demo_without_the_task_data_stop_before_loading_a_model(command, tmp_path, capsys, monkeypatch):
-    import peft_metal.data.bigbench as bigbench_module
+def test_train_and_demo_without_the_task_data_stop_before_loading_a_model(
+    command, tmp_path, capsys, monkeypatch, without_bigbench
+):
     import peft_metal.pgm
     import peft_metal.training
 
-    monkeypatch.setattr(bigbench_module.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(peft_metal.pgm, "load_pgm", lambda *args, **kwargs: pytest.fail("loaded a model"))
     monkeypatch.setattr(peft_metal.training, "MetaTrainer", lambda *args, **kwargs: pytest.fail("built a trainer"))
     config = tmp_path / "c.json"
