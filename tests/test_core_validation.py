@@ -151,3 +151,20 @@ def test_missing_tokenizer(model):
         model.generate_prompt(SHOTS, tokenizer=None)
     with pytest.raises(TypeError, match="tokenizer"):
         model.generate_prompt(SHOTS, tokenizer=lambda text: text)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_prompt_tokens": 256}, "num_prompt_tokens \\(K\\) = 256 leaves no position for the shots: the model reads at most 256"),
+        ({"num_prompt_tokens": 2**31}, "leaves no position for the shots"),
+        ({"r": 33}, "LoRA rank r = 33 is larger than the model's hidden size 32"),
+        ({"r": 2**40}, "choose r <= 32"),
+    ],
+)
+def test_sizes_the_model_cannot_use_are_refused_before_allocating(overrides, message):
+    """K at or past the LM's context, or a LoRA rank past its width, would be allocated whole (an edited config
+    with K = 2**31 took all the memory); both are refused by name instead."""
+    with pytest.raises(ValueError, match=message):
+        make_pgm("llama", "prefix", **overrides)
+    make_pgm("llama", "prefix", num_prompt_tokens=255, r=32)  # the largest sizes that fit still build
