@@ -31,6 +31,7 @@ from transformers import (
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig
 from peft_metal.compat import cache_kwargs, returned_cache
+from peft_metal.data.bigbench import INSTALL_COMMAND
 
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -43,7 +44,7 @@ K = 4  # prompt tokens used by most tests
 # The few tests that read real BIG-bench tasks need the bigbench package's data files, which `make test` installs when
 # the package index offers them (it withdrew bigbench 1.0.0 on 2026-12-04); everything else runs on tasks of its own.
 requires_bigbench = pytest.mark.skipif(
-    importlib.util.find_spec("bigbench") is None, reason="reads real BIG-bench tasks: needs `pip install --no-deps bigbench==1.0.0`"
+    importlib.util.find_spec("bigbench") is None, reason=f"reads real BIG-bench tasks: needs `{INSTALL_COMMAND}`"
 )
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]

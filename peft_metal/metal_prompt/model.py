@@ -37,14 +37,13 @@ PADDING_INIT_SEED = 0
 def _check_sizes_fit(config: MetaLPromptConfig, model: nn.Module) -> None:
     """Refuse a K or LoRA rank the LM cannot use, before anything of that size is allocated: an edited or mistyped
     config (K = 2**31, say) would otherwise take all the memory, not fail."""
-    text_config = model.config.get_text_config(decoder=True)
     positions = max_context_length(model)
     if positions is not None and config.num_prompt_tokens >= positions:
         raise ValueError(
             f"num_prompt_tokens (K) = {config.num_prompt_tokens} leaves no position for the shots: the model reads at "
             f"most {positions} positions. Choose a K well under that."
         )
-    rank, width = config.r, getattr(text_config, "hidden_size", None)
+    rank, width = config.r, getattr(model.config.get_text_config(decoder=True), "hidden_size", None)
     if isinstance(rank, int) and not isinstance(rank, bool) and width is not None and rank > width:
         raise ValueError(
             f"LoRA rank r = {rank} is larger than the model's hidden size {width}, which bounds the rank of every "
