@@ -190,6 +190,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.methods, args.shots, args.queries if args.queries is not None else (panel.queries if panel else 50),
             num_demonstrations=args.num_demonstrations, max_new_tokens=args.max_new_tokens,
             metric=None if args.metric == "auto" else args.metric, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+            **({} if args.refine_batch_size is None else {"refine_batch_size": args.refine_batch_size}),
             baseline=BaselineOptions(
                 steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,
                 prompt_tuning_init=args.prompt_tuning_init, p_tuning_encoder=args.p_tuning_encoder,
@@ -434,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--refine-lr", type=float,
         help="the refined methods' Adam learning rate (default: refine_prompt's, 5e-2, measured on dev)",
+    )
+    evaluation.add_argument(
+        "--refine-batch-size", type=int,
+        help="the refined methods' shots per Adam step (default: refine_prompt's, 8; at least the shots refined on: "
+        "every step on all of them)",
     )
     evaluation.add_argument(
         "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"

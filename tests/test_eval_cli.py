@@ -194,3 +194,25 @@ def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tm
         assert "error" in record or record["n"] == 2
     assert "zero_shot" in payload["summary"] and payload["summary"]["zero_shot"]["se"] >= 0
     assert "±" in output.with_suffix(".md").read_text()
+
+
+def test_cli_refines_with_the_given_batch_size_and_records_it(saved, tmp_path):
+    output = tmp_path / "refined.json"
+    code = main([
+        "eval", "--model", str(saved / "model"), "--pgm", str(saved / "pgm"), "--task-dir", str(saved / "tasks"),
+        "--tasks", "my_vowels", "--shots", "3", "--queries", "2", "--methods", "metal+refine", "--refine-steps", "1",
+        "--refine-batch-size", "3", "--seed", "0", "--output", str(output), "--no-progress",
+    ])
+    assert code == 0
+    payload = json.loads(output.read_text())
+    assert payload["settings"]["refine_batch_size"] == 3
+    assert [record["refine_steps"] for record in payload["results"]] == [1]
+
+
+def test_cli_refuses_a_refinement_batch_of_no_shots(saved, tmp_path, capsys):
+    code = main([
+        "eval", "--model", str(saved / "model"), "--task-dir", str(saved / "tasks"), "--tasks", "my_vowels",
+        "--methods", "metal+refine", "--refine-batch-size", "0", "--output", str(tmp_path / "r.json"),
+    ])
+    assert code != 0
+    assert "refine_batch_size" in capsys.readouterr().err

@@ -118,7 +118,7 @@ class EvaluationSettings:
             "num_demonstrations": self.num_demonstrations, "max_new_tokens": self.max_new_tokens,
         }
         if any(name in REFINE_METHODS for name in self.methods):
-            record.update(refine_steps=list(self.refine_steps), refine_lr=self.refine_lr)
+            record.update(refine_steps=list(self.refine_steps), refine_lr=self.refine_lr, refine_batch_size=self.refine_batch_size)
         if self.baseline_methods:
             record["baseline"] = dataclasses.asdict(self.baseline)
         return record
