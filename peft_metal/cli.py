@@ -438,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--refine-batch-size", type=int,
-        help="the refined methods' shots per Adam step (default: refine_prompt's, 8; at least the shots refined on: "
-        "every step on all of them)",
+        help="the refined methods' shots per Adam step (default: refine_prompt's, 8); as many as the shots refined on "
+        "or more: every step on all of them",
     )
     evaluation.add_argument(
         "--baseline-steps", type=int, default=50, help="prompt_tuning/p_tuning/prefix_tuning: training steps (default 50)"
