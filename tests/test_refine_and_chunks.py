@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import DESIGNS, SHOTS, K, make_pgm
 
 from peft_metal import GeneratedPrompt, Refinement
 from peft_metal.metal_prompt.queries import answer_tokens, encode_queries, split_by_tokens
-from peft_metal.metal_prompt.refine import DEFAULT_LR, refine
+from peft_metal.metal_prompt.refine import DEFAULT_LR, _RotatingDemonstrations, refine
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +91,39 @@ def test_generate_prompt_refines_on_the_shots_the_pgm_read(scope, tok):
     assert not torch.equal(refined.keys, on_all.keys)
     assert torch.equal(refined.demonstrations, prompt.demonstrations)
     assert refined.refinement == [{"steps": 3, "lr": 5e-2, "batch_size": 2, "seed": 1, "num_shots": len(SHOTS) - 1}]
+
+
+def test_rotating_demonstrations_learn_from_every_shot(tok):
+    """With `demonstration_shots`, each step draws its demonstrations from all the shots and its minibatch from the
+    others: no shot is ever both, every shot is learnt from, and the prompt keeps the demonstrations it is served with."""
+    model = make_pgm("llama", "prefix")
+    template = model.base_model.template
+    shots = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive"), ("dull", "negative"),
+             ("fine", "positive")]
+    read, kept = shots[:3], shots[3:]
+    rotation = _RotatingDemonstrations(read, kept, tok, template)
+    order = random.Random(0)
+    as_demonstration, as_target = set(), set()
+    for _ in range(40):
+        batch, demonstration_ids = rotation.draw(order, 2, torch.device("cpu"))
+        demonstrations = "".join(tok.convert_ids_to_tokens(demonstration_ids.tolist()))
+        drawn = [shot for shot in shots if template.format_shots([shot]) in demonstrations]
+        assert len(drawn) == len(kept) and len(batch) == 2 and not set(drawn) & set(batch)
+        as_demonstration.update(drawn)
+        as_target.update(batch)
+    assert as_demonstration == as_target == set(shots)
+
+    with torch.no_grad():
+        prompt = model.generate_prompt(shots, tokenizer=tok, num_demonstrations=len(kept))
+    with model.base_model._lora(False):
+        fixed = refine(model.get_base_model(), prompt, read, tok, template, steps=3, lr=5e-2, batch_size=2)
+        rotated = refine(model.get_base_model(), prompt, read, tok, template, steps=3, lr=5e-2, batch_size=2,
+                         demonstration_shots=kept)
+    assert torch.equal(rotated.demonstrations, prompt.demonstrations)
+    assert not torch.equal(rotated.keys, fixed.keys) and not torch.equal(rotated.keys, prompt.keys)
+    assert rotated.refinement[-1]["rotated_demonstrations"] == len(kept)
+    with pytest.raises(ValueError, match="besides them"):
+        _RotatingDemonstrations([], kept, tok, template)
 
 
 def test_bad_refinement_settings(tok):

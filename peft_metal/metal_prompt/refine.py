@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,9 +81,14 @@ def refine(
     seed: int = 0,
     progress: Optional[Callable[[int, float], None]] = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
+    demonstration_shots: Sequence[Shot] = (),
 ) -> GeneratedPrompt:
     """`steps` Adam steps on -log P_LM(output | prompt, demonstrations, input) over minibatches of `shots`, at `lr`
     (None: `DEFAULT_LR`).
+
+    With `demonstration_shots` (the prompt's demonstrations, as shots), each step draws as many demonstrations afresh
+    from all the shots and its minibatch from the rest: every shot's answer is learnt from, never one in the context,
+    and the prompt is not fitted to one set of demonstrations. The prompt returned keeps its own demonstrations.
 
     Only the prompt's tensors change (in float32, cast back at the end); the LM is only read. Gradients are on
     whatever the caller's grad mode, since refinement cannot work without them.
@@ -97,9 +102,14 @@ def refine(
     if not shots:
         raise ValueError("Refinement needs at least one shot to tune the prompt on.")
     lr = resolve_lr(lr)
+    rotating = _RotatingDemonstrations(shots, demonstration_shots, tokenizer, template) if demonstration_shots else None
     with torch.enable_grad():
-        tuned = _tune(lm, prompt.detach(), shots, tokenizer, template, steps, lr, batch_size, seed, progress, max_batch_tokens)
+        tuned = _tune(
+            lm, prompt.detach(), shots, tokenizer, template, steps, lr, batch_size, seed, progress, max_batch_tokens, rotating
+        )
     record = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "num_shots": len(shots)}
+    if demonstration_shots:
+        record["rotated_demonstrations"] = len(demonstration_shots)
     return replace(tuned, refinement=[*prompt.refinement, record])
 
 
@@ -117,6 +127,28 @@ def first_order(start: GeneratedPrompt, refined: GeneratedPrompt, lm: PreTrained
     return replace(start, **shifted)
 
 
+class _RotatingDemonstrations:
+    """Each step's demonstrations and minibatch: `len(demonstrations)` of all the shots drawn as demonstrations, the
+    minibatch from the others."""
+
+    def __init__(
+        self, shots: Sequence[Shot], demonstrations: Sequence[Shot], tokenizer: PreTrainedTokenizerBase, template: ShotTemplate
+    ) -> None:
+        self.pool = [*shots, *demonstrations]
+        self.num_demonstrations = len(demonstrations)
+        self.tokenizer = tokenizer
+        self.template = template
+        if len(self.pool) <= self.num_demonstrations:
+            raise ValueError("Rotating demonstrations needs at least one shot besides them to tune the prompt on.")
+
+    def draw(self, order: random.Random, batch_size: int, device: torch.device) -> tuple[list[Shot], torch.Tensor]:
+        drawn = order.sample(range(len(self.pool)), len(self.pool))
+        demonstrations = [self.pool[i] for i in drawn[: self.num_demonstrations]]
+        rest = [self.pool[i] for i in drawn[self.num_demonstrations :]]
+        ids = self.tokenizer(self.template.format_shots(demonstrations), add_special_tokens=False)["input_ids"]
+        return rest[:batch_size], torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def _tune(
     lm: PreTrainedModel,
     prompt: GeneratedPrompt,
@@ -129,6 +161,7 @@ def _tune(
     seed: int,
     progress: Optional[Callable[[int, float], None]],
     max_batch_tokens: int,
+    rotating: Optional[_RotatingDemonstrations] = None,
 ) -> GeneratedPrompt:
     start = get_design(prompt.design).tunable_payload(prompt, lm)
     dtypes = {name: tensor.dtype for name, tensor in start.items()}
@@ -136,15 +169,20 @@ def _tune(
     optimizer = torch.optim.Adam(parameters.values(), lr=lr)
     device = model_device(lm)
     order = random.Random(seed)
+    demonstrations = prompt.demonstrations
     for step in range(steps):
-        batch_shots = order.sample(shots, min(batch_size, len(shots)))
+        if rotating is None:
+            batch_shots = order.sample(shots, min(batch_size, len(shots)))
+        else:
+            batch_shots, demonstrations = rotating.draw(order, batch_size, device)
         batch = encode_queries(batch_shots, tokenizer, template, device)
         total = answer_tokens(batch)
         optimizer.zero_grad()
         step_loss = 0.0
         for piece in split_by_tokens(batch, max_batch_tokens):
             # each piece's mean loss weighted by its share of the answer tokens: the minibatch's mean, summed in parts
-            candidate = replace(prompt, **{name: p.to(dtypes[name]) for name, p in parameters.items()})
+            tuned = {name: p.to(dtypes[name]) for name, p in parameters.items()}
+            candidate = replace(prompt, demonstrations=demonstrations, **tuned)
             outputs = forward_with_prompt(lm, candidate, piece.input_ids, piece.attention_mask, piece.labels)
             loss = outputs.loss * (answer_tokens(piece) / total)
             loss.backward()

@@ -1,0 +1,114 @@
+"""Refinement with demonstrations drawn afresh each step: `metal+demos+refine` tunes its prompt on the 12 shots the
+PGM read, always with the same 4 demonstrations in the context, so those 4 answers are never learnt from and the
+prompt is fitted to one set of demonstrations. Here each step draws 4 of all 16 shots as its demonstrations and its
+minibatch from the other 12 (`refine(..., demonstration_shots=...)`); the prompt is served, as before, with the last 4.
+
+    python benchmarks/rotating_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
+        [--refine-steps 10] [--refine-lr 5e-2] [--name rotating_demonstrations]
+
+Runs, on the dev panel (the last 4 shots are the demonstrations every query reads):
+
+* `icl`: all 16 shots as demonstrations (the bar);
+* `metal+demos+refine`: the method as it is (the control);
+* `rotated`: the same one-pass prompt (PGM over the first 12 shots), refined with rotating demonstrations;
+* `rotated, PGM read 16`: the prompt made from all 16 shots, then refined with rotating demonstrations.
+
+Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from nearest_demonstrations import scored  # benchmarks/nearest_demonstrations.py: score a context, print its line
+from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+
+from peft_metal.evaluation import load_eval_tasks
+from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
+from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.report import merge_seeds
+from peft_metal.inference import ModelParts, prompt_context
+from peft_metal.metal_prompt.refine import refine
+from peft_metal.pgm import load_pgm
+from peft_metal.precision import cast_frozen_weights
+
+NUM_DEMONSTRATIONS = 4
+
+
+def rotated(parts: ModelParts, tokenizer, pairs, name: str, pgm_reads_all: bool, steps: int, lr: float,
+            seed: int) -> PreparedMethod:
+    """The prompt from the first 12 shots (or all 16), refined with demonstrations drawn afresh each step, served
+    with the last 4 as its demonstrations."""
+    split = len(pairs) - NUM_DEMONSTRATIONS
+    read, kept = pairs[:split], pairs[split:]
+    began = time.perf_counter()
+    with torch.no_grad():
+        if pgm_reads_all:
+            prompt = parts.tuner.generate_prompt(pairs, tokenizer, chunk_size="auto")
+            text = parts.template.format_shots(kept)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt = replace(prompt, demonstrations=torch.tensor(ids, dtype=torch.long), demonstrations_text=text)
+        else:
+            prompt = parts.tuner.generate_prompt(pairs, tokenizer, num_demonstrations=NUM_DEMONSTRATIONS,
+                                                 chunk_size="auto")
+        with parts.lora_off():
+            prompt = refine(parts.lm, prompt, read, tokenizer, parts.template, steps, lr, seed=seed,
+                            demonstration_shots=kept)
+    return PreparedMethod(name, prompt_context(parts.lm, prompt), time.perf_counter() - began, prompt.context_length,
+                          info={"refine_steps": steps, "refine_lr": lr}, prompt=prompt)
+
+
+def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, steps: int, lr: float):
+    parts = ModelParts.from_model(model)
+    records = []
+    for seed in seeds:
+        for task in tasks:
+            shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
+            pairs = [example.as_shot() for example in shots]
+            with parts.lora_off():
+                runs = [prepare_method(ICL, parts, tokenizer, shots),
+                        prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
+                                       refine_steps=steps, refine_lr=lr, seed=seed)]
+            runs += [rotated(parts, tokenizer, pairs, name, reads_all, steps, lr, seed)
+                     for name, reads_all in (("rotated", False), ("rotated, PGM read 16", True))]
+            records += [scored(parts, tokenizer, task, prepared, task_queries, seed) for prepared in runs]
+    return merge_seeds(records) if len(seeds) > 1 else records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--pgm", default="pgms/smollm2-compressed-ce-answers")
+    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)))
+    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
+    parser.add_argument("--refine-steps", type=int, default=10)
+    parser.add_argument("--refine-lr", type=float, default=5e-2)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default="rotating_demonstrations")
+    args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+
+    model, tokenizer, source = load_pgm(args.model, args.pgm)
+    precision = cast_frozen_weights(model, "auto")
+    tasks = load_eval_tasks(list(DEV_PANEL.tasks))
+    started = time.perf_counter()
+    records = panel_records(model, tokenizer, tasks, seeds, args.queries, args.refine_steps, args.refine_lr)
+    caption = (
+        f"The dev panel ({len(tasks)} tasks, {DEV_PANEL.shots} shots, {args.queries} queries x seeds {seeds}): "
+        f"refinement ({args.refine_steps} Adam steps at {args.refine_lr:g}, batches of 8) with the last "
+        f"{NUM_DEMONSTRATIONS} shots as fixed demonstrations (`metal+demos+refine`) or with {NUM_DEMONSTRATIONS} "
+        f"drawn afresh each step from all {DEV_PANEL.shots} (`rotated`); served with the last {NUM_DEMONSTRATIONS}; "
+        f"PGM {source}; {precision} weights ({platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; {time.perf_counter() - started:.0f} s). Prompt s: making and refining the prompt."
+    )
+    write_records_report(args.output, args.name, caption, records, precision=precision)
+
+
+if __name__ == "__main__":
+    main()
