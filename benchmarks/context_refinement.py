@@ -25,25 +25,19 @@ Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
 
 from __future__ import annotations
 
-import argparse
-import platform
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from nearest_demonstrations import scored  # benchmarks/nearest_demonstrations.py: score a context, print its line
+from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import METAL_DEMOS, METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import Context, ModelParts, empty_context, extend_context, prompt_context
 from peft_metal.metal_prompt import GeneratedPrompt
 from peft_metal.metal_prompt.refine import refine
-from peft_metal.pgm import load_pgm
-from peft_metal.precision import cast_frozen_weights
 
 NUM_DEMONSTRATIONS = 4
 
@@ -93,39 +87,26 @@ def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pgm", default="pgms/smollm2-compressed-ce-answers")
-    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)))
-    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
-    parser.add_argument("--refine-steps", type=int, default=10)
-    parser.add_argument("--refine-lr", type=float, default=5e-2, help="the control's rate")
+    parser = probe_parser(__doc__, "context_refinement", refine_lr_help="the control's rate")
     parser.add_argument("--refine-lrs", default="5e-2", help="comma-separated rates of the tunings from the one pass")
     parser.add_argument("--after-lrs", default="", help="comma-separated rates of the tunings after the control")
     parser.add_argument("--after-steps", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--name", default="context_refinement")
     args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
     lrs = [float(lr) for lr in args.refine_lrs.split(",") if lr]
     after_lrs = [float(lr) for lr in args.after_lrs.split(",") if lr]
 
-    model, tokenizer, source = load_pgm(args.model, args.pgm)
-    precision = cast_frozen_weights(model, "auto")
-    tasks = load_eval_tasks(list(DEV_PANEL.tasks))
+    probe = Probe.load(args)
     started = time.perf_counter()
     with torch.no_grad():
-        records = panel_records(model, tokenizer, tasks, seeds, args.queries, args.refine_steps, args.refine_lr, lrs,
-                                after_lrs, args.after_steps)
+        records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries,
+                                args.refine_steps, args.refine_lr, lrs, after_lrs, args.after_steps)
     caption = (
-        f"The dev panel ({len(tasks)} tasks, {DEV_PANEL.shots} shots, {args.queries} queries x seeds {seeds}): "
-        f"refinement ({args.refine_steps} Adam steps at {args.refine_lr:g} on the 12 shots the PGM read, batches of 8) "
-        f"of the prompt alone (`metal+demos+refine`) or of the whole context, prompt and {NUM_DEMONSTRATIONS} "
-        f"demonstrations (`refined, then context`: {args.after_steps} more steps); PGM {source}; "
-        f"{precision} weights ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"{time.perf_counter() - started:.0f} s). Prompt s: the refinement's seconds."
+        f"{probe.panel(args.queries)}: refinement ({args.refine_steps} Adam steps at {args.refine_lr:g} on the 12 "
+        f"shots the PGM read, batches of 8) of the prompt alone (`metal+demos+refine`) or of the whole context, prompt "
+        f"and {NUM_DEMONSTRATIONS} demonstrations (`refined, then context`: {args.after_steps} more steps); PGM "
+        f"{probe.source}; {probe.machine(time.perf_counter() - started)}. Prompt s: the refinement's seconds."
     )
-    write_records_report(args.output, args.name, caption, records, precision=precision)
+    write_records_report(args.output, args.name, caption, records, precision=probe.precision)
 
 
 if __name__ == "__main__":

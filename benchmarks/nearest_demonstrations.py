@@ -20,26 +20,20 @@ only; writes `<name>.json` and `.md` under benchmarks/results.
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
-from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import Context, ModelParts, empty_context, extend_context, prompt_context
-from peft_metal.pgm import load_pgm
-from peft_metal.precision import cast_frozen_weights
 
 NUM_DEMONSTRATIONS = 4
 
@@ -82,19 +76,6 @@ def per_query_demonstrations(name: str, parts: ModelParts, tokenizer, base: Cont
     return PreparedMethod(name, base, 0.0, base_tokens, read_query=read_query, info={"_read_tokens": read_tokens})
 
 
-def scored(parts: ModelParts, tokenizer, task, prepared: PreparedMethod, queries, seed: int) -> dict[str, Any]:
-    """`prepared` scored on `queries` with LoRA off, as `peft-metal eval` scores a method, and its line printed.
-    Context tokens are averaged over the queries when each read its own demonstrations."""
-    with parts.lora_off():
-        record = evaluate_prepared(parts, tokenizer, task, prepared, queries, task_metric(task))
-    read_tokens = record.pop("_read_tokens", None)
-    if read_tokens:
-        record["context_tokens"] = sum(read_tokens) / len(read_tokens)
-    print(f"seed {seed} {task.name} {prepared.name}: {record['score']:.2f} on {record['context_tokens']:.0f} tokens",
-          flush=True)
-    return dict(record, seed=seed)
-
-
 def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, refine: Optional[dict[str, Any]]):
     parts = ModelParts.from_model(model)
     records = []
@@ -119,34 +100,22 @@ def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pgm", default=None, help="a PGM folder: adds the metal+demos+refine runs")
-    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)))
-    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
-    parser.add_argument("--refine-steps", type=int, default=10)
-    parser.add_argument("--refine-lr", type=float, default=5e-2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--name", default="nearest_demonstrations")
+    parser = probe_parser(__doc__, "nearest_demonstrations", pgm=None,
+                          pgm_help="a PGM folder: adds the metal+demos+refine runs")
     args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-
-    model, tokenizer, source = load_pgm(args.model, args.pgm, warn_untrained=False)
-    precision = cast_frozen_weights(model, "auto")
-    tasks = load_eval_tasks(list(DEV_PANEL.tasks))
+    probe = Probe.load(args, warn_untrained=False)
     refine = None if args.pgm is None else {"refine_steps": args.refine_steps, "refine_lr": args.refine_lr}
     started = time.perf_counter()
     with torch.no_grad():
-        records = panel_records(model, tokenizer, tasks, seeds, args.queries, refine)
+        records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries, refine)
     caption = (
-        f"The dev panel ({len(tasks)} tasks, {DEV_PANEL.shots} shots, {args.queries} queries x seeds {seeds}) with "
-        f"{NUM_DEMONSTRATIONS} demonstrations per query: the task's last shots or the query's nearest (TF-IDF over "
-        f"input token ids); PGM {source if refine else 'none'}"
+        f"{probe.panel(args.queries)} with {NUM_DEMONSTRATIONS} demonstrations per query: the task's last shots or the "
+        f"query's nearest (TF-IDF over input token ids); PGM {probe.source if refine else 'none'}"
         + (f", refined {args.refine_steps} steps at {args.refine_lr}" if refine else "")
-        + f"; {precision} weights ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"{time.perf_counter() - started:.0f} s). Context tokens: mean over queries of what precedes each query."
+        + f"; {probe.machine(time.perf_counter() - started)}. Context tokens: mean over queries of what precedes each "
+        "query."
     )
-    write_records_report(args.output, args.name, caption, records, precision=precision)
+    write_records_report(args.output, args.name, caption, records, precision=probe.precision)
 
 
 if __name__ == "__main__":

@@ -18,25 +18,19 @@ Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
 
 from __future__ import annotations
 
-import argparse
-import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from nearest_demonstrations import scored  # benchmarks/nearest_demonstrations.py: score a context, print its line
+from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.refine import refine
-from peft_metal.pgm import load_pgm
-from peft_metal.precision import cast_frozen_weights
 
 NUM_DEMONSTRATIONS = 4
 
@@ -82,32 +76,19 @@ def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pgm", default="pgms/smollm2-compressed-ce-answers")
-    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)))
-    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
-    parser.add_argument("--refine-steps", type=int, default=10)
-    parser.add_argument("--refine-lr", type=float, default=5e-2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--name", default="rotating_demonstrations")
-    args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-
-    model, tokenizer, source = load_pgm(args.model, args.pgm)
-    precision = cast_frozen_weights(model, "auto")
-    tasks = load_eval_tasks(list(DEV_PANEL.tasks))
+    args = probe_parser(__doc__, "rotating_demonstrations").parse_args()
+    probe = Probe.load(args)
     started = time.perf_counter()
-    records = panel_records(model, tokenizer, tasks, seeds, args.queries, args.refine_steps, args.refine_lr)
+    records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries, args.refine_steps,
+                            args.refine_lr)
     caption = (
-        f"The dev panel ({len(tasks)} tasks, {DEV_PANEL.shots} shots, {args.queries} queries x seeds {seeds}): "
-        f"refinement ({args.refine_steps} Adam steps at {args.refine_lr:g}, batches of 8) with the last "
-        f"{NUM_DEMONSTRATIONS} shots as fixed demonstrations (`metal+demos+refine`) or with {NUM_DEMONSTRATIONS} "
-        f"drawn afresh each step from all {DEV_PANEL.shots} (`rotated`); served with the last {NUM_DEMONSTRATIONS}; "
-        f"PGM {source}; {precision} weights ({platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; {time.perf_counter() - started:.0f} s). Prompt s: making and refining the prompt."
+        f"{probe.panel(args.queries)}: refinement ({args.refine_steps} Adam steps at {args.refine_lr:g}, batches of 8) "
+        f"with the last {NUM_DEMONSTRATIONS} shots as fixed demonstrations (`metal+demos+refine`) or with "
+        f"{NUM_DEMONSTRATIONS} drawn afresh each step from all {DEV_PANEL.shots} (`rotated`); served with the last "
+        f"{NUM_DEMONSTRATIONS}; PGM {probe.source}; {probe.machine(time.perf_counter() - started)}. Prompt s: making "
+        "and refining the prompt."
     )
-    write_records_report(args.output, args.name, caption, records, precision=precision)
+    write_records_report(args.output, args.name, caption, records, precision=probe.precision)
 
 
 if __name__ == "__main__":
