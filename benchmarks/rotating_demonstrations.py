@@ -26,7 +26,7 @@ import torch
 from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
+from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import ModelParts, prompt_context
@@ -46,8 +46,8 @@ def rotated(parts: ModelParts, tokenizer, pairs, name: str, pgm_reads_all: bool,
         if pgm_reads_all:
             prompt = parts.tuner.generate_prompt(pairs, tokenizer, chunk_size="auto")
             text = parts.template.format_shots(kept)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            prompt = replace(prompt, demonstrations=torch.tensor(ids, dtype=torch.long), demonstrations_text=text)
+            ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)
+            prompt = replace(prompt, demonstrations=ids, demonstrations_text=text)
         else:
             prompt = parts.tuner.generate_prompt(pairs, tokenizer, num_demonstrations=NUM_DEMONSTRATIONS,
                                                  chunk_size="auto")
