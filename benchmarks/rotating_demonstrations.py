@@ -19,14 +19,13 @@ Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Sequence
 
 import torch
 from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
+from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import ModelParts, prompt_context
@@ -44,10 +43,8 @@ def rotated(parts: ModelParts, tokenizer, pairs, name: str, pgm_reads_all: bool,
     began = time.perf_counter()
     with torch.no_grad():
         if pgm_reads_all:
-            prompt = parts.tuner.generate_prompt(pairs, tokenizer, chunk_size="auto")
-            text = parts.template.format_shots(kept)
-            ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)
-            prompt = replace(prompt, demonstrations=ids, demonstrations_text=text)
+            prompt = parts.tuner.with_demonstrations(parts.tuner.generate_prompt(pairs, tokenizer, chunk_size="auto"),
+                                                     kept, tokenizer)
         else:
             prompt = parts.tuner.generate_prompt(pairs, tokenizer, num_demonstrations=NUM_DEMONSTRATIONS,
                                                  chunk_size="auto")

@@ -126,6 +126,21 @@ def test_rotating_demonstrations_learn_from_every_shot(tok):
         _RotatingDemonstrations([], kept, tok, template)
 
 
+def test_with_demonstrations_replaces_them_in_the_pgms_template(tok):
+    model = make_pgm("llama", "prefix")
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=2)
+    again = model.with_demonstrations(prompt, SHOTS[-2:], tok)
+    assert torch.equal(again.demonstrations, prompt.demonstrations)
+    assert again.demonstrations_text == prompt.demonstrations_text
+    one = model.with_demonstrations(prompt, [{"input": "odd one", "output": "yes"}], tok)
+    assert one.demonstrations_text == model.base_model.template.format_shot(("odd one", "yes"))
+    assert one.demonstrations.tolist() == tok(one.demonstrations_text, add_special_tokens=False)["input_ids"]
+    assert model.with_demonstrations(prompt, [], tok).context_length == K
+    with pytest.raises(TypeError, match="not an \\(input, output\\) pair"):
+        model.with_demonstrations(prompt, ["lonely"], tok)
+
+
 def test_bad_refinement_settings(tok):
     for bad, error in (
         (dict(steps=-1), ValueError), (dict(steps=2, lr=0), ValueError), (dict(steps=2, batch_size=0), ValueError),

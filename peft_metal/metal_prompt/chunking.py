@@ -16,10 +16,6 @@ from .template import Shot, ShotTemplate
 ChunkSize = Union[int, str, None]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, template: ShotTemplate, shots: list[Shot]) -> list[int]:
-    return tokenizer(template.format_shots(shots), add_special_tokens=False)["input_ids"]
-
-
 def chunk_shots(
     shots: list[Shot],
     tokenizer: PreTrainedTokenizerBase,
@@ -39,7 +35,7 @@ def chunk_shots(
         chunks = [shots[i : i + chunk_size] for i in range(0, len(shots), chunk_size)]
     else:
         raise ValueError(f"chunk_size must be None, 'auto' or a positive int, got {chunk_size!r}.")
-    encoded = [_encode(tokenizer, template, chunk) for chunk in chunks]
+    encoded = [template.encode_shots(chunk, tokenizer) for chunk in chunks]
     for index, (chunk, ids) in enumerate(zip(chunks, encoded)):
         _check_fits(index, len(chunk), len(ids), num_prompt_tokens, context_limit, single=len(chunks) == 1)
     return encoded
@@ -62,7 +58,7 @@ def _pack(
     chunks: list[list[Shot]] = [[]]
     for shot in shots:
         candidate = chunks[-1] + [shot]
-        if chunks[-1] and len(_encode(tokenizer, template, candidate)) > _budget(len(chunks) - 1, num_prompt_tokens, context_limit):
+        if chunks[-1] and len(template.encode_shots(candidate, tokenizer)) > _budget(len(chunks) - 1, num_prompt_tokens, context_limit):
             chunks.append([shot])
         else:
             chunks[-1] = candidate

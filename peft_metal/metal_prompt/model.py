@@ -196,7 +196,7 @@ class MetaLPromptModel(LoraModel):
             prompt = self._prompt_from_readout(
                 self._run_pgm(torch.tensor(chunk_ids), self._design.needs_cache, prompt), tokenizer
             )
-        prompt = self._with_demonstrations(prompt, shots[split:], tokenizer)
+        prompt = self.with_demonstrations(prompt, shots[split:], tokenizer)
         if refinement is None:
             return prompt
         return self.refine_prompt(prompt, shots[:split], tokenizer, **asdict(refinement))
@@ -205,7 +205,7 @@ class MetaLPromptModel(LoraModel):
         """The prompt made from text the PGM reads as it is (1-D token ids, no shot template): the generic-text stage
         of meta-training compresses plain text this way."""
         readout = self._run_pgm(token_ids, self._design.needs_cache)
-        return self._with_demonstrations(self._prompt_from_readout(readout, tokenizer), [], tokenizer)
+        return self.with_demonstrations(self._prompt_from_readout(readout, tokenizer), [], tokenizer)
 
     def generate_prompt_from_read_shots(
         self, shots: ReadShots, tokenizer: PreTrainedTokenizerBase, demonstrations: Any = ()
@@ -221,19 +221,20 @@ class MetaLPromptModel(LoraModel):
             )
         readout = self.read_padding(shots, self._design.needs_cache)
         prompt = self._prompt_from_readout(readout, tokenizer)
-        return self._with_demonstrations(prompt, normalize_shots(demonstrations, allow_empty=True), tokenizer)
+        return self.with_demonstrations(prompt, demonstrations, tokenizer)
 
     @property
     def _design(self):
         return get_design(self.metal_config.prompt_design)
 
-    def _with_demonstrations(
-        self, prompt: GeneratedPrompt, demonstrations: list, tokenizer: PreTrainedTokenizerBase
-    ) -> GeneratedPrompt:
-        text = self.template.format_shots(demonstrations)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    def with_demonstrations(self, prompt: GeneratedPrompt, demonstrations: Any, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
+        """`prompt` with `demonstrations` (shots, possibly none) as the plain demonstrations the LM reads after it, in
+        this PGM's template; any it had are replaced."""
+        demonstrations = normalize_shots(demonstrations, allow_empty=True)
+        ids = self.template.encode_shots(demonstrations, tokenizer)
         device = model_device(self.model)
-        return replace(prompt, demonstrations=torch.tensor(ids, dtype=torch.long, device=device), demonstrations_text=text)
+        return replace(prompt, demonstrations=torch.tensor(ids, dtype=torch.long, device=device),
+                       demonstrations_text=self.template.format_shots(demonstrations))
 
     def refine_prompt(
         self,

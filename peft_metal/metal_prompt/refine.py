@@ -147,7 +147,7 @@ class _RotatingDemonstrations:
         drawn = order.sample(range(len(self.pool)), len(self.pool))
         demonstrations = [self.pool[i] for i in drawn[: self.num_demonstrations]]
         rest = [self.pool[i] for i in drawn[self.num_demonstrations :]]
-        ids = self.tokenizer(self.template.format_shots(demonstrations), add_special_tokens=False)["input_ids"]
+        ids = self.template.encode_shots(demonstrations, self.tokenizer)
         return rest[:batch_size], torch.tensor(ids, dtype=torch.long, device=device)
 
 

@@ -1,10 +1,13 @@
-"""How shots become text: one template, shared by meta-training and serving so the PGM sees what it learned on."""
+"""How shots become text (and tokens): one template, shared by meta-training and serving so the PGM sees what it
+learned on."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
+
+from transformers import PreTrainedTokenizerBase
 
 Shot = tuple[str, str]
 ShotLike = Union[Sequence[str], Mapping[str, str]]
@@ -73,3 +76,8 @@ class ShotTemplate:
 
     def format_shots(self, shots: Sequence[Shot]) -> str:
         return "".join(self.format_shot(shot) for shot in shots)
+
+    def encode_shots(self, shots: Sequence[Shot], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The token ids of `format_shots(shots)`, without special tokens: how the PGM reads shots and the LM reads
+        demonstrations."""
+        return tokenizer(self.format_shots(shots), add_special_tokens=False)["input_ids"]
