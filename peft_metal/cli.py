@@ -161,13 +161,13 @@ def _load_pgm(args: argparse.Namespace, seed: Optional[int] = None):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import demo_tasks, run_demo
     from .pgm import load_pgm
 
-    if not _has_task_data("demo"):
-        return 2
+    tasks, task_dir = demo_tasks()
     model, tokenizer, source = load_pgm(args.model, args.pgm, args.device, args.seed)
-    run_demo(model, tokenizer, source or "fresh, untrained PGM", shots=args.shots, queries=args.queries, seed=args.seed, output=args.output)
+    run_demo(model, tokenizer, source or "fresh, untrained PGM", tasks, args.shots, args.queries, args.seed, args.output,
+             task_dir)
     return 0
 
 

@@ -5,20 +5,27 @@ demonstrations), MetaL-Prompt (the 16 shots read by the PGM, no demonstrations) 
 best on the dev panel (`metal+demos+refine`: 12 shots read by the PGM, the prompt refined 10 steps on them, 4 kept as
 demonstrations) on the same seeded queries, with the prompt-creation time and the tokens the LM reads per query
 before each query; then one summary line.
+
+Without BIG-bench's files (the package index withdrew `bigbench` 1.0.0 on 2026-12-04) it runs on the project's own
+example tasks instead (`peft_metal/data/example_tasks`: antonyms, capitals, review sentiment, number parity, written
+for this demo in BIG-bench's JSON format), and says so: the main job runs on a fresh machine either way.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import load_bigbench_task
+from .data import bigbench_root, load_bigbench_task
 from .designs import get_design
 from .evaluation import evaluate, write_results
 
 DEMO_TASKS = ("phrase_relatedness", "similarities_abstraction", "cause_and_effect/two_sentences", "snarks")
+EXAMPLE_TASK_DIR = Path(__file__).parent / "data" / "example_tasks"
+EXAMPLE_TASKS = ("antonyms", "country_capitals", "review_sentiment", "number_parity")
 DEMO_METHODS = ("zero_shot", "icl", "metal", "metal+demos+refine")
 
 
@@ -32,6 +39,17 @@ def describe_prompt(model: Any, tokenizer: Any, shots: Sequence[tuple[str, str]]
     return f"{prompt.design} prompt of K={prompt.num_tokens} from {len(shots)} shots in {seconds * 1000:.0f} ms: {shown}"
 
 
+def demo_tasks() -> tuple[Sequence[str], Optional[Path]]:
+    """The BIG-bench dev tasks where BIG-bench's files are installed, else the example tasks (names, folder)."""
+    try:
+        bigbench_root()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        print(f"{error}\nThe demo runs on the project's own example tasks instead ({EXAMPLE_TASK_DIR}); they are not "
+              "BIG-bench tasks, so its figures are not comparable with docs/results.md.")
+        return EXAMPLE_TASKS, EXAMPLE_TASK_DIR
+    return DEMO_TASKS, None
+
+
 def run_demo(
     model: Any,
     tokenizer: Any,
@@ -41,14 +59,19 @@ def run_demo(
     queries: int = 24,
     seed: int = 0,
     output: str = "demo_results/results.json",
+    task_dir: Optional[Path] = None,
 ) -> list[dict[str, Any]]:
-    loaded = [load_bigbench_task(name) for name in tasks]
+    """`tasks` loaded from BIG-bench's files, or from `task_dir` (a folder of task folders in BIG-bench's format)."""
+    loaded = [load_bigbench_task(name, root=task_dir) for name in tasks]
     print(f"PGM: {pgm_source}")
     for task in loaded:
         example_shots, _ = task.split(shots, queries, seed)
         print(f"[{task.name}] {describe_prompt(model, tokenizer, [e.as_shot() for e in example_shots])}")
     results = evaluate(model, tokenizer, loaded, list(DEMO_METHODS), shots, queries, seed)
-    paths = write_results(results, output, settings={"pgm": pgm_source, "tasks": list(tasks), "shots": shots, "queries": queries, "seed": seed})
+    settings = {"pgm": pgm_source, "tasks": list(tasks), "shots": shots, "queries": queries, "seed": seed}
+    if task_dir is not None:
+        settings["task_dir"] = str(task_dir)
+    paths = write_results(results, output, settings=settings)
     print(paths["markdown"].read_text())
     print(f"Wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
     print(summary_line(results))

@@ -193,3 +193,23 @@ def test_every_split_task_loads_with_enough_examples():
         if len(task.examples) < 48:
             too_small[name] = len(task.examples)
     assert not too_small
+
+
+def test_the_example_tasks_are_well_formed_multiple_choice():
+    """The demo's fallback tasks: each loads, holds enough distinct examples for 16 shots and 24 queries, offers its
+    answer among distinct options, and a two-way task is balanced, so always answering one label scores a half."""
+    from collections import Counter
+
+    from peft_metal.demo import EXAMPLE_TASK_DIR, EXAMPLE_TASKS
+
+    assert list_bigbench_tasks(EXAMPLE_TASK_DIR) == sorted(EXAMPLE_TASKS)
+    for name in EXAMPLE_TASKS:
+        task = load_bigbench_task(name, root=EXAMPLE_TASK_DIR)
+        assert len(task.examples) >= 40, name
+        assert len({example.input for example in task.examples}) == len(task.examples), name
+        for example in task.examples:
+            assert example.options and example.output in example.options and not example.alternatives
+            assert len(set(example.options)) == len(example.options)
+        labels = Counter(example.output for example in task.examples)
+        if len(task.examples[0].options) == 2:
+            assert max(labels.values()) - min(labels.values()) <= len(task.examples) // 10, (name, labels)

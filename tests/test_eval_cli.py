@@ -112,10 +112,7 @@ def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, without_
     assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "demo"])
-def test_train_and_demo_without_the_task_data_stop_before_loading_a_model(
-    command, tmp_path, capsys, monkeypatch, without_bigbench
-):
+def test_train_without_the_task_data_stops_before_loading_a_model(tmp_path, capsys, monkeypatch, without_bigbench):
     import peft_metal.pgm
     import peft_metal.training
 
@@ -123,11 +120,29 @@ def test_train_and_demo_without_the_task_data_stop_before_loading_a_model(
     monkeypatch.setattr(peft_metal.training, "MetaTrainer", lambda *args, **kwargs: pytest.fail("built a trainer"))
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"output_dir": str(tmp_path / "run")}))
-    argv = ["train", "--config", str(config)] if command == "train" else ["demo", "--output", str(tmp_path / "d.json")]
-    assert main(argv) == 2
+    assert main(["train", "--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"peft-metal {command}: error: The bigbench package is not installed")
+    assert error.startswith("peft-metal train: error: The bigbench package is not installed")
     assert "pip install --no-deps bigbench==1.0.0" in error
+
+
+def test_demo_without_the_task_data_runs_on_the_example_tasks(tmp_path, capsys, without_bigbench):
+    """The main job runs on a fresh machine whatever the package index serves, and says what it ran on."""
+    from peft_metal.demo import EXAMPLE_TASK_DIR, EXAMPLE_TASKS
+
+    make_lm("llama", max_positions=2048).save_pretrained(tmp_path / "model")  # room for 6 shots of characters
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    output = tmp_path / "d.json"
+    with pytest.warns(UserWarning, match="fresh, untrained PGM"):
+        code = main(["demo", "--model", str(tmp_path / "model"), "--shots", "6", "--queries", "2", "--output", str(output)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "The bigbench package is not installed" in printed and "example tasks" in printed and "SUMMARY:" in printed
+    payload = json.loads(output.read_text())
+    assert payload["settings"]["tasks"] == list(EXAMPLE_TASKS) and payload["settings"]["task_dir"] == str(EXAMPLE_TASK_DIR)
+    assert {(record["task"], record["method"]) for record in payload["results"] if "error" not in record} == {
+        (task, method) for task in EXAMPLE_TASKS for method in ("zero_shot", "icl", "metal", "metal+demos+refine")
+    }
 
 
 def dev_task() -> str:
