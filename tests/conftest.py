@@ -64,9 +64,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
-    """The core tests run models with 32-wide layers: one thread is faster than several and does not suffer when
-    the machine is shared. Other test files keep torch's default."""
-    if not request.module.__name__.startswith("test_core_"):
+    """Tiny models (32-wide layers) run far faster on one thread than on several, and do not suffer when the machine
+    is shared: the core tests and every module marked `pytest.mark.one_thread` get one. Others keep torch's default."""
+    if not (request.module.__name__.startswith("test_core_") or request.node.get_closest_marker("one_thread")):
         yield
         return
     threads = torch.get_num_threads()

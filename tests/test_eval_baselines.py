@@ -37,7 +37,10 @@ from peft_metal.metal_prompt.queries import encode_queries
 from peft_metal.metal_prompt.refine import DEFAULT_LR
 
 # PEFT's own prefix tuning (peft 0.21) still hands the model `past_key_values`; only peft-metal's calls must not.
-pytestmark = pytest.mark.filterwarnings("default:`past_key_values` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("default:`past_key_values` is deprecated:FutureWarning"),
+    pytest.mark.one_thread,  # tiny models (conftest)
+]
 
 
 def _scores(lm, context, options):
@@ -55,14 +58,6 @@ PAIRS = [example.as_shot() for example in SHOTS]
 QUERY = Example("gh", "no way", options=("yes", "no way"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def mc_task(name="vowel"):

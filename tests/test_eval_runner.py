@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import make_pgm
 
 from peft_metal.data import Example, Task
@@ -17,15 +16,7 @@ METHODS = ["zero_shot", "icl", "metal", "metal+demos"]
 RECORD_KEYS = {"task", "method", "metric", "score", "n", "prompt_seconds", "context_tokens", "eval_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on several competing ones (as in the core tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models (conftest)
 
 
 def mc_task(name="vowel", size=len(WORDS)):

@@ -38,15 +38,7 @@ QUERY = Example("nice", "positive", options=("positive", "negative", "ok", "so-s
 def greedy(lm, context, query, max_new_tokens, **sampling):
     """Greedy tokens for one query: a batch of one."""
     return generate(lm, context, [query], [Sampling(max_new_tokens, **sampling.pop("settings", {}))], **sampling)[0].tokens
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on several competing ones (as in the core tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models (conftest)
 
 
 CASES = [
@@ -226,3 +218,8 @@ def test_sampling_near_zero_settings_keeps_the_top_token(settings):
     expected = greedy(lm, empty_context(), query, 4)
     generator = torch.Generator().manual_seed(0)
     assert greedy(lm, empty_context(), query, 4, settings={**settings, "generator": generator}) == expected
+
+
+def test_a_module_marked_one_thread_runs_on_one():
+    """The marker this module carries (conftest's fixture): tiny models stay fast on a shared machine."""
+    assert torch.get_num_threads() == 1

@@ -12,13 +12,7 @@ from peft_metal import GeneratedPrompt, Refinement
 from peft_metal.metal_prompt.queries import answer_tokens, encode_queries, split_by_tokens
 from peft_metal.metal_prompt.refine import DEFAULT_LR, _RotatingDemonstrations, refine
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models (conftest)
 
 
 def shot_loss(model, prompt, tok, shots) -> float:

@@ -36,12 +36,7 @@ INPUTS = ["nice", "a dull film", "wonderful acting", "x", "so bad", "fine", "the
 OPTIONS = ["positive", "negative", "neutral"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -81,16 +81,23 @@ def extend_context(lm: PreTrainedModel, context: Context, token_ids: Sequence[in
     token_ids = list(token_ids)
     if not token_ids:
         return context
+    output = read_tokens(lm, context, token_ids, keep_cache=True, last_only=True)
+    return Context(layers=output.layers, length=context.length + len(token_ids), last_logits=output.logits[0, -1].float())
+
+
+def read_tokens(
+    lm: PreTrainedModel, context: Context, token_ids: list[int], *, keep_cache: bool = False, last_only: bool = False
+) -> LMOutput:
+    """The LM reads one row of `token_ids` (at least one) after `context`, at the positions that follow it."""
     check_fits(lm, context.length, len(token_ids))
     device = model_device(lm)
-    n = len(token_ids)
-    output = run_lm(
+    end = context.length + len(token_ids)
+    return run_lm(
         lm,
         torch.tensor([token_ids], dtype=torch.long, device=device),
-        torch.ones(1, context.length + n, dtype=torch.long, device=device),
-        torch.arange(context.length, context.length + n, device=device).unsqueeze(0),
+        torch.ones(1, end, dtype=torch.long, device=device),
+        torch.arange(context.length, end, device=device).unsqueeze(0),
         context.layers,
-        keep_cache=True,
-        last_only=True,
+        keep_cache=keep_cache,
+        last_only=last_only,
     )
-    return Context(layers=output.layers, length=context.length + n, last_logits=output.logits[0, -1].float())

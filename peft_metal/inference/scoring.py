@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..metal_prompt.reading import check_fits, model_device, positions_from_mask
-from .context import Context, Layers, run_lm
+from .context import Context, Layers, read_tokens, run_lm
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,9 @@ def score_tokens(lm: PreTrainedModel, context: Context, token_ids: Sequence[int]
     token_ids = list(token_ids)
     if not token_ids:
         return []
-    check_fits(lm, context.length, len(token_ids))
+    output = read_tokens(lm, context, token_ids)
     device = model_device(lm)
     n = len(token_ids)
-    output = run_lm(
-        lm,
-        torch.tensor([token_ids], dtype=torch.long, device=device),
-        torch.ones(1, context.length + n, dtype=torch.long, device=device),
-        torch.arange(context.length, context.length + n, device=device).unsqueeze(0),
-        context.layers,
-    )
     predictors = output.logits[0, :-1].float()  # position i predicts token i + 1
     if context.last_logits is not None:
         predictors = torch.cat([context.last_logits.float().unsqueeze(0), predictors])
