@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 # The real task data: the BIG-bench JSON files of bigbench==1.0.0 (TensorFlow and its other dependencies are not
 # needed). Its own target, because the package index can withdraw it (it did on 2026-12-04): training and dev
 # evaluation need it; without it the demo runs on the project's own example tasks, and the test suite skips, by name,
-# the few tests that read real tasks.
+# the few tests that read real tasks. Nothing is installed where $PEFT_METAL_BIGBENCH_TASKS names the task folders
+# (bigbench/benchmark_tasks of a clone of github.com/google/BIG-bench).
 task-data: install
-	@$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bigbench') is None)" \
+	@$(BIN)/python -c "from peft_metal.data import bigbench_root; bigbench_root()" 2>/dev/null \
 		|| $(PIP) --no-deps bigbench==1.0.0
 
 test: install

@@ -7,7 +7,6 @@ reference LM.
 
 from __future__ import annotations
 
-import importlib.util
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -31,7 +30,7 @@ from transformers import (
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig
 from peft_metal.compat import cache_kwargs, returned_cache
-from peft_metal.data.bigbench import INSTALL_COMMAND
+from peft_metal.data.bigbench import INSTALL_COMMAND, TASKS_ENV, bigbench_root
 
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -43,8 +42,16 @@ K = 4  # prompt tokens used by most tests
 
 # The few tests that read real BIG-bench tasks need the bigbench package's data files, which `make test` installs when
 # the package index offers them (it withdrew bigbench 1.0.0 on 2026-12-04); everything else runs on tasks of its own.
+def _has_bigbench() -> bool:
+    try:
+        bigbench_root()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
+
+
 requires_bigbench = pytest.mark.skipif(
-    importlib.util.find_spec("bigbench") is None, reason=f"reads real BIG-bench tasks: needs `{INSTALL_COMMAND}`"
+    not _has_bigbench(), reason=f"reads real BIG-bench tasks: needs `{INSTALL_COMMAND}` (or {TASKS_ENV})"
 )
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]

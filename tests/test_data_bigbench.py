@@ -213,3 +213,17 @@ def test_the_example_tasks_are_well_formed_multiple_choice():
         labels = Counter(example.output for example in task.examples)
         if len(task.examples[0].options) == 2:
             assert max(labels.values()) - min(labels.values()) <= len(task.examples) // 10, (name, labels)
+
+
+def test_the_task_folder_can_be_named_by_the_environment(tmp_path, monkeypatch):
+    """Where the package cannot be installed, $PEFT_METAL_BIGBENCH_TASKS names BIG-bench's folder of task folders
+    (a clone's bigbench/benchmark_tasks); a wrong path is named with the variable."""
+    from peft_metal.data.bigbench import TASKS_ENV
+
+    write_task(tmp_path / "tasks" / "my_task", [{"input": "a", "target": "b"}])
+    monkeypatch.setenv(TASKS_ENV, str(tmp_path / "tasks"))
+    assert bigbench_root() == tmp_path / "tasks"
+    assert list_bigbench_tasks() == ["my_task"] and load_bigbench_task("my_task").examples[0].output == "b"
+    monkeypatch.setenv(TASKS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=f"{TASKS_ENV}=.*missing is not a folder"):
+        bigbench_root()

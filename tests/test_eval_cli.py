@@ -88,6 +88,9 @@ def without_bigbench(monkeypatch):
     """As on a machine where the bigbench package could not be installed: only its lookup fails."""
     import importlib.util
 
+    from peft_metal.data.bigbench import TASKS_ENV
+
+    monkeypatch.delenv(TASKS_ENV, raising=False)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bigbench" else find_spec(name, *args))
 

@@ -30,19 +30,32 @@ logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
 INSTALL_COMMAND = "pip install --no-deps bigbench==1.0.0"
+# Where BIG-bench's task folders are, when not in the installed package: e.g. `bigbench/benchmark_tasks` of a clone of
+# github.com/google/BIG-bench (the package index withdrew bigbench 1.0.0 on 2026-12-04).
+TASKS_ENV = "PEFT_METAL_BIGBENCH_TASKS"
 
 
 def bigbench_root() -> Path:
-    """The `benchmark_tasks` folder of the installed `bigbench` package.
+    """The folder of BIG-bench's task folders: `$PEFT_METAL_BIGBENCH_TASKS` when set, else the `benchmark_tasks`
+    folder of the installed `bigbench` package.
 
     Found without importing `bigbench`: only its data files are needed, and importing it pulls in heavy dependencies.
     """
+    if os.environ.get(TASKS_ENV):
+        root = Path(os.environ[TASKS_ENV])
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"{TASKS_ENV}={root} is not a folder: point it at BIG-bench's folder of task folders (in a clone of "
+                "github.com/google/BIG-bench, bigbench/benchmark_tasks), or unset it to use the installed package."
+            )
+        return root
     spec = importlib.util.find_spec("bigbench")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"The bigbench package is not installed, so there are no BIG-bench task files. Install them with "
-            f"`{INSTALL_COMMAND}` (only the task files are needed, hence --no-deps), or load the tasks from a folder "
-            f"of BIG-bench task folders (`root=`; `peft-metal eval --task-dir`)."
+            f"`{INSTALL_COMMAND}` (only the task files are needed, hence --no-deps), set {TASKS_ENV} to the "
+            f"bigbench/benchmark_tasks folder of a clone of github.com/google/BIG-bench, or load the tasks from a "
+            f"folder of BIG-bench task folders (`root=`; `peft-metal eval --task-dir`)."
         )
     root = Path(spec.submodule_search_locations[0]) / "benchmark_tasks"
     if not root.is_dir():
