@@ -29,12 +29,10 @@ import time
 from typing import Sequence
 
 import torch
-from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation.methods import METAL_DEMOS, METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
-from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds
+from peft_metal.evaluation.methods import METAL_DEMOS, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
 from peft_metal.inference import Context, ModelParts, empty_context, extend_context, prompt_context
 from peft_metal.metal_prompt import GeneratedPrompt
 from peft_metal.metal_prompt.refine import refine
@@ -57,33 +55,24 @@ def refined_context(parts: ModelParts, tokenizer, start: Context, like: Generate
     return prompt_context(parts.lm, prompt), time.perf_counter() - began
 
 
-def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, steps: int, lr: float,
-                  lrs: Sequence[float], after_lrs: Sequence[float], after_steps: int):
-    parts = ModelParts.from_model(model)
-    records = []
-    for seed in seeds:
-        for task in tasks:
-            shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
-            pairs = [example.as_shot() for example in shots]
-            read, kept = pairs[: len(pairs) - NUM_DEMONSTRATIONS], pairs[len(pairs) - NUM_DEMONSTRATIONS :]
-            with parts.lora_off():
-                control = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
-                                         refine_steps=steps, refine_lr=lr, seed=seed)
-                one_pass = prepare_method(METAL_DEMOS, parts, tokenizer, shots, NUM_DEMONSTRATIONS, seed=seed)
-                demonstrations = extend_context(parts.lm, empty_context(),
-                                                encode(tokenizer, parts.template.format_shots(kept)))
-            tunings = [(f"{name} @{rate:g}", start, steps, rate) for rate in lrs
-                       for name, start in (("context refined", one_pass.context),
-                                           ("demos, context refined", demonstrations))]
-            tunings += [(f"refined, then context @{rate:g}", control.context, after_steps, rate) for rate in after_lrs]
-            runs = [control]
-            for name, start, tuning_steps, rate in tunings:
-                with parts.lora_off():
-                    context, seconds = refined_context(parts, tokenizer, start, one_pass.prompt, read, tuning_steps,
-                                                       rate, seed)
-                runs.append(PreparedMethod(name, context, seconds, context.length))
-            records += [scored(parts, tokenizer, task, prepared, task_queries, seed) for prepared in runs]
-    return merge_seeds(records) if len(seeds) > 1 else records
+def task_runs(parts: ModelParts, tokenizer, seed: int, shots, steps: int, lr: float, lrs: Sequence[float],
+              after_lrs: Sequence[float], after_steps: int) -> list[PreparedMethod]:
+    pairs = [example.as_shot() for example in shots]
+    read, kept = pairs[: len(pairs) - NUM_DEMONSTRATIONS], pairs[len(pairs) - NUM_DEMONSTRATIONS :]
+    with parts.lora_off():
+        control = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS, refine_steps=steps,
+                                 refine_lr=lr, seed=seed)
+        one_pass = prepare_method(METAL_DEMOS, parts, tokenizer, shots, NUM_DEMONSTRATIONS, seed=seed)
+        demonstrations = extend_context(parts.lm, empty_context(), parts.template.encode_shots(kept, tokenizer))
+    tunings = [(f"{name} @{rate:g}", start, steps, rate) for rate in lrs
+               for name, start in (("context refined", one_pass.context), ("demos, context refined", demonstrations))]
+    tunings += [(f"refined, then context @{rate:g}", control.context, after_steps, rate) for rate in after_lrs]
+    runs = [control]
+    for name, start, tuning_steps, rate in tunings:
+        with parts.lora_off():
+            context, seconds = refined_context(parts, tokenizer, start, one_pass.prompt, read, tuning_steps, rate, seed)
+        runs.append(PreparedMethod(name, context, seconds, context.length))
+    return runs
 
 
 def main() -> None:
@@ -98,8 +87,8 @@ def main() -> None:
     probe = Probe.load(args)
     started = time.perf_counter()
     with torch.no_grad():
-        records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries,
-                                args.refine_steps, args.refine_lr, lrs, after_lrs, args.after_steps)
+        records = probe.records(args.queries, lambda parts, seed, shots: task_runs(
+            parts, probe.tokenizer, seed, shots, args.refine_steps, args.refine_lr, lrs, after_lrs, args.after_steps))
     caption = (
         f"{probe.panel(args.queries)}: refinement ({args.refine_steps} Adam steps at {args.refine_lr:g} on the 12 "
         f"shots the PGM read, batches of 8) of the prompt alone (`metal+demos+refine`) or of the whole context, prompt "

@@ -27,12 +27,10 @@ from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
-from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method
-from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import Context, ModelParts, empty_context, extend_context, prompt_context
 
 NUM_DEMONSTRATIONS = 4
@@ -76,27 +74,19 @@ def per_query_demonstrations(name: str, parts: ModelParts, tokenizer, base: Cont
     return PreparedMethod(name, base, 0.0, base_tokens, read_query=read_query, info={"_read_tokens": read_tokens})
 
 
-def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, refine: Optional[dict[str, Any]]):
-    parts = ModelParts.from_model(model)
-    records = []
-    for seed in seeds:
-        for task in tasks:
-            shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
-            icl = encode(tokenizer, parts.template.format_shots([example.as_shot() for example in shots]))
-            runs = [PreparedMethod("icl", extend_context(parts.lm, empty_context(), icl), 0.0, len(icl))]
-            runs += [per_query_demonstrations(f"demos: {kind}", parts, tokenizer, empty_context(), 0, shots,
-                                              kind == "nearest") for kind in ("last", "nearest")]
-            if refine is not None:
-                with parts.lora_off():
-                    made = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
-                                          seed=seed, **refine)
-                bare = replace(made.prompt, demonstrations=torch.zeros(0, dtype=torch.long), demonstrations_text="")
-                context = prompt_context(parts.lm, bare)
-                runs += [per_query_demonstrations(f"metal+demos+refine: {kind}", parts, tokenizer, context,
-                                                  bare.context_length, shots, kind == "nearest")
-                         for kind in ("last", "nearest")]
-            records += [scored(parts, tokenizer, task, prepared, task_queries, seed) for prepared in runs]
-    return merge_seeds(records) if len(seeds) > 1 else records
+def task_runs(parts: ModelParts, tokenizer, seed: int, shots, refine: Optional[dict[str, Any]]) -> list[PreparedMethod]:
+    icl = parts.template.encode_shots([example.as_shot() for example in shots], tokenizer)
+    runs = [PreparedMethod("icl", extend_context(parts.lm, empty_context(), icl), 0.0, len(icl))]
+    runs += [per_query_demonstrations(f"demos: {kind}", parts, tokenizer, empty_context(), 0, shots, kind == "nearest")
+             for kind in ("last", "nearest")]
+    if refine is not None:
+        with parts.lora_off():
+            made = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS, seed=seed, **refine)
+        bare = replace(made.prompt, demonstrations=torch.zeros(0, dtype=torch.long), demonstrations_text="")
+        context = prompt_context(parts.lm, bare)
+        runs += [per_query_demonstrations(f"metal+demos+refine: {kind}", parts, tokenizer, context,
+                                          bare.context_length, shots, kind == "nearest") for kind in ("last", "nearest")]
+    return runs
 
 
 def main() -> None:
@@ -107,7 +97,8 @@ def main() -> None:
     refine = None if args.pgm is None else {"refine_steps": args.refine_steps, "refine_lr": args.refine_lr}
     started = time.perf_counter()
     with torch.no_grad():
-        records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries, refine)
+        records = probe.records(args.queries, lambda parts, seed, shots: task_runs(parts, probe.tokenizer, seed, shots,
+                                                                                  refine))
     caption = (
         f"{probe.panel(args.queries)} with {NUM_DEMONSTRATIONS} demonstrations per query: the task's last shots or the "
         f"query's nearest (TF-IDF over input token ids); PGM {probe.source if refine else 'none'}"

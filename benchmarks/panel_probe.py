@@ -1,5 +1,5 @@
 """What the dev-panel probes of `metal+demos+refine` share: their common arguments, the model, weights and tasks they
-load, how a prepared context is scored, and the machine line of their captions."""
+load, the loop over seeds and tasks, how a prepared context is scored, and the machine line of their captions."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import argparse
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import PreparedMethod
 from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.report import merge_seeds
 from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import ModelParts
 from peft_metal.pgm import load_pgm
@@ -55,6 +56,18 @@ class Probe:
         precision = cast_frozen_weights(model, "auto")
         tasks = load_eval_tasks(list(DEV_PANEL.tasks))
         return cls(model, tokenizer, source, precision, tasks, [int(seed) for seed in args.seeds.split(",")])
+
+    def records(self, queries: int, runs: Callable[[ModelParts, int, list], list[PreparedMethod]]) -> list[dict[str, Any]]:
+        """For every seed and task, the methods `runs(parts, seed, shots)` prepares from the draw's shots, scored on
+        its queries; with several seeds, each task's records merged over them."""
+        parts = ModelParts.from_model(self.model)
+        records = []
+        for seed in self.seeds:
+            for task in self.tasks:
+                shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
+                records += [scored(parts, self.tokenizer, task, prepared, task_queries, seed)
+                            for prepared in runs(parts, seed, shots)]
+        return merge_seeds(records) if len(self.seeds) > 1 else records
 
     def panel(self, queries: int) -> str:
         return f"The dev panel ({len(self.tasks)} tasks, {DEV_PANEL.shots} shots, {queries} queries x seeds {self.seeds})"

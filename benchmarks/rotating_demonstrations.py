@@ -19,15 +19,13 @@ Dev panel only; writes `<name>.json` and `.md` under benchmarks/results.
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import torch
-from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
 from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.refine import refine
 
@@ -55,29 +53,22 @@ def rotated(parts: ModelParts, tokenizer, pairs, name: str, pgm_reads_all: bool,
                           info={"refine_steps": steps, "refine_lr": lr}, prompt=prompt)
 
 
-def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, steps: int, lr: float):
-    parts = ModelParts.from_model(model)
-    records = []
-    for seed in seeds:
-        for task in tasks:
-            shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
-            pairs = [example.as_shot() for example in shots]
-            with parts.lora_off():
-                runs = [prepare_method(ICL, parts, tokenizer, shots),
-                        prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
-                                       refine_steps=steps, refine_lr=lr, seed=seed)]
-            runs += [rotated(parts, tokenizer, pairs, name, reads_all, steps, lr, seed)
-                     for name, reads_all in (("rotated", False), ("rotated, PGM read 16", True))]
-            records += [scored(parts, tokenizer, task, prepared, task_queries, seed) for prepared in runs]
-    return merge_seeds(records) if len(seeds) > 1 else records
+def task_runs(parts: ModelParts, tokenizer, seed: int, shots, steps: int, lr: float) -> list[PreparedMethod]:
+    pairs = [example.as_shot() for example in shots]
+    with parts.lora_off():
+        runs = [prepare_method(ICL, parts, tokenizer, shots),
+                prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS, refine_steps=steps,
+                               refine_lr=lr, seed=seed)]
+    return runs + [rotated(parts, tokenizer, pairs, name, reads_all, steps, lr, seed)
+                   for name, reads_all in (("rotated", False), ("rotated, PGM read 16", True))]
 
 
 def main() -> None:
     args = probe_parser(__doc__, "rotating_demonstrations").parse_args()
     probe = Probe.load(args)
     started = time.perf_counter()
-    records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries, args.refine_steps,
-                            args.refine_lr)
+    records = probe.records(args.queries, lambda parts, seed, shots: task_runs(
+        parts, probe.tokenizer, seed, shots, args.refine_steps, args.refine_lr))
     caption = (
         f"{probe.panel(args.queries)}: refinement ({args.refine_steps} Adam steps at {args.refine_lr:g}, batches of 8) "
         f"with the last {NUM_DEMONSTRATIONS} shots as fixed demonstrations (`metal+demos+refine`) or with "

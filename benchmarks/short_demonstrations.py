@@ -22,12 +22,10 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
-from panel_probe import Probe, probe_parser, scored  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
-from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, encode, prepare_method
-from peft_metal.evaluation.panels import DEV_PANEL
-from peft_metal.evaluation.report import merge_seeds
+from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
 from peft_metal.inference import ModelParts
 
 NUM_DEMONSTRATIONS = 4
@@ -39,27 +37,23 @@ def shortest(lengths: Sequence[int], count: int) -> list[int]:
     return sorted(sorted(range(len(lengths)), key=lambda i: lengths[i])[:count])
 
 
-def panel_records(model, tokenizer, tasks, seeds: Sequence[int], queries: int, steps: int, lr: float, control: bool):
-    parts = ModelParts.from_model(model)
-    records = []
-    for seed in seeds:
-        for task in tasks:
-            shots, task_queries = task.split(DEV_PANEL.shots, queries, seed)
-            pairs = [example.as_shot() for example in shots]
-            lengths = [len(encode(tokenizer, parts.template.format_shots([pair]))) for pair in pairs]
-            kept = shortest(lengths, NUM_DEMONSTRATIONS)
-            # the PGM reads the others; the kept shots go last, where prepare_method takes its demonstrations
-            reordered = [shot for i, shot in enumerate(shots) if i not in kept] + [shots[i] for i in kept]
-            with parts.lora_off():
-                runs = [prepare_method(ICL, parts, tokenizer, shots)]
-                if control:
-                    runs.append(prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
-                                               refine_steps=steps, refine_lr=lr, seed=seed))
-                short = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, reordered, NUM_DEMONSTRATIONS,
-                                       refine_steps=steps, refine_lr=lr, seed=seed)
-            runs.append(replace(short, name=f"shortest {NUM_DEMONSTRATIONS}, {METAL_DEMOS_REFINE}"))
-            records += [scored(parts, tokenizer, task, prepared, task_queries, seed) for prepared in runs]
-    records = merge_seeds(records) if len(seeds) > 1 else records
+def task_runs(parts: ModelParts, tokenizer, seed: int, shots, steps: int, lr: float, control: bool) -> list[PreparedMethod]:
+    lengths = [len(parts.template.encode_shots([example.as_shot()], tokenizer)) for example in shots]
+    kept = shortest(lengths, NUM_DEMONSTRATIONS)
+    # the PGM reads the others; the kept shots go last, where prepare_method takes its demonstrations
+    reordered = [shot for i, shot in enumerate(shots) if i not in kept] + [shots[i] for i in kept]
+    with parts.lora_off():
+        runs = [prepare_method(ICL, parts, tokenizer, shots)]
+        if control:
+            runs.append(prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, shots, NUM_DEMONSTRATIONS,
+                                       refine_steps=steps, refine_lr=lr, seed=seed))
+        short = prepare_method(METAL_DEMOS_REFINE, parts, tokenizer, reordered, NUM_DEMONSTRATIONS,
+                               refine_steps=steps, refine_lr=lr, seed=seed)
+    return runs + [replace(short, name=f"shortest {NUM_DEMONSTRATIONS}, {METAL_DEMOS_REFINE}")]
+
+
+def within_third(records: list[dict]) -> list[dict]:
+    """Each record marked with whether its context is within a third of ICL-16's on the same task."""
     icl_tokens = {record["task"]: record["context_tokens"] for record in records if record["method"] == ICL}
     return [dict(record, within_third=record["context_tokens"] * BUDGET_SHARE <= icl_tokens[record["task"]])
             for record in records]
@@ -71,8 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     probe = Probe.load(args)
     started = time.perf_counter()
-    records = panel_records(probe.model, probe.tokenizer, probe.tasks, probe.seeds, args.queries, args.refine_steps,
-                            args.refine_lr, not args.no_control)
+    records = within_third(probe.records(args.queries, lambda parts, seed, shots: task_runs(
+        parts, probe.tokenizer, seed, shots, args.refine_steps, args.refine_lr, not args.no_control)))
     caption = (
         f"{probe.panel(args.queries)}: `metal+demos+refine` ({args.refine_steps} Adam steps at {args.refine_lr:g}, "
         f"batches of 8) keeping the last {NUM_DEMONSTRATIONS} shots, or the {NUM_DEMONSTRATIONS} shortest "
