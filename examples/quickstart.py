@@ -52,7 +52,7 @@ def main() -> None:
         print(f"[{design}] prompt of {prompt.num_tokens} positions in {seconds * 1000:.0f} ms{shown}")
         for query, answer in zip(QUERIES, answers):
             print(f"    {query!r} -> {answer.strip()!r}")
-        lm = model.unload()
+        lm = model.base_model.remove_pgm()  # the LM back, without this PGM, for the next design
     print("quickstart done: 4 designs generated, saved, reloaded and read by SmolLM2-135M")
 
 

