@@ -39,6 +39,8 @@ def test_two_processes_schedule_checkpoint_and_resume(tmp_path):
     assert {p.name for p in checkpoint.iterdir()} >= {"pgm", "state.json", "state.safetensors", "rank-1.json"}
     assert json.loads((checkpoint / "state.json").read_text())["num_processes"] == 2
     launch(tmp_path / "killed", "--resume")
+    for run in ("whole", "killed"):  # every process left the process group before the interpreter wound down
+        assert [(tmp_path / run / f"exit-rank-{rank}.txt").read_text() for rank in (0, 1)] == ["process group alive: False"] * 2
 
     whole = load_file(tmp_path / "whole" / "pgm" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "killed" / "pgm" / "adapter_model.safetensors")

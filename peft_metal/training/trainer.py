@@ -9,6 +9,7 @@ progress bar and a JSONL log.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
@@ -184,6 +185,10 @@ class MetaTrainer:
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.num_processes > 1:
+            # Leave the process group while the interpreter is whole: a process that exits with it alive can abort in
+            # gloo's threads ("terminate called without an active exception", seen once in the two-process test).
+            atexit.register(self.accelerator.end_training)
         torch.manual_seed(args.seed)
         if model is None:
             model, tokenizer = build_pgm(args)
