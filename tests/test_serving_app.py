@@ -4,6 +4,7 @@ extension) equal to the evaluation path, micro-batching, errors in OpenAI's enve
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -438,6 +439,17 @@ def test_invalid_json_is_422(served):
     client, _, _ = served
     response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and _message(response)
+
+
+def test_a_body_sent_as_a_form_is_told_to_send_json(served):
+    """`curl -d '{...}'` without a Content-Type header sends a form: the error says what to send instead."""
+    client, _, _ = served
+    body = json.dumps({"task": "t", "shots": SHOTS})
+    response = client.post("/v1/prompts", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 422
+    assert "Content-Type: application/json" in _message(response) and "x-www-form-urlencoded" in _message(response)
+    response = client.post("/v1/prompts", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert response.status_code in (200, 201), response.text
 
 
 @pytest.mark.parametrize("value, status", [(2, 200), (2.0, 200), (2.5, 422), (True, 422), ("2", 422)])

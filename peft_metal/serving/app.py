@@ -128,6 +128,11 @@ def _validation_message(error: RequestValidationError) -> tuple[str, Optional[st
     return "; ".join(problems) or "Invalid request body.", param
 
 
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
 def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     """Every method some route serves at the request's path (asked of each route, included routers too)."""
     methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -199,6 +204,11 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):  # e.g. `curl -d` without a header: a form
+            message = (f"The body must be JSON, sent with `Content-Type: application/json`; this request's is "
+                       f"{content_type!r} (with curl, add -H 'Content-Type: application/json').")
+            return error_response(422, message, code="invalid_request")
         message, param = _validation_message(error)
         return error_response(422, message, code="invalid_request", param=param)
 
