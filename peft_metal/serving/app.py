@@ -205,7 +205,8 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type")
-        if content_type is not None and not _is_json(content_type):  # e.g. `curl -d` without a header: a form
+        about_body = any(tuple(item.get("loc", ()))[:1] == ("body",) for item in error.errors())
+        if about_body and content_type is not None and not _is_json(content_type):  # `curl -d` without a header
             message = (f"The body must be JSON, sent with `Content-Type: application/json`; this request's is "
                        f"{content_type!r} (with curl, add -H 'Content-Type: application/json').")
             return error_response(422, message, code="invalid_request")
