@@ -22,12 +22,17 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if args.processes > 1 and not is_launched():
         return _launch_training(args)
-    training_args = TrainingArguments.from_json(
-        args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
-    )
-    if not _has_task_data("train"):
+    try:  # the settings and the tasks, checked before anything trains
+        training_args = TrainingArguments.from_json(
+            args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
+        )
+        if training_args.task_dir is None and not _has_task_data("train"):  # BIG-bench's train split
+            return 2
+        trainer = MetaTrainer(training_args)
+    except (ValueError, OSError) as error:
+        print(f"peft-metal train: error: {error}", file=sys.stderr)
         return 2
-    summary = MetaTrainer(training_args).train(resume=args.resume)
+    summary = trainer.train(resume=args.resume)
     print(summary)
     return 0
 

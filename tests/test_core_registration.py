@@ -208,3 +208,8 @@ def test_model_card_is_complete_with_hub_metadata_and_no_template_placeholders(t
     assert sorted(m["value"] for r in results for m in r["metrics"]) == [0.5, 0.625]
     assert "import peft_metal" in text and "PeftModel.from_pretrained" in text and "Findings of EMNLP 2023" in text
     assert "LoRA scope: `padding`" in text and "- metal: 0.500" in text
+    # a PGM meta-trained on one's own tasks, or not at all, claims no dataset
+    for summary in ({"episodes": 8, "settings": json.dumps({"task_dir": "my_tasks"})}, None):
+        config.training_summary = summary
+        model.save_pretrained(tmp_path / "other")
+        assert "datasets" not in card_metadata((tmp_path / "other" / "README.md").read_text())

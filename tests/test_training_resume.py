@@ -494,3 +494,46 @@ def test_no_dev_episodes_means_no_dev_loss(tmp_path):
     assert log and not any("dev_loss" in record for record in log)
     with pytest.raises(ValueError, match="eval_episodes must be >= 0"):
         dataclasses.replace(trainer.args, eval_episodes=-1)
+
+
+def write_task(folder, examples) -> None:
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps({"examples": [{"input": i, "target": o} for i, o in examples]}))
+
+
+def test_a_run_on_ones_own_tasks_needs_no_bigbench(tmp_path, monkeypatch, capsys):
+    """`task_dir` draws the episodes from a folder of one's own tasks (BIG-bench's format, every task or those `tasks`
+    names) and `dev_task_dir` gives the dev loss; BIG-bench's splits are not read."""
+    import peft_metal.training.trainer as trainer_module
+    from peft_metal.cli import main
+    from peft_metal.metal_prompt.model_card import card_metadata
+
+    monkeypatch.setattr(trainer_module, "load_split_tasks", lambda *args: pytest.fail("read BIG-bench's split"))
+    words = [example.input for example in tasks()[0].examples]
+    write_task(tmp_path / "mine" / "upper", [(w, w.upper()) for w in words])
+    write_task(tmp_path / "mine" / "reverse", [(w, w[::-1]) for w in words])
+    write_task(tmp_path / "dev" / "double", [(w, w + w) for w in words])
+    settings = dict(prompt_design="prefix", max_steps=2, learning_rate=1e-2, warmup_steps=1, gradient_accumulation_steps=1,
+                    xp_range=(1, 3), xl_range=(0, 1), num_queries=2, eval_every=2, eval_episodes=2, log_every=1)
+
+    def run(name: str, **extra) -> MetaTrainer:
+        args = TrainingArguments(output_dir=str(tmp_path / name), task_dir=str(tmp_path / "mine"), **settings, **extra)
+        trainer = MetaTrainer(args, model=make_pgm("llama", "prefix"), tokenizer=build_tokenizer())
+        trainer.train()
+        return trainer
+
+    with_dev = run("with-dev", dev_task_dir=str(tmp_path / "dev"))
+    assert sorted(task.name for task in with_dev.sampler.tasks) == ["reverse", "upper"]
+    logged = [json.loads(line) for line in (tmp_path / "with-dev" / "log.jsonl").read_text().splitlines()]
+    assert any("dev_loss" in record for record in logged)
+    assert "datasets" not in card_metadata((tmp_path / "with-dev" / "pgm" / "README.md").read_text())  # not BIG-bench
+    one_task = run("one-task", tasks=["upper"])
+    assert [task.name for task in one_task.sampler.tasks] == ["upper"] and not one_task.dev_episodes
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no task folders"):
+        run("empty", dev_task_dir=str(tmp_path / "empty"))
+    config = tmp_path / "missing.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "r"), "task_dir": str(tmp_path / "nowhere")}))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "task_dir=" in capsys.readouterr().err

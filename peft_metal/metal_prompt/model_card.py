@@ -9,7 +9,7 @@ of its base model.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -36,11 +36,21 @@ def card_data(config: MetaLPromptConfig) -> ModelCardData:
         base_model=base,
         pipeline_tag="text-generation",
         license=LICENSE,
-        datasets=DATASETS,
+        datasets=_datasets(config),
         tags=tags,
         model_name=f"MetaL-Prompt PGM ({config.prompt_design}, K={config.num_prompt_tokens})",
         eval_results=_eval_results(config) or None,
     )
+
+
+def _datasets(config: MetaLPromptConfig) -> Optional[list[str]]:
+    """BIG-bench for a PGM meta-trained on it; nothing for an untrained one or one trained on a `task_dir` of one's
+    own tasks, whose card should not claim a dataset it never saw."""
+    summary = config.training_summary
+    if not summary:
+        return None
+    settings = json.loads(summary.get("settings") or "{}")  # the trainer records its settings as one JSON string
+    return None if settings.get("task_dir") else DATASETS
 
 
 def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:

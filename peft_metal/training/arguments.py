@@ -16,7 +16,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp32", "bf16")
 
 @dataclass
 class TrainingArguments:
-    """Meta-training settings. Episodes come from the split file's `train` families only."""
+    """Meta-training settings. Episodes come from the split file's `train` families only, or from `task_dir`."""
 
     output_dir: str = "runs/metal"
     model: str = "smollm2-135m"
@@ -47,6 +47,11 @@ class TrainingArguments:
     max_pgm_tokens: int = 1536
     chunk_size: Optional[int] = None
     tasks: Optional[list[str]] = None
+    # One's own tasks instead of BIG-bench's: a folder of task folders in BIG-bench's JSON format to draw episodes from
+    # (every task in it, or those `tasks` names; BIG-bench's split does not apply), and one for the dev loss (without
+    # it a run on `task_dir` has no dev loss; a run on BIG-bench takes its dev split).
+    task_dir: Optional[str] = None
+    dev_task_dir: Optional[str] = None
     seed: int = 0
     checkpoint_every: int = 200
     eval_every: int = 200
@@ -106,6 +111,10 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.padding_learning_rate is not None and not self.padding_learning_rate > 0:
             raise ValueError(f"padding_learning_rate must be positive (or null: learning_rate), got {self.padding_learning_rate}.")
+        for name in ("task_dir", "dev_task_dir"):
+            folder = getattr(self, name)
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"{name}={folder!r} is not a folder: give the folder that holds the task folders.")
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:

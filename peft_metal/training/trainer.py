@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..base_models import load_base_model
-from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_task, tasks_for_split
+from ..data import EpisodeSampler, Task, check_allowed, list_bigbench_tasks, load_bigbench_task, tasks_for_split
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..metal_prompt.model import PADDING_ATTRIBUTE
@@ -45,6 +45,26 @@ def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task
     for name in names:
         check_allowed(name, split)
     return [load_bigbench_task(name) for name in names]
+
+
+def load_folder_tasks(folder: str, names: Optional[list[str]] = None) -> list[Task]:
+    """The tasks of a folder of task folders in BIG-bench's JSON format (or the named ones)."""
+    names = names or list_bigbench_tasks(folder)
+    if not names:
+        raise ValueError(f"{folder} holds no task folders (each needs a task.json, as BIG-bench's do).")
+    return [load_bigbench_task(name, root=folder) for name in names]
+
+
+def train_tasks_of(args: TrainingArguments) -> list[Task]:
+    """The tasks episodes are drawn from: those of `task_dir`, or BIG-bench's train split."""
+    return load_split_tasks("train", args.tasks) if args.task_dir is None else load_folder_tasks(args.task_dir, args.tasks)
+
+
+def dev_tasks_of(args: TrainingArguments) -> list[Task]:
+    """The tasks of the dev loss: those of `dev_task_dir`; none for a run on `task_dir`; else BIG-bench's dev split."""
+    if args.dev_task_dir is not None:
+        return load_folder_tasks(args.dev_task_dir)
+    return [] if args.task_dir is not None else load_split_tasks("dev")
 
 
 # Settings a PGM's weights are shaped by: a run started from a saved PGM must agree with it on all of them.
@@ -203,7 +223,7 @@ class MetaTrainer:
             model.get_base_model().set_attn_implementation(reads)
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(args.output_dir)
-        train_tasks = train_tasks if train_tasks is not None else load_split_tasks("train", args.tasks)
+        train_tasks = train_tasks if train_tasks is not None else train_tasks_of(args)
         self.sampler = EpisodeSampler(
             train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index,
             task_sampling=args.task_sampling, symbol_label_rate=args.symbol_label_rate,
@@ -214,7 +234,7 @@ class MetaTrainer:
             self.text_sampler = TextSampler(train_tasks, seed=args.seed * 1000 + self.accelerator.process_index)
         self.dev_episodes = []
         if dev_tasks is None:
-            dev_tasks = load_split_tasks("dev")
+            dev_tasks = dev_tasks_of(args)
         if dev_tasks and args.eval_episodes > 0:  # eval_episodes=0: no dev loss
             dev_sampler = EpisodeSampler(dev_tasks, args.xp_range, args.xl_range, args.num_queries, seed=DEV_EVAL_SEED)
             drawn = [dev_sampler.episode(i) for i in range(args.eval_episodes)]
