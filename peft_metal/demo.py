@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import bigbench_root, load_bigbench_task
+from .data import bigbench_root, load_bigbench_tasks
 from .designs import get_design
 from .evaluation import evaluate, write_results
 
@@ -62,7 +62,7 @@ def run_demo(
     task_dir: Optional[Path] = None,
 ) -> list[dict[str, Any]]:
     """`tasks` loaded from BIG-bench's files, or from `task_dir` (a folder of task folders in BIG-bench's format)."""
-    loaded = [load_bigbench_task(name, root=task_dir) for name in tasks]
+    loaded = load_bigbench_tasks(tasks, task_dir)
     print(f"PGM: {pgm_source}")
     for task in loaded:
         example_shots, _ = task.split(shots, queries, seed)

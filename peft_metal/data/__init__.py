@@ -1,6 +1,6 @@
 """Task data for MetaL-Prompt: BIG-bench and user tasks as `Task`s, the fixed split, and meta-training episodes."""
 
-from .bigbench import bigbench_root, list_bigbench_tasks, load_bigbench_file, load_bigbench_task
+from .bigbench import bigbench_root, list_bigbench_tasks, load_bigbench_file, load_bigbench_task, load_bigbench_tasks
 from .episodes import Episode, EpisodeSampler
 from .splits import check_allowed, load_splits, tasks_for_split
 from .task import Example, Task, task_family
@@ -16,6 +16,7 @@ __all__ = [
     "list_bigbench_tasks",
     "load_bigbench_file",
     "load_bigbench_task",
+    "load_bigbench_tasks",
     "load_jsonl_task",
     "load_splits",
     "task_family",

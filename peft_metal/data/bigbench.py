@@ -22,7 +22,7 @@ import logging
 import os
 import reprlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .task import Example, Task, drop_duplicates, make_example
 
@@ -87,10 +87,28 @@ def list_bigbench_tasks(root: str | os.PathLike | None = None) -> list[str]:
 
 def load_bigbench_task(name: str, root: str | os.PathLike | None = None) -> Task:
     """Load the task `name` (as listed by `list_bigbench_tasks`) from `root`, by default the installed package."""
-    if not isinstance(name, str):
-        raise TypeError(f"Task name must be a string, got {type(name).__name__}.")
+    return load_bigbench_tasks([name], root)[0]
+
+
+def load_bigbench_tasks(names: Sequence[str] | None = None, root: str | os.PathLike | None = None) -> list[Task]:
+    """Load the named tasks (every task under `root` when `names` is None) from `root`, by default the installed
+    package; the folder is listed once, however many tasks are loaded."""
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of task names, got the string {names!r}.")
+    for name in names or ():
+        if not isinstance(name, str):
+            raise TypeError(f"Task name must be a string, got {type(name).__name__}.")
     root = _resolve_root(root)
     known = list_bigbench_tasks(root)
+    names = known if names is None else list(names)
+    if not names:
+        raise ValueError(f"{root} holds no task folders (each needs a task.json, as BIG-bench's do).")
+    for name in names:
+        _check_known(name, known, root)
+    return [load_bigbench_file(root / name / TASK_FILE, name=name) for name in names]
+
+
+def _check_known(name: str, known: list[str], root: Path) -> None:
     if name not in known:
         subtasks = [known_name for known_name in known if known_name.startswith(f"{name}/")]
         if subtasks:
@@ -100,7 +118,6 @@ def load_bigbench_task(name: str, root: str | os.PathLike | None = None) -> Task
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"Did you mean: {', '.join(close)}?" if close else "See list_bigbench_tasks() for the names."
         raise ValueError(f"Unknown BIG-bench task {name!r} under {root}. {hint}")
-    return load_bigbench_file(root / name / TASK_FILE, name=name)
 
 
 def load_bigbench_file(path: str | os.PathLike, name: str | None = None) -> Task:

@@ -11,7 +11,7 @@ import difflib
 import os
 from typing import Optional, Sequence
 
-from ..data import Task, load_bigbench_task, tasks_for_split
+from ..data import Task, load_bigbench_tasks, tasks_for_split
 from ..data.bigbench import bigbench_root
 
 
@@ -61,4 +61,4 @@ def load_eval_tasks(
     names = parse_task_names(names) if names is not None else tasks_for_split(split)
     for name in names:
         check_eval_task(name, task_dir)
-    return [load_bigbench_task(name, root=task_dir) for name in names]
+    return load_bigbench_tasks(names, task_dir)

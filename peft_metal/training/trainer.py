@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..base_models import load_base_model
-from ..data import EpisodeSampler, Task, check_allowed, list_bigbench_tasks, load_bigbench_task, tasks_for_split
+from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_tasks, tasks_for_split
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..metal_prompt.model import PADDING_ATTRIBUTE
@@ -44,26 +44,20 @@ def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task
     names = names or tasks_for_split(split)
     for name in names:
         check_allowed(name, split)
-    return [load_bigbench_task(name) for name in names]
-
-
-def load_folder_tasks(folder: str, names: Optional[list[str]] = None) -> list[Task]:
-    """The tasks of a folder of task folders in BIG-bench's JSON format (or the named ones)."""
-    names = names or list_bigbench_tasks(folder)
-    if not names:
-        raise ValueError(f"{folder} holds no task folders (each needs a task.json, as BIG-bench's do).")
-    return [load_bigbench_task(name, root=folder) for name in names]
+    return load_bigbench_tasks(names)
 
 
 def train_tasks_of(args: TrainingArguments) -> list[Task]:
     """The tasks episodes are drawn from: those of `task_dir`, or BIG-bench's train split."""
-    return load_split_tasks("train", args.tasks) if args.task_dir is None else load_folder_tasks(args.task_dir, args.tasks)
+    if args.task_dir is None:
+        return load_split_tasks("train", args.tasks)
+    return load_bigbench_tasks(args.tasks or None, args.task_dir)
 
 
 def dev_tasks_of(args: TrainingArguments) -> list[Task]:
     """The tasks of the dev loss: those of `dev_task_dir`; none for a run on `task_dir`; else BIG-bench's dev split."""
     if args.dev_task_dir is not None:
-        return load_folder_tasks(args.dev_task_dir)
+        return load_bigbench_tasks(root=args.dev_task_dir)
     return [] if args.task_dir is not None else load_split_tasks("dev")
 
 
