@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install task-data test demo clean
+.PHONY: install data-check test demo clean
 
 install: $(STAMP)
 
@@ -19,24 +19,22 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The real task data: the BIG-bench JSON files of bigbench==1.0.0 (TensorFlow and its other dependencies are not
-# needed). Its own target, because the package index can withdraw it (it did on 2026-12-04): training and dev
-# evaluation need it; without it the demo runs on the project's own example tasks, and the test suite skips, by name,
-# the few tests that read real tasks. Nothing is installed where $PEFT_METAL_BIGBENCH_TASKS names the task folders
-# (bigbench/benchmark_tasks of a clone of github.com/google/BIG-bench).
-task-data: install
-	@$(BIN)/python -c "from peft_metal.data import bigbench_root; bigbench_root()" 2>/dev/null \
-		|| $(PIP) --no-deps bigbench==1.0.0
+# The task corpora (MetaICL's tasks, BIG-bench-format tasks) are found through one setting, $PEFT_METAL_DATA: a folder
+# holding metaicl/ and tasks/. The project's checkouts have it at ../shared; set it to use another. Without it the
+# demo runs on the package's example tasks, and the tests that read the corpora are skipped by name.
+PEFT_METAL_DATA ?= $(if $(wildcard ../shared/metaicl),$(abspath ../shared),)
+export PEFT_METAL_DATA
 
-test: install
-	@$(MAKE) --no-print-directory task-data \
-		|| echo "WARNING: bigbench==1.0.0 is not installable from the package index; the tests that read real BIG-bench tasks are skipped (listed below)."
+data-check:
+	@if [ -z "$(PEFT_METAL_DATA)" ]; then \
+		echo "WARNING: no task corpora: PEFT_METAL_DATA is unset and ../shared/metaicl is missing; the tests that read MetaICL's or the BIG-bench-format tasks are skipped (listed below), and the demo runs on the package's example tasks."; \
+	else echo "Task corpora: $(PEFT_METAL_DATA)"; fi
+
+test: install data-check
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs
 
-demo: install
-	@$(MAKE) --no-print-directory task-data \
-		|| echo "WARNING: bigbench==1.0.0 is not installable from the package index; the demo runs on the project's own example tasks."
+demo: install data-check
 	$(BIN)/peft-metal demo
 
 clean:

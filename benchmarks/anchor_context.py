@@ -32,7 +32,7 @@ from report import write_records_report  # benchmarks/report.py: the JSON + mark
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import PreparedMethod
-from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL  # BIG-bench probes
 from peft_metal.evaluation.report import merge_seeds
 from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import Context, ModelParts

@@ -21,7 +21,7 @@ from report import (  # benchmarks/report.py: the JSON + markdown every benchmar
 
 import peft_metal  # noqa: F401
 from peft_metal.evaluation import EvaluationSettings, evaluate_seeds, load_eval_tasks
-from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL  # BIG-bench probes
 from peft_metal.evaluation.report import summary
 from peft_metal.pgm import load_pgm
 from peft_metal.precision import cast_frozen_weights

@@ -25,7 +25,7 @@ from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what t
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method
-from peft_metal.evaluation.panels import DEV_PANEL
+from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL  # BIG-bench probes
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.refine import refine
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+METAICL_QUERIES = 100  # test queries per seed under MetaICL's protocol, unless --queries says otherwise
 DEV_RESULTS_HELP = (
     "results.json files of `peft-metal eval` (one per draw of the panel) whose means go into the model card, each "
     "labelled with its panel and seeds"
@@ -26,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
         training_args = TrainingArguments.from_json(
             args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
         )
-        if training_args.task_dir is None and not _has_task_data("train"):  # BIG-bench's train split
+        if training_args.task_dir is None and training_args.metaicl_dir is None and not _has_task_data("train"):
             return 2
         trainer = MetaTrainer(training_args)
     except (ValueError, OSError) as error:
@@ -43,7 +44,7 @@ def _has_task_data(command: str) -> bool:
 
     try:
         bigbench_root()
-    except (ModuleNotFoundError, FileNotFoundError) as error:
+    except FileNotFoundError as error:
         print(f"peft-metal {command}: error: {error}", file=sys.stderr)
         return False
     return True
@@ -143,7 +144,7 @@ def _prompt_targets(args: argparse.Namespace) -> int:
     try:
         settings = TargetSettings(args.pgm, args.shots, args.steps, args.lr, args.batch_size, args.seed)
         tasks = load_split_tasks("train", args.tasks.split(",") if args.tasks else None)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"peft-metal prompt-targets: error: {error}", file=sys.stderr)
         return 2
     model, tokenizer, _ = _load_pgm(args)
@@ -169,14 +170,15 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import demo_tasks, run_demo
     from .pgm import load_pgm
 
-    tasks, task_dir = demo_tasks()
-    model, tokenizer, source = load_pgm(args.model, args.pgm, args.device, args.seed)
-    run_demo(model, tokenizer, source or "fresh, untrained PGM", tasks, args.shots, args.queries, args.seed, args.output,
-             task_dir)
+    tasks, task_source, seed = demo_tasks(args.seed)
+    model, tokenizer, source = load_pgm(args.model, args.pgm, args.device, seed)
+    run_demo(model, tokenizer, source or "fresh, untrained PGM", tasks, task_source, args.shots, args.queries, seed,
+             args.output)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .data.metaicl import SEEDS as METAICL_SEEDS
     from .evaluation import (
         BaselineOptions,
         EvaluationSettings,
@@ -185,14 +187,17 @@ def _eval(args: argparse.Namespace) -> int:
         markdown_table,
         write_results,
     )
-    from .evaluation.panels import PANELS, get_panel
+    from .evaluation.panels import METAICL, PANELS, get_panel
+    from .evaluation.tasks import load_panel_tasks
     from .precision import cast_frozen_weights
 
     try:
         panel = get_panel(args.split) if args.split in PANELS else None
-        seeds = _seeds(args.seed, panel.seeds if panel else (0,))
+        metaicl = args.metaicl is not None or (panel is not None and panel.source == METAICL)
+        seeds = _seeds(args.seed, panel.seeds if panel else (METAICL_SEEDS if metaicl else (0,)))
+        default_queries = panel.queries if panel else (METAICL_QUERIES if metaicl else 50)
         run = EvaluationSettings(
-            args.methods, args.shots, args.queries if args.queries is not None else (panel.queries if panel else 50),
+            args.methods, args.shots, args.queries if args.queries is not None else default_queries,
             num_demonstrations=args.num_demonstrations, max_new_tokens=args.max_new_tokens,
             metric=None if args.metric == "auto" else args.metric, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             **({} if args.refine_batch_size is None else {"refine_batch_size": args.refine_batch_size}),
@@ -203,10 +208,10 @@ def _eval(args: argparse.Namespace) -> int:
         )
         # the settings first: a typo is named whether or not the task data is installed
         if panel is not None:
-            tasks = load_eval_tasks(names=list(panel.tasks), task_dir=args.task_dir)
+            tasks = load_panel_tasks(panel, args.metaicl if panel.source == METAICL else args.task_dir)
         else:
-            tasks = load_eval_tasks(names=args.tasks, split=args.split, task_dir=args.task_dir)
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+            tasks = load_eval_tasks(args.tasks, args.split, args.task_dir, args.metaicl, seeds, args.shots)
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"peft-metal eval: error: {error}", file=sys.stderr)
         return 2
     model, tokenizer, pgm = _load_pgm(args, seed=seeds[0])
@@ -218,6 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     settings = {
         "model": args.model, "pgm": pgm, "tasks": [task.name for task in tasks], "seeds": list(seeds),
+        "task_source": args.metaicl or args.task_dir,
         **run.to_dict(), "metric": args.metric, "precision": precision, "panel": panel.name if panel else None,
     }
     paths = write_results(results, args.output, settings=settings)
@@ -322,6 +328,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.metaicl import SEEDS as METAICL_SEEDS
     from .evaluation.panels import PANELS
 
     parser = argparse.ArgumentParser(prog="peft-metal", description="MetaL-Prompt: meta-learned prompt generation.")
@@ -410,13 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tasks", help="comma-separated task names (dev or train families; reserved ones are refused)")
     which.add_argument(
         "--split", choices=("dev", "train", *PANELS),
-        help="every task of a split of bigbench_splits.json, or dev-panel: the named dev panel (14 multiple-choice "
-        "tasks, 25 queries, seeds 0 and 1; see evaluation/panels.py), or dev-panel-confirm: the same tasks drawn "
-        "again (seeds 2 and 3), to confirm a choice made on dev-panel",
+        help="every task of a split (of --metaicl's splits.json, else of bigbench_splits.json), or a named panel "
+        "(evaluation/panels.py): dev-panel, MetaICL's protocol on its 10 dev tasks (5 seeds x 100 queries); "
+        "dev-panel-tasks, the BIG-bench-format dev tasks; bigbench-panel(-confirm), BIG-bench's own. A panel's "
+        "tasks come from --metaicl / --task-dir, else from $PEFT_METAL_DATA",
     )
-    evaluation.add_argument("--task-dir", help="a folder of BIG-bench JSON tasks to load from instead of the bigbench package")
+    evaluation.add_argument(
+        "--metaicl", metavar="DIR",
+        help="a MetaICL data folder (data/<task>/<task>_<k>_<seed>_<split>.jsonl, splits.json): MetaICL's protocol, "
+        "each seed's k given demonstrations as the shots and a fixed draw of --queries test queries per seed "
+        f"(default seeds {','.join(map(str, METAICL_SEEDS))}, {METAICL_QUERIES} queries)",
+    )
+    evaluation.add_argument(
+        "--task-dir", help="a folder of BIG-bench-format task folders (default: $PEFT_METAL_BIGBENCH_TASKS, a clone's)"
+    )
     evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")
-    evaluation.add_argument("--queries", type=int, help="queries per task and seed (default 50; dev-panel: 25)")
+    evaluation.add_argument(
+        "--queries", type=int, help="queries per task and seed (default 50; --metaicl: at most 100; a panel: its own)"
+    )
     evaluation.add_argument(
         "--methods", default="zero_shot,icl,metal",
         help="comma-separated: zero_shot, icl, demos, metal, metal+demos, metal+refine, metal+demos+refine, prompt_tuning, "
@@ -424,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--seed", default=None,
-        help="seed of the shot/query draw, or comma-separated seeds whose records are merged (default 0; dev-panel: 0,1)",
+        help="seed of the shot/query draw, or comma-separated seeds whose records are merged (default 0; --metaicl: "
+        "MetaICL's five; a panel: its own)",
     )
     evaluation.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -517,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pgm", default=None, help="a PGM folder or Hub id (default: the shipped one)")
     demo.add_argument("--shots", type=int, default=16)
     demo.add_argument("--queries", type=int, default=24)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed", type=int, help="the draw: a MetaICL seed (default 100, its first) or, on the example tasks, any (default 0)"
+    )
     demo.add_argument("--device", default=None)
     demo.add_argument("--output", default="demo_results/results.json")
     demo.set_defaults(run=_demo)

@@ -6,9 +6,10 @@ best on the dev panel (`metal+demos+refine`: 12 shots read by the PGM, the promp
 demonstrations) on the same seeded queries, with the prompt-creation time and the tokens the LM reads per query
 before each query; then one summary line.
 
-Without BIG-bench's files (the package index withdrew `bigbench` 1.0.0 on 2026-12-04) it runs on the project's own
-example tasks instead (`peft_metal/data/example_tasks`: antonyms, capitals, review sentiment, number parity, written
-for this demo in BIG-bench's JSON format), and says so: the main job runs on a fresh machine either way.
+The dev tasks are four of MetaICL's dev tasks under MetaICL's protocol (one seed's 16 given demonstrations), found
+through `$PEFT_METAL_DATA` (`data.corpora`). Without them it runs on the project's own example tasks instead
+(`peft_metal/data/example_tasks`: antonyms, capitals, review sentiment, number parity, written for this demo in
+BIG-bench's JSON format), and says so: the main job runs on a fresh machine either way.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import bigbench_root, load_bigbench_tasks
+from .data import Task, load_bigbench_tasks
+from .data.corpora import corpus_dir
+from .data.metaicl import SEEDS as METAICL_SEEDS
+from .data.metaicl import load_metaicl_tasks
 from .designs import get_design
 from .evaluation import evaluate, write_results
 
-DEMO_TASKS = ("phrase_relatedness", "similarities_abstraction", "cause_and_effect/two_sentences", "snarks")
+DEMO_TASKS = ("emotion", "rotten_tomatoes", "sms_spam", "trec")  # MetaICL dev tasks
 EXAMPLE_TASK_DIR = Path(__file__).parent / "data" / "example_tasks"
 EXAMPLE_TASKS = ("antonyms", "country_capitals", "review_sentiment", "number_parity")
 DEMO_METHODS = ("zero_shot", "icl", "metal", "metal+demos+refine")
@@ -39,38 +43,41 @@ def describe_prompt(model: Any, tokenizer: Any, shots: Sequence[tuple[str, str]]
     return f"{prompt.design} prompt of K={prompt.num_tokens} from {len(shots)} shots in {seconds * 1000:.0f} ms: {shown}"
 
 
-def demo_tasks() -> tuple[Sequence[str], Optional[Path]]:
-    """The BIG-bench dev tasks where BIG-bench's files are installed, else the example tasks (names, folder)."""
+def demo_tasks(seed: Optional[int] = None) -> tuple[list[Task], str, int]:
+    """MetaICL's dev tasks where `$PEFT_METAL_DATA` has them (seed: MetaICL's first unless given), else the example
+    tasks (seed 0 unless given): the tasks, where they came from, and the seed."""
     try:
-        bigbench_root()
-    except (ModuleNotFoundError, FileNotFoundError) as error:
+        root = corpus_dir("metaicl")
+    except FileNotFoundError as error:
         print(f"{error}\nThe demo runs on the project's own example tasks instead ({EXAMPLE_TASK_DIR}); they are not "
-              "BIG-bench tasks, so its figures are not comparable with docs/results.md.")
-        return EXAMPLE_TASKS, EXAMPLE_TASK_DIR
-    return DEMO_TASKS, None
+              "dev tasks, so its figures are not comparable with docs/results.md.")
+        return load_bigbench_tasks(EXAMPLE_TASKS, EXAMPLE_TASK_DIR), str(EXAMPLE_TASK_DIR), 0 if seed is None else seed
+    seed = METAICL_SEEDS[0] if seed is None else seed
+    return load_metaicl_tasks(root, DEMO_TASKS, seeds=(seed,)), str(root), seed
 
 
 def run_demo(
     model: Any,
     tokenizer: Any,
     pgm_source: str,
-    tasks: Sequence[str] = DEMO_TASKS,
+    tasks: Sequence[Task],
+    task_source: str,
     shots: int = 16,
     queries: int = 24,
     seed: int = 0,
     output: str = "demo_results/results.json",
-    task_dir: Optional[Path] = None,
 ) -> list[dict[str, Any]]:
-    """`tasks` loaded from BIG-bench's files, or from `task_dir` (a folder of task folders in BIG-bench's format)."""
-    loaded = load_bigbench_tasks(tasks, task_dir)
+    """The demo on `tasks` (read from `task_source`, which the results record)."""
+    loaded = list(tasks)
     print(f"PGM: {pgm_source}")
     for task in loaded:
         example_shots, _ = task.split(shots, queries, seed)
         print(f"[{task.name}] {describe_prompt(model, tokenizer, [e.as_shot() for e in example_shots])}")
     results = evaluate(model, tokenizer, loaded, list(DEMO_METHODS), shots, queries, seed)
-    settings = {"pgm": pgm_source, "tasks": list(tasks), "shots": shots, "queries": queries, "seed": seed}
-    if task_dir is not None:
-        settings["task_dir"] = str(task_dir)
+    settings = {
+        "pgm": pgm_source, "tasks": [task.name for task in loaded], "task_source": task_source, "shots": shots,
+        "queries": queries, "seed": seed,
+    }
     paths = write_results(results, output, settings=settings)
     print(paths["markdown"].read_text())
     print(f"Wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")

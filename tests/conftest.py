@@ -8,6 +8,7 @@ reference LM.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -30,7 +31,8 @@ from transformers import (
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig
 from peft_metal.compat import cache_kwargs, returned_cache
-from peft_metal.data.bigbench import INSTALL_COMMAND, TASKS_ENV, bigbench_root
+from peft_metal.data.bigbench import TASKS_ENV, bigbench_root
+from peft_metal.data.corpora import DATA_ENV, corpus_dir
 
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -40,19 +42,36 @@ DESIGNS = tuple(peft_metal.designs.DESIGNS)
 SCOPES = ("all", "padding")
 K = 4  # prompt tokens used by most tests
 
-# The few tests that read real BIG-bench tasks need the bigbench package's data files, which `make test` installs when
-# the package index offers them (it withdrew bigbench 1.0.0 on 2026-12-04); everything else runs on tasks of its own.
+# The few tests that read BIG-bench's own tasks need a clone's task folders ($PEFT_METAL_BIGBENCH_TASKS); the package
+# that carried them is no longer served.
 def _has_bigbench() -> bool:
     try:
         bigbench_root()
-    except (ModuleNotFoundError, FileNotFoundError):
+    except FileNotFoundError:
         return False
     return True
 
 
 requires_bigbench = pytest.mark.skipif(
-    not _has_bigbench(), reason=f"reads real BIG-bench tasks: needs `{INSTALL_COMMAND}` (or {TASKS_ENV})"
+    not _has_bigbench(), reason=f"reads BIG-bench's own tasks: needs {TASKS_ENV} (a clone's bigbench/benchmark_tasks)"
 )
+
+
+def _corpus(name: str) -> Path | None:
+    try:
+        return corpus_dir(name)
+    except FileNotFoundError:
+        return None
+
+
+# The tests that read the task corpora (MetaICL's tasks, the BIG-bench-format tasks) find them through
+# $PEFT_METAL_DATA, which the Makefile points at ../shared; without it they are skipped, saying so.
+METAICL_DIR, TASKS_DIR = _corpus("metaicl"), _corpus("tasks")
+requires_metaicl = pytest.mark.skipif(METAICL_DIR is None, reason=f"reads MetaICL's tasks: needs {DATA_ENV}/metaicl")
+requires_tasks = pytest.mark.skipif(
+    TASKS_DIR is None, reason=f"reads the BIG-bench-format task corpus: needs {DATA_ENV}/tasks"
+)
+
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]
 QUERIES = ["Input: nice\nOutput:", "Input: awful film\nOutput:"]

@@ -85,28 +85,24 @@ def test_cli_names_a_missing_task_before_loading_anything(tmp_path, capsys):
 
 @pytest.fixture
 def without_bigbench(monkeypatch):
-    """As on a machine where the bigbench package could not be installed: only its lookup fails."""
-    import importlib.util
-
+    """As on a machine without a clone of BIG-bench (the package that carried its files is no longer served)."""
     from peft_metal.data.bigbench import TASKS_ENV
 
     monkeypatch.delenv(TASKS_ENV, raising=False)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bigbench" else find_spec(name, *args))
 
 
 def test_cli_without_the_task_data_says_how_to_get_it(tmp_path, capsys, without_bigbench):
-    """Without the bigbench package (the index can withdraw it), eval names the package to install and the folder
-    option, before loading a model; settings are still checked first, so a typo is named whatever the data."""
+    """Without BIG-bench's folders, eval names the setting and the other task sources, before loading a model;
+    settings are still checked first, so a typo is named whatever the data."""
     code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--output", str(tmp_path / "r.json")])
     error = capsys.readouterr().err
-    assert code == 2 and "pip install --no-deps bigbench==1.0.0" in error and "--task-dir" in error
+    assert code == 2 and "PEFT_METAL_BIGBENCH_TASKS" in error and "--task-dir" in error and "--metaicl" in error
     assert not (tmp_path / "r.json").exists()
     code = main(["eval", "--model", str(tmp_path / "missing"), "--split", "dev", "--methods", "zero-shot"])
     assert code == 2 and "Did you mean 'zero_shot'" in capsys.readouterr().err
 
 
-def test_train_without_the_task_data_stops_before_loading_a_model(tmp_path, capsys, monkeypatch, without_bigbench):
+def test_train_without_any_task_source_stops_before_loading_a_model(tmp_path, capsys, monkeypatch, without_bigbench):
     import peft_metal.pgm
     import peft_metal.training
 
@@ -116,14 +112,16 @@ def test_train_without_the_task_data_stops_before_loading_a_model(tmp_path, caps
     config.write_text(json.dumps({"output_dir": str(tmp_path / "run")}))
     assert main(["train", "--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("peft-metal train: error: The bigbench package is not installed")
-    assert "pip install --no-deps bigbench==1.0.0" in error
+    assert error.startswith("peft-metal train: error: BIG-bench's task files are not here")
+    assert "metaicl_dir" in error and "task_dir" in error
 
 
-def test_demo_without_the_task_data_runs_on_the_example_tasks(tmp_path, capsys, without_bigbench):
-    """The main job runs on a fresh machine whatever the package index serves, and says what it ran on."""
+def test_demo_without_the_task_data_runs_on_the_example_tasks(tmp_path, capsys, monkeypatch):
+    """The main job runs on a fresh machine without the task corpora, and says what it ran on."""
+    from peft_metal.data.corpora import DATA_ENV
     from peft_metal.demo import EXAMPLE_TASK_DIR, EXAMPLE_TASKS
 
+    monkeypatch.delenv(DATA_ENV, raising=False)
     make_lm("llama", max_positions=2048).save_pretrained(tmp_path / "model")  # room for 6 shots of characters
     build_tokenizer().save_pretrained(tmp_path / "model")
     output = tmp_path / "d.json"
@@ -131,9 +129,10 @@ def test_demo_without_the_task_data_runs_on_the_example_tasks(tmp_path, capsys, 
         code = main(["demo", "--model", str(tmp_path / "model"), "--shots", "6", "--queries", "2", "--output", str(output)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "The bigbench package is not installed" in printed and "example tasks" in printed and "SUMMARY:" in printed
+    assert f"{DATA_ENV} is not set" in printed and "example tasks" in printed and "SUMMARY:" in printed
     payload = json.loads(output.read_text())
-    assert payload["settings"]["tasks"] == list(EXAMPLE_TASKS) and payload["settings"]["task_dir"] == str(EXAMPLE_TASK_DIR)
+    assert payload["settings"]["tasks"] == list(EXAMPLE_TASKS)
+    assert payload["settings"]["task_source"] == str(EXAMPLE_TASK_DIR) and payload["settings"]["seed"] == 0
     assert {(record["task"], record["method"]) for record in payload["results"] if "error" not in record} == {
         (task, method) for task in EXAMPLE_TASKS for method in ("zero_shot", "icl", "metal", "metal+demos+refine")
     }
@@ -167,19 +166,21 @@ def test_cli_suggests_method_names(tmp_path, capsys):
 
 
 def test_confirmation_panel_draws_the_same_tasks_again():
-    """`dev-panel-confirm` scores the panel's tasks on seeds the panel does not use: other shots and queries."""
-    from peft_metal.evaluation.panels import DEV_PANEL, DEV_PANEL_CONFIRM
+    """`bigbench-panel-confirm` scores the panel's tasks on seeds the panel does not use: other shots and queries."""
+    from peft_metal.evaluation.panels import BIGBENCH_PANEL, BIGBENCH_PANEL_CONFIRM
 
-    assert DEV_PANEL_CONFIRM.tasks == DEV_PANEL.tasks and DEV_PANEL_CONFIRM.questions == DEV_PANEL.questions
-    assert not set(DEV_PANEL_CONFIRM.seeds) & set(DEV_PANEL.seeds)
+    assert BIGBENCH_PANEL_CONFIRM.tasks == BIGBENCH_PANEL.tasks
+    assert BIGBENCH_PANEL_CONFIRM.questions == BIGBENCH_PANEL.questions
+    assert not set(BIGBENCH_PANEL_CONFIRM.seeds) & set(BIGBENCH_PANEL.seeds)
 
 
 @requires_bigbench
-@pytest.mark.parametrize("panel_name", ["dev-panel", "dev-panel-confirm"])
+@pytest.mark.parametrize("panel_name", ["bigbench-panel", "bigbench-panel-confirm"])
 def test_dev_panel_runs_its_tasks_over_both_seeds_with_standard_errors(saved, tmp_path, panel_name):
     """`--split dev-panel` (and its confirmation draw): the named panel's tasks, its seeds (records merged over them)
     and its queries unless given; every task is a dev family's, and the report carries standard errors."""
-    from peft_metal.evaluation.panels import DEV_PANEL, PANELS
+    from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL
+    from peft_metal.evaluation.panels import PANELS
 
     panel = PANELS[panel_name]
 

@@ -16,7 +16,6 @@ How the file format maps onto `Example`:
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
 import logging
 import os
@@ -29,37 +28,25 @@ from .task import Example, Task, drop_duplicates, make_example
 logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
-INSTALL_COMMAND = "pip install --no-deps bigbench==1.0.0"
-# Where BIG-bench's task folders are, when not in the installed package: e.g. `bigbench/benchmark_tasks` of a clone of
-# github.com/google/BIG-bench (the package index withdrew bigbench 1.0.0 on 2026-12-04).
+# Where BIG-bench's task folders are: `bigbench/benchmark_tasks` of a clone of github.com/google/BIG-bench. The
+# `bigbench` package that carried them is no longer served, so nothing defaults to it.
 TASKS_ENV = "PEFT_METAL_BIGBENCH_TASKS"
 
 
 def bigbench_root() -> Path:
-    """The folder of BIG-bench's task folders: `$PEFT_METAL_BIGBENCH_TASKS` when set, else the `benchmark_tasks`
-    folder of the installed `bigbench` package.
-
-    Found without importing `bigbench`: only its data files are needed, and importing it pulls in heavy dependencies.
-    """
-    if os.environ.get(TASKS_ENV):
-        root = Path(os.environ[TASKS_ENV])
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"{TASKS_ENV}={root} is not a folder: point it at BIG-bench's folder of task folders (in a clone of "
-                "github.com/google/BIG-bench, bigbench/benchmark_tasks), or unset it to use the installed package."
-            )
-        return root
-    spec = importlib.util.find_spec("bigbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The bigbench package is not installed, so there are no BIG-bench task files. Install them with "
-            f"`{INSTALL_COMMAND}` (only the task files are needed, hence --no-deps), set {TASKS_ENV} to the "
-            f"bigbench/benchmark_tasks folder of a clone of github.com/google/BIG-bench, or load the tasks from a "
-            f"folder of BIG-bench task folders (`root=`; `peft-metal eval --task-dir`)."
+    """The folder of BIG-bench's task folders, `$PEFT_METAL_BIGBENCH_TASKS`."""
+    if not os.environ.get(TASKS_ENV):
+        raise FileNotFoundError(
+            f"BIG-bench's task files are not here: set {TASKS_ENV} to the bigbench/benchmark_tasks folder of a clone "
+            "of github.com/google/BIG-bench, or use tasks of another folder (MetaICL's: `--metaicl`, metaicl_dir; "
+            "BIG-bench-format tasks of one's own: `--task-dir`, task_dir)."
         )
-    root = Path(spec.submodule_search_locations[0]) / "benchmark_tasks"
+    root = Path(os.environ[TASKS_ENV])
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is missing from the bigbench install; reinstall with `{INSTALL_COMMAND}`.")
+        raise FileNotFoundError(
+            f"{TASKS_ENV}={root} is not a folder: point it at BIG-bench's folder of task folders (in a clone of "
+            "github.com/google/BIG-bench, bigbench/benchmark_tasks)."
+        )
     return root
 
 
@@ -86,13 +73,13 @@ def list_bigbench_tasks(root: str | os.PathLike | None = None) -> list[str]:
 
 
 def load_bigbench_task(name: str, root: str | os.PathLike | None = None) -> Task:
-    """Load the task `name` (as listed by `list_bigbench_tasks`) from `root`, by default the installed package."""
+    """Load the task `name` (as listed by `list_bigbench_tasks`) from `root`, by default BIG-bench's folders."""
     return load_bigbench_tasks([name], root)[0]
 
 
 def load_bigbench_tasks(names: Sequence[str] | None = None, root: str | os.PathLike | None = None) -> list[Task]:
-    """Load the named tasks (every task under `root` when `names` is None) from `root`, by default the installed
-    package; the folder is listed once, however many tasks are loaded."""
+    """Load the named tasks (every task under `root` when `names` is None) from `root`, by default BIG-bench's
+    folders; the folder is listed once, however many tasks are loaded."""
     if isinstance(names, str):
         raise TypeError(f"names must be a list of task names, got the string {names!r}.")
     for name in names or ():

@@ -1,7 +1,9 @@
 """Users' own tasks, from a JSONL file or a `datasets.Dataset`, as `Task`s.
 
 Each record is `{"input", "output"}` (generative) or `{"input", "options", "answer"}` (multiple choice, `answer` being
-the correct option's text or its 0-based index). Other keys, such as an id column, are ignored.
+the correct option's text or its 0-based index). MetaICL's records, `{"input", "output", "options"}`, are read too:
+`output` is then the correct option's text, and empty `options` mean a generative example. Other keys, such as an id or
+a task column, are ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from .task import Example, Task, drop_duplicates, make_example
 
-RECORD_FORMAT = "{'input', 'output'} or {'input', 'options', 'answer'}"
+RECORD_FORMAT = "{'input', 'output'}, {'input', 'options', 'answer'} or MetaICL's {'input', 'output', 'options'}"
 
 
 def example_from_record(record: Any, where: str) -> Example:
@@ -23,9 +25,15 @@ def example_from_record(record: Any, where: str) -> Example:
         raise ValueError(f"{where}: expected an object {RECORD_FORMAT}, got {type(record).__name__}.")
     if "input" not in record:
         raise ValueError(f"{where}: missing 'input' (keys present: {sorted(record)}); expected {RECORD_FORMAT}.")
-    is_multiple_choice = "options" in record or "answer" in record
-    if is_multiple_choice and "output" in record:
+    if "output" in record and "answer" in record:
         raise ValueError(f"{where}: give either 'output' or 'options' + 'answer', not both.")
+    if "output" in record and "options" in record:  # MetaICL's record
+        if not isinstance(record["output"], str):
+            raise ValueError(f"{where}: 'output' must be the correct option's text, got {record['output']!r}.")
+        record = {"input": record["input"], "options": record["options"], "answer": record["output"]}
+        if isinstance(record["options"], (list, tuple)) and not record["options"]:  # MetaICL's generative tasks
+            return make_example(where, input=record["input"], output=record["answer"])
+    is_multiple_choice = "options" in record or "answer" in record
     if not is_multiple_choice:
         if "output" not in record:
             raise ValueError(f"{where}: missing 'output' (keys present: {sorted(record)}); expected {RECORD_FORMAT}.")

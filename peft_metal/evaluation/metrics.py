@@ -10,6 +10,11 @@ The choice rules pick the option whose continuation `template.format_answer(opti
 * `acc_per_token`: by the mean log-likelihood per token. Meta-training's option loss and the server choose options
   this way, so it stays the headline `score` of a multiple-choice record (results recorded before these names were
   introduced are this number).
+
+`macro_f1` is MetaICL's metric for classification: the options picked by `acc_per_token` (MetaICL too ranks options by
+their mean loss per token) against each query's `output`, F1 per label, averaged over every label that is a gold
+answer or a prediction (scikit-learn's `f1_score(average="macro")`). It is a property of a whole draw of queries, not a
+mean over questions, so its error is taken across seeds' draws (`report.merge_seeds`).
 """
 
 from __future__ import annotations
@@ -59,21 +64,41 @@ def token_f1(prediction: str, answers: Iterable[str]) -> float:
 
 
 MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "acc_per_token")
+MACRO_F1 = "macro_f1"
+CHOICE_RULE_OF_PREDICTIONS = "acc_per_token"
 GENERATIVE_METRICS = ("exact_match", "token_f1")
 
 
-def choice_hits(
-    options: Sequence[str], answers: Iterable[str], sum_logprobs: Sequence[float], mean_logprobs: Sequence[float]
-) -> dict[str, float]:
-    """1.0/0.0 per choice rule: whether the option it picks is an answer (see the module docstring for the rules)."""
-    answers = set(answers)
+def choices(options: Sequence[str], sum_logprobs: Sequence[float], mean_logprobs: Sequence[float]) -> dict[str, str]:
+    """The option each choice rule picks (see the module docstring for the rules)."""
     # An empty option has no characters to divide by; it is then divided by 1 (lm-eval would divide by 0).
     by_rule = {
         "acc": sum_logprobs,
         "acc_norm": [value / max(len(option), 1) for value, option in zip(sum_logprobs, options)],
         "acc_per_token": mean_logprobs,
     }
-    return {name: float(options[best_option(values)] in answers) for name, values in by_rule.items()}
+    return {name: options[best_option(values)] for name, values in by_rule.items()}
+
+
+def choice_hits(
+    options: Sequence[str], answers: Iterable[str], sum_logprobs: Sequence[float], mean_logprobs: Sequence[float]
+) -> dict[str, float]:
+    """1.0/0.0 per choice rule: whether the option it picks is an answer."""
+    answers = set(answers)
+    return {name: float(pick in answers) for name, pick in choices(options, sum_logprobs, mean_logprobs).items()}
+
+
+def macro_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
+    """The mean over labels (every gold answer and every prediction) of each label's F1; a label never predicted or
+    never gold has F1 0 (scikit-learn's `zero_division=0`)."""
+    if len(predictions) != len(golds) or not golds:
+        raise ValueError(f"macro_f1 needs as many predictions as gold answers, at least one: {len(predictions)}, {len(golds)}.")
+    scores = []
+    for label in dict.fromkeys([*golds, *predictions]):
+        true_positives = sum(p == label == g for p, g in zip(predictions, golds))
+        predicted, gold = predictions.count(label), golds.count(label)
+        scores.append(2 * true_positives / (predicted + gold))  # F1 = 2TP / (2TP + FP + FN)
+    return sum(scores) / len(scores)
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:

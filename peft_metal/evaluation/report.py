@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .metrics import GENERATIVE_METRICS, MULTIPLE_CHOICE_METRICS
+from .metrics import GENERATIVE_METRICS, MACRO_F1, MULTIPLE_CHOICE_METRICS, mean_stderr
 
-METRIC_NAMES = MULTIPLE_CHOICE_METRICS + GENERATIVE_METRICS
+METRIC_NAMES = MULTIPLE_CHOICE_METRICS + (MACRO_F1,) + GENERATIVE_METRICS
 
 
 def method_label(record: dict[str, Any]) -> str:
@@ -113,6 +113,10 @@ def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if key.endswith("seconds"):
                 combined[key] = sum(record[key] for record in records)
+            elif key == MACRO_F1:  # a property of each seed's draw: the mean over draws, with the draws' error
+                draws = [record[key] for record in records]
+                combined[key], combined[f"{key}_stderr"] = mean_stderr(draws)
+                combined[f"{key}_seed_scores"] = draws
             elif key == "score" or key in METRIC_NAMES:
                 combined[key] = sum(record[key] * record["n"] for record in records) / n
                 if key in METRIC_NAMES:
@@ -180,6 +184,28 @@ def metrics_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def macro_f1_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines of a task x method table of macro-F1 (MetaICL's metric), each cell the mean over seeds ± the standard
+    error across them, with the means over tasks; empty when no record has it."""
+    if not any(MACRO_F1 in record for record in _ok(results)):
+        return []
+    methods, tasks = _methods(results), _tasks(results)
+    by_key = {(record["task"], method_label(record)): record for record in _ok(results)}
+
+    def cell(record: Optional[dict[str, Any]]) -> str:
+        if record is None or MACRO_F1 not in record:
+            return "-"
+        stderr = record.get(f"{MACRO_F1}_stderr")
+        return f"{record[MACRO_F1]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+    lines = ["", "macro-F1 (± across seeds' draws):", "", "| task | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    lines += [f"| {task} | " + " | ".join(cell(by_key.get((task, m))) for m in methods) + " |" for task in tasks]
+    means = [metric_means([r for r in _ok(results) if method_label(r) == m], MACRO_F1) for m in methods]
+    lines.append("| **mean** | " + " | ".join(f"**{s[0]:.3f}** ± {s[1]:.3f}" if s else "-" for s in means) + " |")
+    return lines
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """Task x method scores (the headline metric named in the metric column: `acc_per_token` for multiple choice,
     `exact_match` for generative), their means per method with standard errors (± one standard error, per-task errors
@@ -216,6 +242,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         )
 
     lines += metrics_table(results)
+    lines += macro_f1_table(results)
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
     for method in methods:
         records = [record for record in _ok(results) if method_label(record) == method]

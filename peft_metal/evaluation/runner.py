@@ -49,7 +49,7 @@ from .methods import (
     prepare_method,
     query_input,
 )
-from .metrics import choice_hits, exact_match, mean_stderr, token_f1
+from .metrics import CHOICE_RULE_OF_PREDICTIONS, MACRO_F1, choices, exact_match, macro_f1, mean_stderr, token_f1
 from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
@@ -86,17 +86,20 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 def _score_multiple_choice(
     parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], float]:
+    """Per choice rule, whether each query's pick is an answer; and the macro-F1 of the `acc_per_token` picks."""
     hits: dict[str, list[float]] = {}
+    predictions = []
     for example in queries:
         if example.options is None:
             raise ValueError(f"Query {example.input!r} has no options to score as multiple choice.")
         context, query = query_input(parts, tokenizer, prepared, example.input)
         scores = score_options(parts.lm, context, [query], [option_ids(parts, tokenizer, example.options)])[0]
-        sums, means = [s.sum_logprob for s in scores], [s.mean_logprob for s in scores]
-        for name, hit in choice_hits(example.options, example.answers, sums, means).items():
-            hits.setdefault(name, []).append(hit)
-    return hits
+        picks = choices(example.options, [s.sum_logprob for s in scores], [s.mean_logprob for s in scores])
+        for name, pick in picks.items():
+            hits.setdefault(name, []).append(float(pick in example.answers))
+        predictions.append(picks[CHOICE_RULE_OF_PREDICTIONS])
+    return hits, macro_f1(predictions, [example.output for example in queries])
 
 
 def _score_generative(
@@ -152,8 +155,9 @@ def evaluate_prepared(
     """One record: `task`'s queries scored after a context already set up (by `prepare_method`, or by a benchmark
     that builds its own, e.g. a pruned cache), as every method is scored."""
     start = time.perf_counter()
+    draw_metrics = {}
     if metric == MULTIPLE_CHOICE:
-        values = _score_multiple_choice(parts, tokenizer, prepared, queries)
+        values, draw_metrics[MACRO_F1] = _score_multiple_choice(parts, tokenizer, prepared, queries)
     else:
         values = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
     synchronize(model_device(parts.lm))
@@ -169,6 +173,7 @@ def evaluate_prepared(
     }
     for name, per_query in values.items():
         record[name], record[f"{name}_stderr"] = mean_stderr(per_query)
+    record.update(draw_metrics)
     record["score"] = record[HEADLINE[metric]]
     record.update(prepared.info or {})
     return record

@@ -16,7 +16,9 @@ MIXED_PRECISIONS = ("auto", "no", "fp32", "bf16")
 
 @dataclass
 class TrainingArguments:
-    """Meta-training settings. Episodes come from the split file's `train` families only, or from `task_dir`."""
+    """Meta-training settings. Episodes come from MetaICL's train tasks (`metaicl_dir`), a folder of one's own tasks
+    (`task_dir`), or both; from BIG-bench's train families only where neither is given and a clone's task folders are
+    named by `$PEFT_METAL_BIGBENCH_TASKS`."""
 
     output_dir: str = "runs/metal"
     model: str = "smollm2-135m"
@@ -52,6 +54,10 @@ class TrainingArguments:
     # it a run on `task_dir` has no dev loss; a run on BIG-bench takes its dev split).
     task_dir: Optional[str] = None
     dev_task_dir: Optional[str] = None
+    # MetaICL's tasks (a folder with data/ and splits.json): episodes from the pools of its train tasks (those
+    # `metaicl_tasks` names, or every train task), the dev loss on its dev tasks; alone or beside `task_dir`.
+    metaicl_dir: Optional[str] = None
+    metaicl_tasks: Optional[list[str]] = None
     seed: int = 0
     checkpoint_every: int = 200
     eval_every: int = 200
@@ -115,6 +121,15 @@ class TrainingArguments:
             folder = getattr(self, name)
             if folder is not None and not Path(folder).is_dir():
                 raise ValueError(f"{name}={folder!r} is not a folder: give the folder that holds the task folders.")
+        if self.metaicl_dir is not None and not (Path(self.metaicl_dir) / "splits.json").is_file():
+            raise ValueError(
+                f"metaicl_dir={self.metaicl_dir!r} is not a MetaICL data folder: give the folder that holds data/ and "
+                "splits.json."
+            )
+        if self.metaicl_tasks is not None and self.metaicl_dir is None:
+            raise ValueError("metaicl_tasks names tasks of metaicl_dir: set metaicl_dir too.")
+        if self.tasks is not None and self.task_dir is None and self.metaicl_dir is not None:
+            raise ValueError("tasks names tasks of task_dir (or BIG-bench's); MetaICL's are named by metaicl_tasks.")
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0 (0: no dev loss), got {self.eval_episodes}.")
         if not 0 <= self.text_stage_steps <= self.max_steps:

@@ -26,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..base_models import load_base_model
 from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_tasks, tasks_for_split
+from ..data.metaicl import check_metaicl_split, load_metaicl_pool, load_metaicl_splits
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..metal_prompt.model import PADDING_ATTRIBUTE
@@ -47,18 +48,29 @@ def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task
     return load_bigbench_tasks(names)
 
 
+def metaicl_tasks_of(root: str, member: str, names: Optional[list[str]] = None) -> list[Task]:
+    """The pools of MetaICL's `member` tasks (the named ones, each checked to belong to it)."""
+    names = names or load_metaicl_splits(root)[member]
+    check_metaicl_split(root, names, member)
+    return [load_metaicl_pool(root, name) for name in names]
+
+
 def train_tasks_of(args: TrainingArguments) -> list[Task]:
-    """The tasks episodes are drawn from: those of `task_dir`, or BIG-bench's train split."""
-    if args.task_dir is None:
+    """The tasks episodes are drawn from: MetaICL's train tasks and those of `task_dir` (either or both), else
+    BIG-bench's train split."""
+    if args.task_dir is None and args.metaicl_dir is None:
         return load_split_tasks("train", args.tasks)
-    return load_bigbench_tasks(args.tasks or None, args.task_dir)
+    tasks = metaicl_tasks_of(args.metaicl_dir, "train", args.metaicl_tasks) if args.metaicl_dir else []
+    return tasks + (load_bigbench_tasks(args.tasks or None, args.task_dir) if args.task_dir else [])
 
 
 def dev_tasks_of(args: TrainingArguments) -> list[Task]:
-    """The tasks of the dev loss: those of `dev_task_dir`; none for a run on `task_dir`; else BIG-bench's dev split."""
-    if args.dev_task_dir is not None:
-        return load_bigbench_tasks(root=args.dev_task_dir)
-    return [] if args.task_dir is not None else load_split_tasks("dev")
+    """The tasks of the dev loss: MetaICL's dev tasks (with `metaicl_dir`) and those of `dev_task_dir`; none for a
+    run on `task_dir` alone; BIG-bench's dev split for a run on BIG-bench."""
+    if args.task_dir is None and args.metaicl_dir is None:
+        return load_split_tasks("dev")
+    tasks = metaicl_tasks_of(args.metaicl_dir, "dev") if args.metaicl_dir else []
+    return tasks + (load_bigbench_tasks(root=args.dev_task_dir) if args.dev_task_dir else [])
 
 
 # Settings a PGM's weights are shaped by: a run started from a saved PGM must agree with it on all of them.
