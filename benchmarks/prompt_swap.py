@@ -21,7 +21,6 @@ over it is all that its shots put into it. Writes `<name>.json` and `.md` under 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import random
 from pathlib import Path
@@ -30,12 +29,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from task_carrying import mean_prompt
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.data import load_bigbench_task, task_family, tasks_for_split
 from peft_metal.data.episodes import task_with_symbol_labels
-from peft_metal.designs import DESIGNS
 from peft_metal.evaluation import load_eval_tasks
 from peft_metal.evaluation.methods import METAL, PreparedMethod
 from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL  # BIG-bench probes
@@ -55,30 +54,6 @@ def first_task_of_each_family(names: list[str]) -> list[str]:
     for name in sorted(names):
         chosen.setdefault(task_family(name), name)
     return list(chosen.values())
-
-
-def mean_prompt(tuner, tokenizer, tasks, shots: int) -> GeneratedPrompt:
-    """The mean of the PGM's one-pass prompts over `tasks` (each from `shots` examples drawn by a seed of its name):
-    one prompt for every task, which carries nothing of any one task's shots."""
-    design = DESIGNS[tuner.metal_config.prompt_design]
-    if "token_ids" in design.payload:
-        raise SystemExit(
-            f"--conditions mean averages a prompt's tensors; a {tuner.metal_config.prompt_design} prompt is tokens."
-        )
-    prompts = []
-    for task in tasks:  # every train task has at least 48 examples (the split's selection)
-        drawn = random.Random(f"mean prompt:{task.name}").sample(task.examples, shots)
-        prompts.append(
-            tuner.generate_prompt([example.as_shot() for example in drawn], tokenizer=tokenizer, chunk_size="auto")
-        )
-    means = {
-        name: torch.stack([getattr(prompt, name).float() for prompt in prompts])
-        .mean(0)
-        .to(getattr(prompts[0], name).dtype)
-        for name in design.payload
-    }
-    print(f"mean prompt over {len(prompts)} train tasks", flush=True)
-    return dataclasses.replace(prompts[0], **means)
 
 
 def panel_records(

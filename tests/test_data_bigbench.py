@@ -4,7 +4,7 @@ import json
 import logging
 
 import pytest
-from conftest import requires_bigbench
+from conftest import TASKS_DIR, requires_bigbench, requires_tasks
 
 from peft_metal.data import (
     Example,
@@ -12,6 +12,7 @@ from peft_metal.data import (
     list_bigbench_tasks,
     load_bigbench_file,
     load_bigbench_task,
+    load_bigbench_tasks,
     tasks_for_split,
 )
 
@@ -193,6 +194,20 @@ def test_every_split_task_loads_with_enough_examples():
         if len(task.examples) < 48:
             too_small[name] = len(task.examples)
     assert not too_small
+
+
+@requires_tasks
+def test_the_task_corpus_loads_whole_families_on_one_side_of_the_split():
+    """The BIG-bench-format corpus ($PEFT_METAL_DATA/tasks): every task loads as multiple choice with room for 16 shots
+    and the dev panel's queries, no family straddles train and dev, and the second dev panel names its dev tasks."""
+    from peft_metal.evaluation.panels import DEV_PANEL_TASKS
+
+    splits = {split: load_bigbench_tasks(root=TASKS_DIR / split) for split in ("train", "dev")}
+    for tasks in splits.values():
+        assert all(task.metric == "multiple_choice" and len(task.examples) >= 100 for task in tasks)
+    families = {split: {task.family for task in tasks} for split, tasks in splits.items()}
+    assert not families["train"] & families["dev"] and len(splits["train"]) == 88
+    assert sorted(DEV_PANEL_TASKS.tasks) == sorted(task.name for task in splits["dev"])
 
 
 def test_the_example_tasks_are_well_formed_multiple_choice():

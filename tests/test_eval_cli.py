@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tokenizer, make_lm, make_pgm, requires_bigbench
+from conftest import build_tokenizer, make_lm, make_pgm, requires_bigbench, requires_metaicl, requires_tasks
 
 from peft_metal.cli import main
 from peft_metal.data import load_splits
@@ -226,3 +226,26 @@ def test_cli_refuses_a_refinement_batch_of_no_shots(saved, tmp_path, capsys):
     ])
     assert code != 0
     assert "refine_batch_size" in capsys.readouterr().err
+
+
+@requires_metaicl
+@requires_tasks
+@pytest.mark.parametrize("panel_name", ["dev-panel", "dev-panel-tasks"])
+def test_the_dev_panels_run_from_the_corpora_setting(tmp_path, panel_name):
+    """`--split dev-panel` (MetaICL's dev tasks, its five seeds) and `dev-panel-tasks` (the BIG-bench-format dev
+    tasks) find their tasks through $PEFT_METAL_DATA, run every task over the panel's seeds, and say which panel."""
+    from peft_metal.evaluation.panels import PANELS
+
+    panel = PANELS[panel_name]
+    make_lm("llama", max_positions=4096).save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    output = tmp_path / "panel.json"
+    code = main([
+        "eval", "--model", str(tmp_path / "model"), "--split", panel_name, "--queries", "1", "--shots", "1",
+        "--methods", "zero_shot", "--output", str(output), "--no-progress",
+    ])
+    assert code == 0
+    payload = json.loads(output.read_text())
+    assert payload["settings"]["panel"] == panel_name and payload["settings"]["seeds"] == list(panel.seeds)
+    assert [record["task"] for record in payload["results"]] == list(panel.tasks)
+    assert all(record["n"] == len(panel.seeds) for record in payload["results"])

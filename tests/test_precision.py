@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_pgm, requires_bigbench
+from conftest import METAICL_DIR, make_pgm, requires_metaicl
 
 from peft_metal.precision import cast_frozen_weights, cpu_has_fast_bf16, resolve_precision
 
@@ -49,7 +49,7 @@ def test_cast_keeps_what_trains_in_fp32_and_buffers_untouched():
 
 
 @pytest.mark.slow
-@requires_bigbench
+@requires_metaicl
 @pytest.mark.skipif(
     not cpu_has_fast_bf16(),
     reason="this CPU has no bf16 hardware (AMX / AVX512-BF16): auto precision is fp32 here, and bf16 matrix products are "
@@ -61,11 +61,11 @@ def test_bf16_dev_loss_within_one_percent_of_fp32():
     frozen weights are bf16 is within 1% of the fp32 one (same PGM weights, prompts made as at serving)."""
     from pathlib import Path
 
+    from peft_metal.data import load_metaicl_pool
     from peft_metal.training import MetaTrainer, TrainingArguments
-    from peft_metal.training.trainer import load_split_tasks
 
     config = Path(__file__).resolve().parents[1] / "examples" / "train_smollm2_compressed.json"
-    dev = load_split_tasks("dev", ["snarks", "phrase_relatedness", "code_line_description"])
+    dev = [load_metaicl_pool(METAICL_DIR, name) for name in ("sms_spam", "trec", "superglue-wic")]
     losses = {}
     for precision in ("fp32", "bf16"):
         args = TrainingArguments.from_json(config, mixed_precision=precision, eval_episodes=12, init_from=None)
