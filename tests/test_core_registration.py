@@ -213,3 +213,21 @@ def test_model_card_is_complete_with_hub_metadata_and_no_template_placeholders(t
         config.training_summary = summary
         model.save_pretrained(tmp_path / "other")
         assert "datasets" not in card_metadata((tmp_path / "other" / "README.md").read_text())
+
+
+def test_a_pgm_meta_trained_on_metaicl_names_it_on_its_card(tmp_path):
+    """MetaICL's tasks as the dataset, its dev results as measured on MetaICL's dev tasks; with a task_dir beside it,
+    still MetaICL (one's own tasks are claimed as nothing)."""
+    from peft_metal.metal_prompt.model_card import card_metadata
+
+    model = make_pgm("llama", "prefix", lora_scope="padding")
+    config = model.peft_config["default"]
+    for settings in ({"metaicl_dir": "../shared/metaicl"}, {"metaicl_dir": "m", "task_dir": "mine"}):
+        config.training_summary = {
+            "episodes": 8, "settings": json.dumps(settings), "dev_results": {"metal (dev-panel, seeds 100,13)": 0.5}
+        }
+        model.save_pretrained(tmp_path)
+        meta = card_metadata((tmp_path / "README.md").read_text())
+        assert meta["datasets"] == ["metaicl"]
+        [result] = meta["model-index"][0]["results"]
+        assert result["dataset"]["type"] == "metaicl" and result["dataset"]["name"] == "MetaICL dev tasks (peft-metal)"

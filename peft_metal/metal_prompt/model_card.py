@@ -23,7 +23,7 @@ PAPER = (
     "([ACL Anthology](https://aclanthology.org/search/?q=Meta-Learning+of+Prompt+Generation+for+Lightweight+Prompt+Engineering))"
 )
 LICENSE = "apache-2.0"
-DATASETS = ["bigbench"]
+BIGBENCH_DATASET, METAICL_DATASET = "bigbench", "metaicl"
 
 
 def card_data(config: MetaLPromptConfig) -> ModelCardData:
@@ -43,24 +43,39 @@ def card_data(config: MetaLPromptConfig) -> ModelCardData:
     )
 
 
+def _training_settings(config: MetaLPromptConfig) -> dict[str, Any]:
+    summary = config.training_summary or {}
+    return json.loads(summary.get("settings") or "{}")  # the trainer records its settings as one JSON string
+
+
 def _datasets(config: MetaLPromptConfig) -> Optional[list[str]]:
-    """BIG-bench for a PGM meta-trained on it; nothing for an untrained one or one trained on a `task_dir` of one's
-    own tasks, whose card should not claim a dataset it never saw."""
-    summary = config.training_summary
-    if not summary:
+    """The corpora a PGM was meta-trained on: MetaICL's tasks, BIG-bench's (a run on neither MetaICL nor a `task_dir`);
+    nothing for an untrained one or one trained on a `task_dir` of one's own tasks alone, whose card should not claim
+    a dataset it never saw."""
+    if not config.training_summary:
         return None
-    settings = json.loads(summary.get("settings") or "{}")  # the trainer records its settings as one JSON string
-    return None if settings.get("task_dir") else DATASETS
+    settings = _training_settings(config)
+    datasets = [METAICL_DATASET] if settings.get("metaicl_dir") else []
+    if not settings.get("metaicl_dir") and not settings.get("task_dir"):
+        datasets.append(BIGBENCH_DATASET)
+    return datasets or None
 
 
 def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
     """The dev-panel accuracies recorded in the training summary (`dev_results`: method -> accuracy), if any."""
     results = (config.training_summary or {}).get("dev_results") or {}
+    # Until MetaICL's panel replaced it (2026-12-06), "dev-panel" named BIG-bench's: a PGM trained before then, on
+    # BIG-bench, was measured there.
+    metaicl_run = bool(_training_settings(config).get("metaicl_dir"))
+
+    def on_metaicl(method: str) -> bool:
+        return metaicl_run and "bigbench-panel" not in method
+
     return [
         EvalResult(
             task_type="text-generation",
-            dataset_type="bigbench",
-            dataset_name="BIG-bench dev panel (peft-metal)",
+            dataset_type=METAICL_DATASET if on_metaicl(method) else BIGBENCH_DATASET,
+            dataset_name="MetaICL dev tasks (peft-metal)" if on_metaicl(method) else "BIG-bench dev panel (peft-metal)",
             metric_type="accuracy",
             metric_name=f"{method} accuracy",
             metric_value=float(value),
