@@ -1,15 +1,17 @@
 """Dev-panel accuracy of a meta-training run's checkpoints against the episodes they had seen: the learning curve.
 
-    python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
-        [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
+    PEFT_METAL_DATA=../shared python benchmarks/learning_curve.py --run runs/smollm2-metaicl [--run ...]
+        [--panel dev-panel | dev-panel-tasks | bigbench-panel] [--metric macro_f1 | score]
+        [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 100]
         [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)]
-        [--references benchmarks/results/precision_eval.json] [--seeds 2,3 (another draw of the panel)] [--name learning_curve]
+        [--references RESULTS.json] [--seeds 100,13 (some of the panel's draws)] [--name learning_curve]
 
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
 precision `peft-metal eval` uses by default. Results are kept per (run, checkpoint, method) in the JSON and not
 recomputed, so the script can be rerun as a run goes on (a session later, say) to add its new checkpoints. Points are merged into
 the JSON under a lock file beside it, so scorings of other seeds or checkpoints may write one report side by side. Writes
-`<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a precision_eval.json) are drawn as lines.
+`<name>.json`, `.md` and `.png`; zero-shot and ICL-16 from `--references` (a `peft-metal eval` results.json on the
+same panel) are drawn as lines.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from report import (  # benchmarks/report.py: the JSON + markdown every benchmar
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
-from peft_metal.evaluation import EvaluationSettings, evaluate_seeds, load_eval_tasks
-from peft_metal.evaluation.panels import BIGBENCH_PANEL as DEV_PANEL  # BIG-bench probes
+from peft_metal.evaluation import EvaluationSettings, evaluate_seeds
+from peft_metal.evaluation.panels import BIGBENCH_PANEL, DEV_PANEL, PANELS, get_panel
 from peft_metal.evaluation.report import summary
+from peft_metal.evaluation.tasks import load_panel_tasks
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
@@ -93,11 +96,16 @@ def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path, seed
 
 
 def seeds_label(point: dict[str, Any]) -> str:
-    """The seeds a point was scored on (points written before `--seeds` existed used the panel's)."""
-    return ",".join(str(seed) for seed in point.get("seeds", DEV_PANEL.seeds))
+    """The seeds a point was scored on (points written before `--seeds` existed used BIG-bench's panel's)."""
+    return ",".join(str(seed) for seed in point.get("seeds", BIGBENCH_PANEL.seeds))
 
 
-def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float]) -> None:
+def point_value(stats: dict[str, Any], metric: str) -> tuple[float, float]:
+    """A method's mean over the panel's tasks by `metric` (`score`: the headline accuracy), with its error."""
+    return (stats["mean"], stats["se"]) if metric == "score" else (stats[metric], stats[f"{metric}_stderr"])
+
+
+def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float], metric: str, label: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -108,7 +116,8 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float])
     for point in points:
         for method, stats in point["summary"].items():
             key = (point["run"], method, seeds_label(point))
-            series.setdefault(key, []).append((point["episodes"], stats["mean"], stats["se"]))
+            if metric == "score" or metric in stats:
+                series.setdefault(key, []).append((point["episodes"], *point_value(stats, metric)))
     for (run, method, seeds), values in series.items():
         values.sort()
         axes.errorbar([v[0] for v in values], [v[1] for v in values], yerr=[v[2] for v in values], marker="o",
@@ -117,7 +126,7 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float])
         axes.axhline(value, color="gray", linestyle=style, label=label)
     axes.set_xscale("symlog", linthresh=100)
     axes.set_xlabel("meta-training episodes")
-    axes.set_ylabel(f"dev-panel accuracy ({DEV_PANEL.questions} questions)")
+    axes.set_ylabel(label)
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
@@ -163,23 +172,24 @@ def main() -> None:
     parser.add_argument("--checkpoints", help="comma-separated steps (default: every checkpoint of every run)")
     parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0: its init_from PGM, else a fresh one)")
     parser.add_argument("--methods", default="metal,metal+demos")
-    parser.add_argument("--queries", type=int, default=DEV_PANEL.queries)
+    parser.add_argument("--panel", choices=list(PANELS), default=DEV_PANEL.name)
+    parser.add_argument("--metric", default="macro_f1", help="macro_f1 (MetaICL's) or score (the headline accuracy)")
+    parser.add_argument("--queries", type=int, help="queries per task and seed (default: the panel's)")
     parser.add_argument("--refine-steps", default="10", help="the refined methods' step count(s), as peft-metal eval")
     parser.add_argument("--refine-lr", type=float, help="the refined methods' Adam learning rate (default: refine_prompt's)")
-    parser.add_argument("--references", type=Path, default=Path("benchmarks/results/precision_eval.json"))
+    parser.add_argument("--references", type=Path, help="a `peft-metal eval` results.json with zero_shot and icl")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--seeds", default=",".join(map(str, DEV_PANEL.seeds)),
-                        help="the seeds that draw each task's shots and queries (default: the panel's; 2,3 is "
-                        "dev-panel-confirm's draw)")
+    parser.add_argument("--seeds", help="the seeds that draw each task's shots and queries (default: the panel's)")
     parser.add_argument("--name", default="learning_curve")
     args = parser.parse_args()
-    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    panel = get_panel(args.panel)
+    seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else panel.seeds
 
     path = args.output / f"{args.name}.json"
     done = {(p["run"], p["step"], seeds_label(p)) for p in read_report(path)["points"]}
-    tasks = load_eval_tasks(names=list(DEV_PANEL.tasks))
+    tasks = load_panel_tasks(panel)
     settings = EvaluationSettings(
-        args.methods, DEV_PANEL.shots, args.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
+        args.methods, panel.shots, args.queries or panel.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
     )
     wanted = [int(step) for step in args.checkpoints.split(",")] if args.checkpoints else None
     for run in args.run:
@@ -198,32 +208,31 @@ def main() -> None:
             update_report(path, lambda report: add_point(report, {**point, **result}))
 
     references = {}
-    if args.references.exists():
-        # the references scored as the checkpoints are: with the precision `peft-metal eval` uses by default
-        scored = json.loads(args.references.read_text())["runs"]["bf16"]["summary"]
-        references = {f"{m} (dev panel)": scored[m]["mean"] for m in ("zero_shot", "icl") if m in scored}
+    if args.references is not None:
+        scored = json.loads(args.references.read_text())["summary"]
+        references = {f"{m} ({panel.name})": point_value(scored[m], args.metric)[0] for m in ("zero_shot", "icl") if m in scored}
     report = update_report(
         path,
         lambda report: report.update(
             command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
             machine=machine_description(),
             references=references,
+            panel=panel.name,
+            metric=args.metric,
         ),
     )
     # columns as the evaluation report labels them (a refined method per step count: metal+refine@20)
     methods = list(dict.fromkeys(label for point in report["points"] for label in point["summary"]))
     lines = [
-        f"Dev panel ({DEV_PANEL.questions} questions), PGM checkpoints of each run, each task's shots and queries drawn "
-        "by the seeds named; mean accuracy ± one standard error.",
+        f"{panel.name} (at most {panel.questions} questions), PGM checkpoints of each run, each task's shots and "
+        f"queries drawn by the seeds named; mean {args.metric} over tasks ± one standard error ({machine_description()}).",
         "",
         "| run | seeds | step | episodes | training seconds (this run) | " + " | ".join(methods) + " |",
         "|---|---|---|---|---|" + "---|" * len(methods),
     ]
     for point in report["points"]:
-        cells = [
-            f"{point['summary'][m]['mean']:.3f} ± {point['summary'][m]['se']:.3f}" if m in point["summary"] else "-"
-            for m in methods
-        ]
+        values = {m: point_value(point["summary"][m], args.metric) for m in methods if m in point["summary"]}
+        cells = [f"{values[m][0]:.3f} ± {values[m][1]:.3f}" if m in values else "-" for m in methods]
         seconds = f"{point['train_seconds']:,.0f}" if point.get("train_seconds") is not None else "-"
         lines.append(
             f"| {Path(point['run']).name} | {seeds_label(point)} | {point['step']} | {point['episodes']} | {seconds} | "
@@ -231,7 +240,7 @@ def main() -> None:
         )
     lines += ["", "References: " + ", ".join(f"{k} {v:.3f}" for k, v in references.items())] if references else []
     write_markdown(args.output, args.name, lines)
-    plot(args.output / f"{args.name}.png", report["points"], references)
+    plot(args.output / f"{args.name}.png", report["points"], references, args.metric, f"{panel.name} {args.metric}")
 
 
 if __name__ == "__main__":
