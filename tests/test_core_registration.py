@@ -224,10 +224,13 @@ def test_a_pgm_meta_trained_on_metaicl_names_it_on_its_card(tmp_path):
     config = model.peft_config["default"]
     for settings in ({"metaicl_dir": "../shared/metaicl"}, {"metaicl_dir": "m", "task_dir": "mine"}):
         config.training_summary = {
-            "episodes": 8, "settings": json.dumps(settings), "dev_results": {"metal (dev-panel, seeds 100,13)": 0.5}
+            "episodes": 8, "settings": json.dumps(settings),
+            "dev_results": {"metal (dev-panel, seeds 100,13)": 0.5, "metal macro-F1 (dev-panel, seeds 100,13)": 0.25},
         }
         model.save_pretrained(tmp_path)
         meta = card_metadata((tmp_path / "README.md").read_text())
         assert meta["datasets"] == ["metaicl"]
-        [result] = meta["model-index"][0]["results"]
-        assert result["dataset"]["type"] == "metaicl" and result["dataset"]["name"] == "MetaICL dev tasks (peft-metal)"
+        results = meta["model-index"][0]["results"]
+        assert {r["dataset"]["type"] for r in results} == {"metaicl"}
+        assert {r["dataset"]["name"] for r in results} == {"MetaICL dev tasks (peft-metal)"}
+        assert sorted((m["type"], m["value"]) for r in results for m in r["metrics"]) == [("accuracy", 0.5), ("f1", 0.25)]

@@ -21,7 +21,7 @@ from peft_metal.data.metaicl import (
 )
 from peft_metal.data.user import task_from_dataset
 from peft_metal.evaluation.metrics import macro_f1
-from peft_metal.evaluation.report import markdown_table, merge_seeds
+from peft_metal.evaluation.report import labelled_means, markdown_table, merge_seeds
 from peft_metal.training import TrainingArguments
 from peft_metal.training.trainer import dev_tasks_of, train_tasks_of
 
@@ -187,6 +187,9 @@ def test_eval_runs_metaicls_protocol_and_reports_macro_f1(metaicl, tmp_path):
         assert 0 <= result["macro_f1"] <= 1
     assert payload["summary"]["icl"]["macro_f1"] == payload["results"][1]["macro_f1"]
     assert "macro-F1" in (tmp_path / "r.md").read_text()
+    means = labelled_means(output)  # what a PGM's card records
+    assert means["icl macro-F1 (1 tasks, seeds 100,13)"] == round(payload["summary"]["icl"]["macro_f1"], 4)
+    assert means["icl (1 tasks, seeds 100,13)"] == round(payload["summary"]["icl"]["mean"], 4)
 
 
 def test_eval_names_a_missing_seed_before_loading_a_model(metaicl, tmp_path, capsys):

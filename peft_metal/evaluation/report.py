@@ -296,7 +296,8 @@ def write_results(
 def labelled_means(path: str | os.PathLike) -> dict[str, float]:
     """The mean score of each method in a `results.json`, labelled with where it was measured (the panel or the
     number of tasks, and the seeds that drew the shots and queries), so a model card that quotes several draws of the
-    same panel says which figure is which: `{"metal (dev-panel, seeds 0,1)": 0.511, ...}`."""
+    same panel says which figure is which: `{"metal (dev-panel, seeds 0,1)": 0.511, ...}`; with macro-F1 in the
+    records, also `"metal macro-F1 (dev-panel, ...)"`."""
     payload = json.loads(Path(path).read_text(encoding="utf-8"))
     if "summary" not in payload:
         raise ValueError(f"{path} has no 'summary': give a results.json written by `peft-metal eval`.")
@@ -305,4 +306,10 @@ def labelled_means(path: str | os.PathLike) -> dict[str, float]:
     if settings.get("seeds") is not None:
         where.append("seeds " + ",".join(str(seed) for seed in settings["seeds"]))
     label = ", ".join(part for part in where if part)
-    return {f"{method} ({label})" if label else method: round(stats["mean"], 4) for method, stats in payload["summary"].items()}
+    suffix = f" ({label})" if label else ""
+    means = {}
+    for method, stats in payload["summary"].items():
+        means[f"{method}{suffix}"] = round(stats["mean"], 4)
+        if MACRO_F1 in stats:  # MetaICL's metric, beside the accuracy
+            means[f"{method} macro-F1{suffix}"] = round(stats[MACRO_F1], 4)
+    return means

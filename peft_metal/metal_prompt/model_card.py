@@ -62,7 +62,8 @@ def _datasets(config: MetaLPromptConfig) -> Optional[list[str]]:
 
 
 def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
-    """The dev-panel accuracies recorded in the training summary (`dev_results`: method -> accuracy), if any."""
+    """The dev-panel figures recorded in the training summary (`dev_results`: method -> accuracy, or macro-F1 where
+    the label says so), if any."""
     results = (config.training_summary or {}).get("dev_results") or {}
     # Until MetaICL's panel replaced it (2026-12-06), "dev-panel" named BIG-bench's: a PGM trained before then, on
     # BIG-bench, was measured there.
@@ -76,8 +77,8 @@ def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
             task_type="text-generation",
             dataset_type=METAICL_DATASET if on_metaicl(method) else BIGBENCH_DATASET,
             dataset_name="MetaICL dev tasks (peft-metal)" if on_metaicl(method) else "BIG-bench dev panel (peft-metal)",
-            metric_type="accuracy",
-            metric_name=f"{method} accuracy",
+            metric_type="f1" if "macro-F1" in method else "accuracy",
+            metric_name=method if "macro-F1" in method else f"{method} accuracy",
             metric_value=float(value),
         )
         for method, value in results.items()
