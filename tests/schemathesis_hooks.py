@@ -2,10 +2,11 @@
 
 The OpenAPI schema states every rule about a single field; the rules that tie fields together, or depend on the
 model being served, cannot be written in it. A schema-valid request that breaks one of those is rightly refused with
-422 or 413 (or 409/429 when the server's state refuses it: a refinement running), so its "schema-valid request rejected" failure is dropped here, but only when the request really breaks
-a rule listed below and the refusal names it. Every other rejection of schema-valid data stays a failure, and the
-run's report counts what was dropped. The rules are restated from the service's documentation, not imported from it,
-so a rule the service stops enforcing (or starts enforcing without saying) shows up as a failure.
+422 or 413 (or 409/429 when the server's state refuses it, a refinement job running), so its "schema-valid request
+rejected" failure is dropped here, but only when the request really breaks a rule listed below and the refusal names
+it. Every other rejection of schema-valid data stays a failure, and the run's report counts what was dropped. The
+rules are restated from the service's documentation, not imported from it, so a rule the service stops enforcing (or
+starts enforcing without saying) shows up as a failure.
 """
 
 from __future__ import annotations
