@@ -10,6 +10,7 @@ Completions follow OpenAI's `/v1/completions`: `model` is the base model (the pl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import dataclasses
 import functools
@@ -19,10 +20,9 @@ import math
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import torch
 
@@ -152,6 +152,7 @@ class _RefineJob:
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
     step_seconds: float = 0.0  # model time of the steps so far
+    begun: Optional[Awaitable[None]] = field(default=None, repr=False)  # its row written
     runner: Optional[asyncio.Task] = field(default=None, repr=False)
 
     def status(self) -> PromptStatus:
@@ -228,7 +229,9 @@ class Service:
         self.runner = ModelRunner()
         # Store calls block (file I/O, SQLite locks) and may wait on the model thread (`make`): never on the loop, and
         # never in the model thread (which must never wait on them).
-        self.store_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="peft-metal-store")
+        self.store_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="peft-metal-store")
+        # A job's row is written in one thread, in the order asked (its start before any cancel of it).
+        self.job_rows = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-metal-jobs")
         self.batcher = Batcher(self.runner, self._run_batch, batch_window_ms / 1000.0, max_batch, self.metrics)
         self.contexts = ContextCache(context_cache_size, self.metrics)
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared by the loop and the model thread
@@ -266,6 +269,11 @@ class Service:
 
     async def in_store(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.store_executor, function, *args)
+
+    def _job_row(self, function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        """A write of a job's row, queued now (so rows are written in the order asked) and done even if whoever
+        awaits it is cancelled."""
+        return asyncio.shield(asyncio.wrap_future(self.job_rows.submit(function, *args)))
 
     # -------------------------------------------------------------------------------------------------- prompts
 
@@ -395,6 +403,7 @@ class Service:
             )
         self._refining[job.prompt_id] = job
         self.metrics.refine_jobs.set(len(self._refining))
+        job.begun = self._job_row(self.store.begin_job, job.prompt_id, job.task, job.refinement.steps, job.unrefined_id)
         job.runner = asyncio.get_running_loop().create_task(self._refine(job, unrefined))
         job.runner.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: never logged
         return job
@@ -404,7 +413,7 @@ class Service:
         then: a job that dies stores nothing) and its row dropped. A failure is recorded with its reason."""
         outcome = FAILED
         try:
-            await self.in_store(self.store.begin_job, job.prompt_id, job.task, job.refinement.steps, job.unrefined_id)
+            await job.begun
             split = len(job.shots) - job.num_demonstrations
             start_tuning = functools.partial(self.tuner.prompt_tuning, **dataclasses.asdict(job.refinement))
             tuning = await self.runner.run(
@@ -421,7 +430,7 @@ class Service:
                 self.store.put, job.task, job.shots, job.num_demonstrations, self.base_fingerprint,
                 self._made_by(job.refinement), prompt,
             )
-            await self.in_store(self.store.end_job, job.prompt_id)
+            await self._job_row(self.store.end_job, job.prompt_id)
             outcome = "ready"
             return prompt
         except asyncio.CancelledError:  # cancelled or shut down: whoever cancelled it recorded why
@@ -429,7 +438,7 @@ class Service:
             raise
         except Exception as error:
             reason = f"{type(error).__name__} at step {job.steps_done + 1} of {job.refinement.steps}: {error}"
-            await self.in_store(self.store.end_job, job.prompt_id, FAILED, reason)
+            await self._job_row(self.store.end_job, job.prompt_id, FAILED, reason)
             raise
         finally:
             if self._refining.get(job.prompt_id) is job:
@@ -452,13 +461,13 @@ class Service:
         job = self._refining.get(prompt_id)
         if job is None:
             status = await self.prompt_status(prompt_id)
-            hint = " (DELETE /v1/prompts/{id} removes a stored prompt)" if status.status == "ready" else ""
+            hint = f" (DELETE /v1/prompts/{prompt_id} removes a stored prompt)" if status.status == "ready" else ""
             raise NotRefiningError(
                 f"Prompt {prompt_id} is {status.status}: only a prompt being refined can be cancelled{hint}.", "prompt_id"
             )
         reason = f"cancelled by a client after {job.steps_done} of {job.refinement.steps} steps"
         self._stop(job)
-        await self.in_store(self.store.end_job, prompt_id, CANCELLED, reason)
+        await self._job_row(self.store.end_job, prompt_id, CANCELLED, reason)
         return PromptStatus(**{**job.status().model_dump(), "status": CANCELLED, "reason": reason})
 
     def _stop(self, job: _RefineJob) -> None:
@@ -501,7 +510,7 @@ class Service:
         try:
             deleted = await self.in_store(self.store.delete, prompt_id)
             had_job = await self.in_store(self.store.job, prompt_id) is not None
-            await self.in_store(self.store.end_job, prompt_id)
+            await self._job_row(self.store.end_job, prompt_id)
         finally:
             self.contexts.evict(prompt_id)  # again: a load that finished meanwhile must not stay cached
         if not (deleted or had_job or job is not None):
@@ -866,10 +875,12 @@ class Service:
     def close(self) -> None:
         """Stop batching and every refinement job, each recorded as failed with the reason (nothing of it stored)."""
         self.batcher.cancel()
+        recorded = []
         for job in list(self._refining.values()):
             self._stop(job)
-            self.store.end_job(
-                job.prompt_id, FAILED,
+            reason = (
                 f"the server stopped after {job.steps_done} of {job.refinement.steps} steps; nothing was stored: send "
-                "the same request again to refine it anew",
+                "the same request again to refine it anew"
             )
+            recorded.append(self.job_rows.submit(self.store.end_job, job.prompt_id, FAILED, reason))
+        concurrent.futures.wait(recorded)
