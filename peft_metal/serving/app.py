@@ -102,11 +102,15 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "body that is not JSON"), (401, "missing or wrong API key"), (404, "unknown prompt or model"), (409, "damaged or incompatible prompt, one not ready (being refined, failed, cancelled), or a cancel of one not being refined"),
+        (400, "body that is not JSON"), (401, "missing or wrong API key"), (404, "unknown prompt or model"),
+        (409, "damaged or incompatible prompt, one not ready (being refined, failed, cancelled), or a cancel of one "
+              "not being refined"),
         (411, "body without Content-Length"), (413, "request or context too large"), (422, "invalid request"),
-        (429, "too many open streams or refinement jobs (Retry-After says when to retry)"),
-        (501, "no PGM on this server"),
+        (429, "too many open streams or refinement jobs"), (501, "no PGM on this server"),
     )
+}
+ERROR_RESPONSES[429]["headers"] = {
+    "Retry-After": {"description": "refinement jobs: seconds until one is expected to end", "schema": {"type": "integer"}}
 }
 
 # OpenAPI links: what a client (or a stateful fuzzer) can do next with a stored prompt.
