@@ -6,6 +6,7 @@ stores no half prompt."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -192,3 +193,27 @@ def test_a_restart_during_a_job_reports_it_failed_and_stores_no_half_prompt(tmp_
         redone = _refine(client, 20)
         assert redone.status_code == 202 and redone.json()["prompt_id"] == job["prompt_id"]
         assert _until_done(client, job["prompt_id"])["status"] == "ready"
+
+
+def test_completions_are_served_between_the_pgm_passes_of_a_long_prompt(tmp_path, tok, monkeypatch):
+    """A prompt made from 200 shots (chunks folded in one PGM pass each) does not hold completions back for all its
+    passes: one sent meanwhile answers within about a pass."""
+    from peft_metal.metal_prompt.model import MetaLPromptModel
+
+    run_pgm = MetaLPromptModel._run_pgm
+
+    def slow(self, *args, **kwargs):
+        time.sleep(STEP_S)
+        return run_pgm(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetaLPromptModel, "_run_pgm", slow)
+    shots = [{"input": f"w{i % 10}{i % 7}", "output": "even" if i % 2 == 0 else "odd"} for i in range(200)]
+    with _client(tmp_path, tok)[0] as client, ThreadPoolExecutor(1) as pool:
+        creating = pool.submit(client.post, "/v1/prompts", json={"task": "parity", "shots": shots})
+        time.sleep(2 * STEP_S)
+        start = time.perf_counter()
+        plain = _options(client, client.app.state.service.model_name)
+        waited = time.perf_counter() - start
+        assert plain.status_code == 200 and waited < 4 * STEP_S, waited
+        assert not creating.done()  # the prompt's passes were still going on
+        assert creating.result().status_code == 201
