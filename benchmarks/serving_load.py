@@ -1,8 +1,9 @@
 """Load test of the HTTP service: a stored MetaL-Prompt against in-context learning (ICL-16) and zero-shot, and
 batched against unbatched serving.
 
-    python benchmarks/serving_load.py [--model smollm2-135m|tiny] [--pgm DIR] [--task NAME] [--clients 16]
-                                      [--requests 24] [--max-seconds 60] [--output DIR]
+    python benchmarks/serving_load.py [--model smollm2-135m|tiny] [--pgm DIR] [--task NAME] [--task-dir DIR]
+                                      [--clients 16] [--requests 24] [--max-seconds 60] [--refine-steps N]
+                                      [--output DIR]
 
 Starts the real server in a subprocess on 127.0.0.1 (an ephemeral port; `peft-metal serve` for a real model, a tiny
 random PGM with a character tokenizer for `--model tiny`, a fast dry run), stores one prompt made from 16 shots of a
@@ -15,7 +16,14 @@ dev BIG-bench task, then runs C concurrent clients (asyncio + httpx, loopback on
 
 and reports throughput and p50/p99 latency of each, first with batching (`--batch-window-ms`, `--max-batch`), then
 with a server restarted unbatched (`--batch-window-ms 0 --max-batch 1`) at 16 clients. Multiple-choice tasks are
-scored by options (one forward per batch), others generated greedily (`--max-new-tokens`).
+scored by options (one forward per batch), others generated greedily (`--max-new-tokens`). `--task-dir` takes the
+task from a folder of BIG-bench-format tasks (e.g. `--task-dir /work/shared/tasks/dev --task bbq/age`) instead of
+BIG-bench's own files.
+
+With `--refine-steps N` the first server also measures mixed load: `metal` completions from C clients with nothing
+else running, then the same completions while a refinement job of N steps (`refine_steps`, answered 202) runs on the
+same shots, until it is ready; the target is a p95 during refinement of at most twice the p95 without it plus one
+refinement step's time (the model thread serves waiting completions between steps).
 
 Writes `serving_load.json` and `serving_load.md` into DIR (default benchmarks/results/).
 """
@@ -26,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import socket
@@ -38,7 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
-from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
+from report import machine_description, write_report  # benchmarks/report.py: what every benchmark leaves
 
 DEFAULT_TASK = "similarities_abstraction"
 HOST = "127.0.0.1"  # loopback only
@@ -155,8 +162,12 @@ def _batch_stats(metrics: str) -> dict[str, float]:
     return stats
 
 
-async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[str, ...]], clients: int, max_seconds: float) -> dict[str, Any]:
-    """C clients take the next request until all are sent or time is up; one warm-up request first (not timed)."""
+async def run_load(
+    url: str, bodies: list[dict[str, Any]], answers: list[tuple[str, ...]], clients: int, max_seconds: float,
+    while_refining: Optional[str] = None,
+) -> dict[str, Any]:
+    """C clients take the next request until all are sent or time is up (or, with `while_refining`, that prompt's
+    refinement has ended: only requests sent while it ran are timed); one warm-up request first (not timed)."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
         warm = await client.post("/v1/completions", json=bodies[0])
@@ -168,10 +179,18 @@ async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[s
         position = 0
         start = time.perf_counter()
         deadline = start + max_seconds
+        refining = while_refining is not None
+
+        async def poll() -> None:
+            nonlocal refining
+            while refining and time.perf_counter() < deadline:
+                status = (await client.get(f"/v1/prompts/{while_refining}")).json()
+                refining = status.get("status") == "refining"
+                await asyncio.sleep(0.25)
 
         async def worker() -> None:
             nonlocal position, correct, scored
-            while position < len(bodies) and time.perf_counter() < deadline:
+            while position < len(bodies) and time.perf_counter() < deadline and (refining or while_refining is None):
                 index = position
                 position += 1
                 sent = time.perf_counter()
@@ -189,7 +208,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[s
                 scored += 1
                 correct += _normalize(prediction) in {_normalize(a) for a in answers[index]}
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker() for _ in range(clients)), *([poll()] if refining else []))
         wall = time.perf_counter() - start
         after = _batch_stats((await client.get("/metrics")).text)
     calls = after["count"] - before["count"]
@@ -200,6 +219,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], answers: list[tuple[s
         "wall_s": wall,
         "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
         "p50_ms": None if not latencies else 1000 * _percentile(latencies, 50),
+        "p95_ms": None if not latencies else 1000 * _percentile(latencies, 95),
         "p99_ms": None if not latencies else 1000 * _percentile(latencies, 99),
         "mean_batch": (after["sum"] - before["sum"]) / calls if calls else None,
         "accuracy": correct / scored if scored else None,
@@ -216,9 +236,9 @@ def _normalize(text: Optional[str]) -> str:
 def _task_requests(args: argparse.Namespace) -> tuple[str, list[dict[str, str]], list[dict[str, Any]], list[tuple[str, ...]], str]:
     from peft_metal.data import load_bigbench_task, tasks_for_split
 
-    if args.task not in tasks_for_split("dev"):
+    if args.task_dir is None and args.task not in tasks_for_split("dev"):
         raise SystemExit(f"{args.task!r} is not a dev task; choose one of: {', '.join(tasks_for_split('dev'))}")
-    task = load_bigbench_task(args.task)
+    task = load_bigbench_task(args.task, root=args.task_dir)
     examples = list(task.examples)
     random.Random(args.seed).shuffle(examples)
     shots = [{"input": e.input, "output": e.output} for e in examples[: args.shots]]
@@ -272,11 +292,55 @@ def _create_prompt(url: str, task: str, shots: list[dict[str, str]]) -> dict[str
     }
 
 
+def _metric_total(metrics: str, name: str) -> float:
+    """A metric's value summed over its labels, from /metrics."""
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$")
+    return sum(float(match.group(2)) for line in metrics.splitlines() if (match := pattern.match(line)))
+
+
+def _refinement_load(
+    args: argparse.Namespace, url: str, task: str, shots: list[dict[str, str]], bodies: list[dict[str, Any]],
+    answers: list[tuple[str, ...]], prompt_id: str,
+) -> dict[str, Any]:
+    """`metal` completions without refinement, then the same load while an `--refine-steps` job runs."""
+    metal = _scenario_bodies("metal", bodies, "", prompt_id, shots)
+    without = asyncio.run(run_load(url, metal, answers, args.clients, args.max_seconds))
+    print(json.dumps({"refinement": "none", **without}), file=sys.stderr)
+    cycles = 1000  # as many requests as the job lasts
+    body = {"task": task, "shots": shots, "refine_steps": args.refine_steps}
+    started = time.perf_counter()
+    accepted = httpx.post(f"{url}/v1/prompts", json=body, timeout=600.0)
+    post_ms = 1000 * (time.perf_counter() - started)
+    if accepted.status_code != 202:
+        raise RuntimeError(f"POST /v1/prompts with refine_steps answered {accepted.status_code}: {accepted.text}")
+    job = accepted.json()
+    during = asyncio.run(
+        run_load(url, metal * cycles, answers * cycles, args.clients, args.max_seconds, while_refining=job["prompt_id"])
+    )
+    print(json.dumps({"refinement": args.refine_steps, **during}), file=sys.stderr)
+    while (status := httpx.get(f"{url}/v1/prompts/{job['prompt_id']}", timeout=60.0).json())["status"] == "refining":
+        time.sleep(0.5)
+    job_s = time.perf_counter() - started
+    metrics = httpx.get(f"{url}/metrics", timeout=60.0).text
+    steps = _metric_total(metrics, "peft_metal_refine_step_duration_seconds_count")
+    step_s = _metric_total(metrics, "peft_metal_refine_step_duration_seconds_sum") / steps if steps else None
+    target_ms = None
+    if without["p95_ms"] is not None and step_s is not None:
+        target_ms = 2 * without["p95_ms"] + 1000 * step_s
+    return {
+        "refine_steps": args.refine_steps, "job_status": status["status"], "job_s": job_s, "steps_timed": steps,
+        "step_s": step_s, "post_ms": post_ms,
+        "without": without, "during": during, "target_p95_ms": target_ms,
+        "met": None if target_ms is None or during["p95_ms"] is None else during["p95_ms"] <= target_ms,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (or any model `peft-metal serve` takes), or tiny")
     parser.add_argument("--pgm", help="a saved PGM for the server (default: shipped or fresh, as `peft-metal serve`)")
     parser.add_argument("--task", default=DEFAULT_TASK, help=f"a dev BIG-bench task (default {DEFAULT_TASK})")
+    parser.add_argument("--task-dir", help="a folder of BIG-bench-format tasks to take --task from, instead of BIG-bench")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients per scenario (default 16)")
@@ -290,6 +354,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--scenarios", default="metal,icl,zero_shot")
     parser.add_argument("--skip-unbatched", action="store_true", help="no unbatched comparison")
+    parser.add_argument(
+        "--refine-steps", type=int, default=0,
+        help="also time metal completions during a refinement job of this many steps, on the first server (default 0: no)",
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     # Internal: the tiny model's server process.
     parser.add_argument("--child-tiny-server", action="store_true", help=argparse.SUPPRESS)
@@ -315,7 +383,7 @@ def main() -> None:
             configs.append(("unbatched", 0.0, 1, COMPARE_CLIENTS))
         if args.clients != COMPARE_CLIENTS and not args.skip_unbatched:
             configs.insert(1, ("batched", args.batch_window_ms, args.max_batch, COMPARE_CLIENTS))
-        prompt = None
+        prompt, refinement = None, None
         for label, window_ms, max_batch, clients in configs:
             server = Server(args, store, window_ms, max_batch, log)
             try:
@@ -324,6 +392,8 @@ def main() -> None:
                 print(f"[{label}] server up in {time.perf_counter() - load_start:.1f} s at {server.url}", file=sys.stderr)
                 created = _create_prompt(server.url, task_name, shots)
                 base = httpx.get(f"{server.url}/v1/models", timeout=60.0).json()["data"][0]["id"]
+                if args.refine_steps and prompt is None:
+                    refinement = _refinement_load(args, server.url, task_name, shots, bodies, answers, created["prompt_id"])
                 prompt = prompt or created
                 for name in scenarios:
                     result = asyncio.run(
@@ -336,11 +406,10 @@ def main() -> None:
                 server.stop()
     total_s = time.perf_counter() - started
 
-    import torch
-
-    machine = " ".join(filter(None, (platform.machine(), platform.processor()))) + f", {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = f"{machine_description()}, {os.cpu_count()} CPUs"
     settings = {
-        "model": args.model, "pgm": args.pgm, "task": task_name, "shots": args.shots, "mode": mode,
+        "model": args.model, "pgm": args.pgm, "task": task_name, "task_dir": args.task_dir, "shots": args.shots,
+        "mode": mode, "refine_steps": args.refine_steps,
         "clients": args.clients, "requests": args.requests, "max_seconds": args.max_seconds,
         "max_new_tokens": args.max_new_tokens if mode == "generate" else None,
         "batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch, "seed": args.seed,
@@ -348,7 +417,7 @@ def main() -> None:
     }
     report = {
         "settings": settings, "machine": machine, "load_average_at_start": load_at_start, "total_s": total_s,
-        "prompt": prompt, "rows": rows,
+        "prompt": prompt, "rows": rows, "refinement": refinement,
     }
     write_report(args.output, "serving_load", report, _markdown(report).splitlines())
 
@@ -360,7 +429,9 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 def _markdown(report: dict[str, Any]) -> str:
     s, prompt = report["settings"], report["prompt"]
     command = f"python benchmarks/serving_load.py --model {s['model']}" + (f" --pgm {s['pgm']}" if s["pgm"] else "")
-    command += f" --task {s['task']} --clients {s['clients']} --requests {s['requests']}"
+    command += f" --task {s['task']}" + (f" --task-dir {s['task_dir']}" if s.get("task_dir") else "")
+    command += f" --clients {s['clients']} --requests {s['requests']}"
+    command += f" --refine-steps {s['refine_steps']}" if s.get("refine_steps") else ""
     lines = [
         f"`{command}` on {report['machine']} (OMP_NUM_THREADS={s['omp_num_threads']}); {s['shots']} shots, "
         f"mode {s['mode']}, total {report['total_s']:.0f} s; load average at start "
@@ -389,12 +460,38 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     if speedups:
         lines += ["", f"Batched / unbatched throughput at {COMPARE_CLIENTS} clients: " + ", ".join(speedups) + "."]
+    if report.get("refinement"):
+        lines += ["", *_refinement_markdown(report["refinement"])]
     lines += [
         "",
         "Accuracy is over the requests answered, with an untrained PGM unless --pgm was given: it checks that answers "
         "come back, not the method.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _refinement_markdown(refinement: dict[str, Any]) -> list[str]:
+    steps = refinement["refine_steps"]
+    lines = [
+        f"Option-scored `metal` completions with nothing else running, and while a {steps}-step refinement job ran "
+        f"(POST answered 202 in {refinement['post_ms']:.0f} ms; the job took {refinement['job_s']:.1f} s, "
+        f"{_fmt(refinement['step_s'], 2)} s of model time a step, and ended {refinement['job_status']}):",
+        "",
+        "| load | clients | requests | errors | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in (("no refinement", refinement["without"]), (f"during {steps}-step refinement", refinement["during"])):
+        lines.append(
+            f"| {label} | {row['clients']} | {row['requests']} | {sum(row['errors'].values())} | "
+            f"{_fmt(row['throughput_rps'], 2)} | {_fmt(row['p50_ms'], 0)} | {_fmt(row['p95_ms'], 0)} | {_fmt(row['p99_ms'], 0)} |"
+        )
+    verdict = {True: "met", False: "missed", None: "not measured"}[refinement["met"]]
+    lines += [
+        "",
+        f"Target: p95 during refinement at most 2 x p95 without it + one step = {_fmt(refinement['target_p95_ms'], 0)} "
+        f"ms; {verdict}.",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

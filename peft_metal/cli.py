@@ -315,6 +315,7 @@ def _serve(args: argparse.Namespace) -> int:
             model, tokenizer, store, api_key=api_key, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
             context_cache_size=args.context_cache_size, model_name=args.model, max_body_bytes=args.max_body_bytes,
             max_shots=args.max_shots, max_request_tokens=args.max_request_tokens, max_streams=args.max_streams,
+            max_refine_jobs=args.max_refine_jobs,
         )
     except ValueError as error:
         print(f"peft-metal serve: error: {error}", file=sys.stderr)
@@ -516,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-streams", type=int, default=16, help="streamed completions open at once at most (default 16; then 429)"
+    )
+    serve.add_argument(
+        "--max-refine-jobs", type=int, default=2,
+        help="prompts refined at once at most (refine_steps > 0; default 2; then 429 with Retry-After)",
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=5.0,

@@ -2,10 +2,11 @@
 
 The OpenAPI schema states every rule about a single field; the rules that tie fields together, or depend on the
 model being served, cannot be written in it. A schema-valid request that breaks one of those is rightly refused with
-422 or 413, so its "schema-valid request rejected" failure is dropped here, but only when the request really breaks
-a rule listed below and the refusal names it. Every other rejection of schema-valid data stays a failure, and the
-run's report counts what was dropped. The rules are restated from the service's documentation, not imported from it,
-so a rule the service stops enforcing (or starts enforcing without saying) shows up as a failure.
+422 or 413 (or 409/429 when the server's state refuses it, a refinement job running), so its "schema-valid request
+rejected" failure is dropped here, but only when the request really breaks a rule listed below and the refusal names
+it. Every other rejection of schema-valid data stays a failure, and the run's report counts what was dropped. The
+rules are restated from the service's documentation, not imported from it, so a rule the service stops enforcing (or
+starts enforcing without saying) shows up as a failure.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ VOCAB_SIZE = int(os.environ.get("PEFT_METAL_FUZZ_VOCAB_SIZE", "128"))
 KNOWN_MODELS = [name for name in os.environ.get("PEFT_METAL_FUZZ_MODELS", "").split(",") if name]
 MAX_SHOTS = 512
 TOO_LARGE_CODES = {"context_length_exceeded", "request_too_large"}  # depend on the model's context and tokenizer
+# Refusals that depend on what the server is doing, not on the request: refinement jobs already running (429 with
+# Retry-After), a prompt still being refined or whose refinement failed or was cancelled (409), a cancel of a prompt
+# that is not being refined (409), streams already open (429).
+STATE_CODES = {"too_many_refine_jobs", "prompt_not_ready", "not_refining", "too_many_streams"}
 
 
 def _prompt_rules(body: dict[str, Any]) -> Iterator[str]:
@@ -72,7 +77,7 @@ RULES = {"/v1/prompts": _prompt_rules, "/v1/completions": _completion_rules}
 
 def breaks_cross_field_rule(path: str, body: Any, error: dict[str, Any]) -> bool:
     """Whether a schema-valid `body` sent to `path` breaks a rule the schema cannot state, the one `error` names."""
-    if error.get("code") in TOO_LARGE_CODES:
+    if error.get("code") in TOO_LARGE_CODES | STATE_CODES:
         return True
     rules = RULES.get(path)
     return rules is not None and isinstance(body, dict) and error.get("param") in set(rules(body))
@@ -81,7 +86,7 @@ def breaks_cross_field_rule(path: str, body: Any, error: dict[str, Any]) -> bool
 @schemathesis.hook
 def filter_failure(context, failure, case, response) -> bool:
     """Keep every failure except a rejection of schema-valid data that a cross-field rule explains."""
-    if failure.code != "ST202" or response.status_code not in (413, 422):
+    if failure.code != "ST202" or response.status_code not in (409, 413, 422, 429):
         return True
     try:
         error = response.json()["error"]

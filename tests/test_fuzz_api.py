@@ -1,7 +1,7 @@
 """The HTTP API fuzzed from its own OpenAPI document by schemathesis, as CI can afford it (a tiny model, ~1 minute).
 
 Every route and method, positive and negative cases (coverage and fuzzing phases) and stateful sequences (prompt
-created, then read, completed with or deleted: the OpenAPI links the app declares), with every check schemathesis has (no 5xx,
+created, then read, completed with, cancelled or deleted: the OpenAPI links the app declares), with every check schemathesis has (no 5xx,
 responses and status codes as documented, schema-invalid requests refused, schema-valid ones accepted unless a
 cross-field rule in `schemathesis_hooks.py` explains the refusal, the API key enforced). The server must still answer
 afterwards. `benchmarks/fuzz_api.py` runs the same against SmolLM2-135M for longer.
@@ -63,8 +63,10 @@ def test_schemathesis_finds_nothing(tmp_path):
         assert completed.status_code == 200, completed.text
 
     operations = report["operations"]
-    assert operations["tested"] == operations["total"] >= 7 and operations["errored"] == 0
+    assert operations["tested"] == operations["total"] >= 8 and operations["errored"] == 0
     assert all(report["phases"][phase]["status"] == "success" for phase in ("coverage", "fuzzing", "stateful"))
     assert report["test_cases"]["generated"] >= 500 and report["test_cases"]["with_failures"] == 0
     reached = report["valid_rates"]["POST /v1/completions"]["fuzzing"]["accepted"]
     assert reached > 0, "no completion reached the model: the fuzzing only tested refusals"
+    cancels = report["valid_rates"]["POST /v1/prompts/{prompt_id}/cancel"]["fuzzing"]
+    assert cancels["accepted"] + cancels["conflicts"] > 0, "no cancel reached a stored prompt or a job"

@@ -219,6 +219,42 @@ def test_explicit_chunks_read_the_previous_prompt(tok):
     torch.testing.assert_close(folded.embeds, by_hand)
 
 
+def test_prompt_passes_run_one_chunk_per_next(tok):
+    """The stepwise form the service interleaves with completions: one PGM pass per `next()`, the last yield is
+    `generate_prompt`'s prompt (demonstrations included); bad arguments are refused at the call, before any pass."""
+    model = make_pgm("llama", "hidden_state")
+    shots = many_shots(7)
+    with torch.no_grad():
+        passes = model.prompt_passes(shots, tok, num_demonstrations=1, chunk_size=3)
+        prompts = list(passes)
+        whole = model.generate_prompt(shots, tokenizer=tok, num_demonstrations=1, chunk_size=3)
+    assert len(prompts) == 2 and prompts[0].demonstrations.numel() == 0
+    torch.testing.assert_close(prompts[-1].embeds, whole.embeds)
+    assert torch.equal(prompts[-1].demonstrations, whole.demonstrations)
+    with pytest.raises(ValueError, match="num_demonstrations"):
+        model.prompt_passes(shots, tok, num_demonstrations=7)
+
+
+def test_prompt_tuning_step_by_step_is_refine_prompt(tok):
+    """`prompt_tuning` takes one Adam step per call; stepped to
+    the end it is `refine_prompt` exactly, and it refuses a step too many or a result too early."""
+    model = make_pgm("llama", "prefix")
+    with torch.no_grad():
+        prompt = model.generate_prompt(SHOTS, tokenizer=tok)
+    whole = model.refine_prompt(prompt, SHOTS, tokenizer=tok, steps=3)
+    tuning = model.prompt_tuning(prompt, SHOTS, tokenizer=tok, steps=3)
+    with pytest.raises(RuntimeError, match="step 0 of 3"):
+        tuning.result()
+    with torch.no_grad():
+        losses = [tuning.step() for _ in range(3)]
+    assert tuning.done and tuning.steps_done == 3 and all(loss > 0 for loss in losses)
+    with pytest.raises(RuntimeError, match="done"):
+        tuning.step()
+    stepped = tuning.result()
+    assert torch.equal(stepped.keys, whole.keys) and torch.equal(stepped.values, whole.values)
+    assert stepped.refinement == whole.refinement
+
+
 def test_chunked_training_reaches_every_chunk(tok):
     model = make_pgm("llama", "weighted_sum")
     model.train()

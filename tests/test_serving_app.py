@@ -92,13 +92,13 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def _count_calls(model) -> list[int]:
     calls = []
-    original = model.base_model.generate_prompt
+    original = model.base_model.prompt_passes
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    model.base_model.generate_prompt = counting
+    model.base_model.prompt_passes = counting
     return calls
 
 
@@ -149,7 +149,7 @@ def test_refined_prompts_are_their_own_prompts(served, tok):
     client, model, store = served
     plain = _create(client, num_demonstrations=1).json()
     body = {"task": "sentiment", "shots": SHOTS, "num_demonstrations": 1, "refine_steps": 2}
-    first = client.post("/v1/prompts", json=body)
+    first = client.post("/v1/prompts?wait=60", json=body)  # a job (tests/test_serving_jobs.py), waited for
     assert first.status_code == 201, first.text
     created = first.json()
     assert created["refine_steps"] == 2 and "text" not in created and created["prompt_id"] != plain["prompt_id"]
@@ -157,7 +157,8 @@ def test_refined_prompts_are_their_own_prompts(served, tok):
     assert again.status_code == 200 and again.json()["prompt_id"] == created["prompt_id"]
     info = client.get(f"/v1/prompts/{created['prompt_id']}").json()
     assert info["refinement"] == [{"steps": 2, "lr": DEFAULT_LR, "batch_size": 8, "seed": 0, "num_shots": len(SHOTS) - 1}]
-    assert "text" not in info and client.get(f"/v1/prompts/{plain['prompt_id']}").json()["refinement"] == []
+    assert info["status"] == "ready" and "text" not in info
+    assert client.get(f"/v1/prompts/{plain['prompt_id']}").json()["refinement"] == []
     stored = store.get(created["prompt_id"])
     with torch.no_grad():
         expected = model.generate_prompt(SHOTS, tokenizer=tok, num_demonstrations=1, refinement=Refinement(2))

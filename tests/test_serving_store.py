@@ -428,3 +428,23 @@ def test_sigkill_mid_write_loses_nothing_and_shows_nothing_half_written(tmp_path
     report = PromptStore(tmp_path).verify()  # open cleans what the kill left
     assert set(report["ok"]) == stored and not report["orphans"]
     assert sorted(os.listdir(tmp_path / "prompts")) == sorted(f"{prompt_id}.safetensors" for prompt_id in stored)
+
+
+def test_a_job_whose_server_died_is_failed_on_open_and_a_live_ones_is_not(tmp_path):
+    """A refinement job's row outlives a SIGKILLed server: the next open marks it failed with the reason (its prompt
+    was never stored), while a job of a live process (this one) keeps running."""
+    store = PromptStore(tmp_path)
+    dead, live = "a" * 32, "b" * 32
+    store.begin_job(dead, "task", 20, "c" * 32)
+    store.begin_job(live, "task", 20, "c" * 32)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store._db.execute("UPDATE jobs SET owner_pid = ? WHERE prompt_id = ?", (int(finished.stdout), dead))  # as it died
+    store.close()
+
+    reopened = PromptStore(tmp_path)
+    job = reopened.job(dead)
+    assert job["status"] == "failed" and f"pid {int(finished.stdout)}" in job["reason"]
+    assert "send the same request again" in job["reason"] and dead not in reopened
+    assert reopened.job(live)["status"] == "refining"
+    reopened.end_job(live)
+    assert reopened.job(live) is None

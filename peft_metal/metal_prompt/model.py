@@ -27,8 +27,8 @@ from .fingerprint import base_model_fingerprint, check_same_base
 from .layer import TrainablePadding
 from .prompt import GeneratedPrompt
 from .reading import forward_with_prompt, generate_with_prompt, max_context_length, model_device
-from .refine import DEFAULT_BATCH_SIZE, Refinement, refine
-from .template import ShotTemplate, normalize_shots
+from .refine import DEFAULT_BATCH_SIZE, PromptTuning, Refinement
+from .template import Shots, ShotTemplate, normalize_shots
 
 PADDING_ATTRIBUTE = "metal_padding"
 PADDING_INIT_SEED = 0
@@ -174,10 +174,22 @@ class MetaLPromptModel(LoraModel):
         loss on it trains the PGM (through every chunk). With `refinement`, the prompt is then tuned on XP
         (`refine_prompt`; not on XL, whose answers the LM could copy from its context).
         """
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
         if refinement is not None and not isinstance(refinement, Refinement):
             raise TypeError(f"refinement must be a Refinement (or None), got {type(refinement).__name__}.")
+        shots = normalize_shots(shots)
+        *_, prompt = self.prompt_passes(shots, tokenizer, num_demonstrations, chunk_size)
+        if refinement is None:
+            return prompt
+        return self.refine_prompt(prompt, shots[: len(shots) - num_demonstrations], tokenizer, **asdict(refinement))
+
+    def prompt_passes(
+        self, shots: Any, tokenizer: PreTrainedTokenizerBase, num_demonstrations: int = 0, chunk_size: ChunkSize = None
+    ) -> Iterator[GeneratedPrompt]:
+        """`generate_prompt` (without refinement) one PGM pass per chunk: each `next()` runs one pass and yields the
+        prompt so far; the last holds the demonstrations and is the prompt. The arguments are checked and the chunks
+        tokenized at the call, before any pass; the service serves waiting completions between passes."""
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"generate_prompt needs the base model's tokenizer, got {type(tokenizer).__name__}.")
         shots = normalize_shots(shots)
         if isinstance(num_demonstrations, bool) or not isinstance(num_demonstrations, int):
             raise TypeError(f"num_demonstrations must be an int, got {type(num_demonstrations).__name__}.")
@@ -186,20 +198,24 @@ class MetaLPromptModel(LoraModel):
                 f"num_demonstrations={num_demonstrations} must be between 0 and {len(shots) - 1}: with "
                 f"{len(shots)} shots at least one has to be left for the PGM to read."
             )
-        config = self.metal_config
         split = len(shots) - num_demonstrations
         chunks = chunk_shots(
-            shots[:split], tokenizer, self.template, config.num_prompt_tokens, max_context_length(self.model), chunk_size
+            shots[:split], tokenizer, self.template, self.metal_config.num_prompt_tokens,
+            max_context_length(self.model), chunk_size,
         )
+        return self._passes(chunks, shots[split:], tokenizer)
+
+    def _passes(
+        self, chunks: list[list[int]], demonstrations: Shots, tokenizer: PreTrainedTokenizerBase
+    ) -> Iterator[GeneratedPrompt]:
         prompt = None
-        for chunk_ids in chunks:
+        for index, chunk_ids in enumerate(chunks):
             prompt = self._prompt_from_readout(
                 self._run_pgm(torch.tensor(chunk_ids), self._design.needs_cache, prompt), tokenizer
             )
-        prompt = self.with_demonstrations(prompt, shots[split:], tokenizer)
-        if refinement is None:
-            return prompt
-        return self.refine_prompt(prompt, shots[:split], tokenizer, **asdict(refinement))
+            if index == len(chunks) - 1:
+                prompt = self.with_demonstrations(prompt, demonstrations, tokenizer)
+            yield prompt
 
     def generate_prompt_from_ids(self, token_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
         """The prompt made from text the PGM reads as it is (1-D token ids, no shot template): the generic-text stage
@@ -255,10 +271,26 @@ class MetaLPromptModel(LoraModel):
         prompt's demonstrations: the LM reads those in its context and would learn to copy their answers
         (`generate_prompt(..., refinement=Refinement(steps))` does this split for you).
         """
+        return self.prompt_tuning(prompt, shots, tokenizer, steps, lr, batch_size, seed).run()
+
+    def prompt_tuning(
+        self,
+        prompt: GeneratedPrompt,
+        shots: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        steps: int = 10,
+        lr: Optional[float] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        seed: int = 0,
+    ) -> PromptTuning:
+        """`refine_prompt` one Adam step per `step()` (each with LoRA off), for callers that do other work between
+        steps: the service serves waiting completions."""
         prompt = self._check_prompt(prompt)
         shots = normalize_shots(shots)
-        with self._lora(False):
-            return refine(self.model, prompt, shots, tokenizer, self.template, steps, lr, batch_size, seed)
+        return PromptTuning(
+            self.model, prompt, shots, tokenizer, self.template, steps, lr, batch_size, seed,
+            reading=lambda: self._lora(False),
+        )
 
     def _prompt_from_readout(self, readout: PGMReadout, tokenizer: PreTrainedTokenizerBase) -> GeneratedPrompt:
         config = self.metal_config

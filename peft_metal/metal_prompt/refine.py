@@ -10,8 +10,9 @@ A refined prompt records how it was refined (`GeneratedPrompt.refinement`), in i
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def refine(
     demonstration_shots: Sequence[Shot] = (),
 ) -> GeneratedPrompt:
     """`steps` Adam steps on -log P_LM(output | prompt, demonstrations, input) over minibatches of `shots`, at `lr`
-    (None: `DEFAULT_LR`).
+    (None: `DEFAULT_LR`): `PromptTuning` run to its end.
 
     With `demonstration_shots` (the prompt's demonstrations, as shots), each step draws as many demonstrations afresh
     from all the shots and its minibatch from the rest: every shot's answer is learnt from (never at a step where it is
@@ -95,24 +96,109 @@ def refine(
     Only the prompt's tensors change (in float32, cast back at the end); the LM is only read. Gradients are on
     whatever the caller's grad mode, since refinement cannot work without them.
     """
-    check_refinement(steps, lr, batch_size, max_batch_tokens)
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Refinement takes gradient steps, which torch.inference_mode() forbids: make or refine the prompt under "
-            "torch.no_grad() (refinement turns gradients back on for itself) or outside inference mode."
+    tuning = PromptTuning(
+        lm, prompt, shots, tokenizer, template, steps, lr, batch_size, seed, max_batch_tokens, demonstration_shots
+    )
+    return tuning.run(progress)
+
+
+class PromptTuning:
+    """`refine` one Adam step per `step()` call, so a caller can do other model work between steps (the service
+    serves waiting completions); `run()` takes the steps left at once, `result()` is the tuned prompt.
+
+    `reading` is entered around every step (the tuner passes "LoRA off"); it is never held between steps, so whatever
+    runs between them sees the model as it was.
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        prompt: GeneratedPrompt,
+        shots: list[Shot],
+        tokenizer: PreTrainedTokenizerBase,
+        template: ShotTemplate,
+        steps: int = 10,
+        lr: Optional[float] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        seed: int = 0,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        demonstration_shots: Sequence[Shot] = (),
+        reading: Callable[[], ContextManager[Any]] = nullcontext,
+    ) -> None:
+        check_refinement(steps, lr, batch_size, max_batch_tokens)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Refinement takes gradient steps, which torch.inference_mode() forbids: make or refine the prompt "
+                "under torch.no_grad() (refinement turns gradients back on for itself) or outside inference mode."
+            )
+        if not shots:
+            raise ValueError("Refinement needs at least one shot to tune the prompt on.")
+        self.lm, self.shots, self.tokenizer, self.template = lm, shots, tokenizer, template
+        self.steps, self.lr, self.batch_size, self.seed = steps, resolve_lr(lr), batch_size, seed
+        self.max_batch_tokens, self.reading = max_batch_tokens, reading
+        self.steps_done = 0
+        self._start = prompt.detach()
+        self._rotating = (
+            _RotatingDemonstrations(shots, demonstration_shots, tokenizer, template) if demonstration_shots else None
         )
-    if not shots:
-        raise ValueError("Refinement needs at least one shot to tune the prompt on.")
-    lr = resolve_lr(lr)
-    rotating = _RotatingDemonstrations(shots, demonstration_shots, tokenizer, template) if demonstration_shots else None
-    with torch.enable_grad():
-        tuned = _tune(
-            lm, prompt.detach(), shots, tokenizer, template, steps, lr, batch_size, seed, progress, max_batch_tokens, rotating
-        )
-    record = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "num_shots": len(shots)}
-    if demonstration_shots:
-        record["rotated_demonstrations"] = len(demonstration_shots)
-    return replace(tuned, refinement=[*prompt.refinement, record])
+        self._record = {"steps": steps, "lr": self.lr, "batch_size": batch_size, "seed": seed, "num_shots": len(shots)}
+        if demonstration_shots:
+            self._record["rotated_demonstrations"] = len(demonstration_shots)
+        payload = get_design(prompt.design).tunable_payload(self._start, lm)
+        self._dtypes = {name: tensor.dtype for name, tensor in payload.items()}
+        self._parameters = {name: nn.Parameter(tensor.detach().float().clone()) for name, tensor in payload.items()}
+        self._optimizer = torch.optim.Adam(self._parameters.values(), lr=self.lr)
+        self._order = random.Random(seed)
+        self._demonstrations = self._start.demonstrations
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.steps
+
+    def step(self) -> float:
+        """One Adam step (with gradients on, whatever the caller's grad mode); returns the minibatch's loss."""
+        if self.done:
+            raise RuntimeError(f"All {self.steps} refinement steps are done: take result().")
+        with torch.enable_grad(), self.reading():
+            loss = self._step()
+        self.steps_done += 1
+        return loss
+
+    def run(self, progress: Optional[Callable[[int, float], None]] = None) -> GeneratedPrompt:
+        """The steps left, then `result()`; `progress(step, loss)` after each."""
+        while not self.done:
+            loss = self.step()
+            if progress is not None:
+                progress(self.steps_done - 1, loss)
+        return self.result()
+
+    def result(self) -> GeneratedPrompt:
+        """The tuned prompt (cast back to its dtypes), its refinement recorded; only once every step is done."""
+        if not self.done:
+            raise RuntimeError(f"Refinement is at step {self.steps_done} of {self.steps}: step() until done.")
+        tuned = {name: p.detach().to(self._dtypes[name]) for name, p in self._parameters.items()}
+        return replace(self._start, refinement=[*self._start.refinement, self._record], **tuned)
+
+    def _step(self) -> float:
+        device = model_device(self.lm)
+        if self._rotating is None:
+            batch_shots = self._order.sample(self.shots, min(self.batch_size, len(self.shots)))
+        else:
+            batch_shots, self._demonstrations = self._rotating.draw(self._order, self.batch_size, device)
+        batch = encode_queries(batch_shots, self.tokenizer, self.template, device)
+        total = answer_tokens(batch)
+        self._optimizer.zero_grad()
+        step_loss = 0.0
+        for piece in split_by_tokens(batch, self.max_batch_tokens):
+            # each piece's mean loss weighted by its share of the answer tokens: the minibatch's mean, summed in parts
+            tuned = {name: p.to(self._dtypes[name]) for name, p in self._parameters.items()}
+            candidate = replace(self._start, demonstrations=self._demonstrations, **tuned)
+            outputs = forward_with_prompt(self.lm, candidate, piece.input_ids, piece.attention_mask, piece.labels)
+            loss = outputs.loss * (answer_tokens(piece) / total)
+            loss.backward()
+            step_loss += loss.item()
+        self._optimizer.step()
+        return step_loss
 
 
 def first_order(start: GeneratedPrompt, refined: GeneratedPrompt, lm: PreTrainedModel) -> GeneratedPrompt:
@@ -150,46 +236,3 @@ class _RotatingDemonstrations:
         ids = self.template.encode_shots(demonstrations, self.tokenizer)
         return rest[:batch_size], torch.tensor(ids, dtype=torch.long, device=device)
 
-
-def _tune(
-    lm: PreTrainedModel,
-    prompt: GeneratedPrompt,
-    shots: list[Shot],
-    tokenizer: PreTrainedTokenizerBase,
-    template: ShotTemplate,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    progress: Optional[Callable[[int, float], None]],
-    max_batch_tokens: int,
-    rotating: Optional[_RotatingDemonstrations] = None,
-) -> GeneratedPrompt:
-    start = get_design(prompt.design).tunable_payload(prompt, lm)
-    dtypes = {name: tensor.dtype for name, tensor in start.items()}
-    parameters = {name: nn.Parameter(tensor.detach().float().clone()) for name, tensor in start.items()}
-    optimizer = torch.optim.Adam(parameters.values(), lr=lr)
-    device = model_device(lm)
-    order = random.Random(seed)
-    demonstrations = prompt.demonstrations
-    for step in range(steps):
-        if rotating is None:
-            batch_shots = order.sample(shots, min(batch_size, len(shots)))
-        else:
-            batch_shots, demonstrations = rotating.draw(order, batch_size, device)
-        batch = encode_queries(batch_shots, tokenizer, template, device)
-        total = answer_tokens(batch)
-        optimizer.zero_grad()
-        step_loss = 0.0
-        for piece in split_by_tokens(batch, max_batch_tokens):
-            # each piece's mean loss weighted by its share of the answer tokens: the minibatch's mean, summed in parts
-            tuned = {name: p.to(dtypes[name]) for name, p in parameters.items()}
-            candidate = replace(prompt, demonstrations=demonstrations, **tuned)
-            outputs = forward_with_prompt(lm, candidate, piece.input_ids, piece.attention_mask, piece.labels)
-            loss = outputs.loss * (answer_tokens(piece) / total)
-            loss.backward()
-            step_loss += loss.item()
-        optimizer.step()
-        if progress is not None:
-            progress(step, step_loss)
-    return replace(prompt, **{name: p.detach().to(dtypes[name]) for name, p in parameters.items()})

@@ -7,8 +7,12 @@ Routes (JSON; `/v1/*` need `Authorization: Bearer KEY` when an api key is set):
 * `POST /v1/prompts` `{"task", "shots": [{"input", "output"}], "num_demonstrations": 0, "refine_steps": 0}`: 201
   with the new prompt's id, its model name `metal:<id>`, design and size (and `text` for prompts of vocabulary tokens),
   or 200 with `cached: true` when the same task, shots, split and refinement were stored before (the PGM runs once per
-  distinct request; `refine_steps` then tunes the prompt on the shots the PGM read, seconds per step on a CPU).
-* `GET /v1/prompts/{id}`: the store's row (and `token_ids`/`text` for token prompts); `DELETE`: 204, or 404.
+  distinct request). With `refine_steps` the PGM's prompt is stored (as if refine_steps were 0), then tuned on the
+  shots the PGM read by a job, one step at a time between completions: 202 with its status (`unrefined_model`, the
+  prompt before refinement, can be used meanwhile), or 201 if it ends within `?wait=` seconds (at most 600).
+* `GET /v1/prompts/{id}`: its status, `refining` (steps done), `ready` (with the store's row, and `token_ids`/`text`
+  for token prompts), `failed` or `cancelled` (with the reason); `POST /v1/prompts/{id}/cancel` stops a refinement;
+  `DELETE`: 204 (removes the prompt, or cancels its refinement), or 404.
 * `POST /v1/completions`: OpenAI's completions (`model` is the base model or `metal:<prompt_id>`; `prompt`,
   `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `echo`, `logprobs`, `stream` as server-sent events)
   with three extensions: `options` (score answers instead of generating), `template` (format prompts as the PGM's
@@ -18,12 +22,13 @@ Routes (JSON; `/v1/*` need `Authorization: Bearer KEY` when an api key is set):
 
 Errors come in OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`: 400/411/413/422 bad or too
 large requests, 401 wrong or missing api key, 404 unknown prompt, model or route, 409 a stored prompt that is damaged
-or made for another base model (never served), 429 too many open streams, 501 prompt creation without a PGM, 500 bugs
-only.
+or made for another base model (never served), a prompt not ready (being refined, failed, cancelled) or a cancel of
+one not being refined, 429 too many open streams or refinement jobs (with Retry-After), 501 prompt creation without a
+PGM, 500 bugs only.
 
 Limits (each a `create_app` setting and a `peft-metal serve` flag): a request body of at most 1 MiB (413; a body sent
 without Content-Length gets 411), 512 shots per prompt (422), 64 prompts per completion request (422), 32,768
-tokens read and generated per completion request (413) and 16 open streams (429).
+tokens read and generated per completion request (413), 16 open streams and 2 refinement jobs (429).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -51,20 +56,25 @@ from .errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoPGMError,
+    NotRefiningError,
+    PromptNotReadyError,
     RequestTooLargeError,
     ServiceError,
+    TooManyJobsError,
     TooManyStreamsError,
 )
 from .schemas import (
+    MAX_WAIT_S,
     CompletionRequest,
     CompletionResponse,
     CreatePromptRequest,
     ErrorResponse,
     ModelList,
     PromptCreated,
+    PromptStatus,
     as_shots,
 )
-from .service import Service
+from .service import ACCEPTED, CACHED, Service
 from .store import DamagedPromptError, PromptNotFoundError, PromptStore
 
 logger = logging.getLogger(__name__)
@@ -77,9 +87,12 @@ ERROR_STATUS: list[tuple[type[Exception], int, str, str]] = [
     (ModelNotFoundError, 404, "not_found_error", "model_not_found"),
     (DamagedPromptError, 409, "conflict_error", "prompt_damaged"),
     (IncompatiblePromptError, 409, "conflict_error", "prompt_incompatible"),
+    (PromptNotReadyError, 409, "conflict_error", "prompt_not_ready"),
+    (NotRefiningError, 409, "conflict_error", "not_refining"),
     (ContextTooLongError, 413, "invalid_request_error", "context_length_exceeded"),
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (TooManyStreamsError, 429, "rate_limit_error", "too_many_streams"),
+    (TooManyJobsError, 429, "rate_limit_error", "too_many_refine_jobs"),
     (NoPGMError, 501, "not_implemented_error", "no_pgm"),
     (InvalidRequestError, 422, "invalid_request_error", "invalid_request"),
 ]
@@ -89,10 +102,15 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "body that is not JSON"), (401, "missing or wrong API key"), (404, "unknown prompt or model"), (409, "damaged or incompatible prompt"),
+        (400, "body that is not JSON"), (401, "missing or wrong API key"), (404, "unknown prompt or model"),
+        (409, "damaged or incompatible prompt, one not ready (being refined, failed, cancelled), or a cancel of one "
+              "not being refined"),
         (411, "body without Content-Length"), (413, "request or context too large"), (422, "invalid request"),
-        (429, "too many open streams"), (501, "no PGM on this server"),
+        (429, "too many open streams or refinement jobs"), (501, "no PGM on this server"),
     )
+}
+ERROR_RESPONSES[429]["headers"] = {
+    "Retry-After": {"description": "refinement jobs: seconds until one is expected to end", "schema": {"type": "integer"}}
 }
 
 # OpenAPI links: what a client (or a stateful fuzzer) can do next with a stored prompt.
@@ -101,6 +119,16 @@ PROMPT_LINKS = {
     "CompleteWithThePrompt": {"operationId": "create_completion", "requestBody": {"model": "$response.body#/model"}},
     "DeleteThePrompt": {"operationId": "delete_prompt", "parameters": {"prompt_id": "$response.body#/prompt_id"}},
 }
+# ... and with a refinement job: poll its status, cancel it, or use the unrefined prompt meanwhile.
+JOB_LINKS = {
+    "PollTheStatus": PROMPT_LINKS["ReadThePrompt"],
+    "CancelTheRefinement": {"operationId": "cancel_refinement", "parameters": {"prompt_id": "$response.body#/prompt_id"}},
+    "CompleteWithTheUnrefinedPrompt": {
+        "operationId": "create_completion", "requestBody": {"model": "$response.body#/unrefined_model"}
+    },
+    "DeleteThePrompt": PROMPT_LINKS["DeleteThePrompt"],
+}
+STATUS_CODES = {CACHED: 200, ACCEPTED: 202}  # else 201: made now
 
 
 def error_response(status: int, message: str, type_: Optional[str] = None, code: Optional[str] = None,
@@ -114,7 +142,9 @@ def _domain_error(error: Exception) -> Optional[JSONResponse]:
     for cls, status, type_, code in ERROR_STATUS:
         if isinstance(error, cls):
             message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-            return error_response(status, message, type_, code, getattr(error, "param", None))
+            retry_after = getattr(error, "retry_after", None)
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+            return error_response(status, message, type_, code, getattr(error, "param", None), headers)
     return None
 
 
@@ -124,7 +154,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, Optional[st
         location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
         problems.append(f"{location or 'body'}: {item.get('msg')}")
     first = error.errors()[0].get("loc", ()) if error.errors() else ()
-    param = next((str(part) for part in first if part != "body"), None)
+    param = next((str(part) for part in first if part not in ("body", "query", "path")), None)
     return "; ".join(problems) or "Invalid request body.", param
 
 
@@ -150,7 +180,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `model` (a MetaL-Prompt PeftModel; a plain LM serves the base model only).
     `settings` are `Service`'s keyword arguments: batch_window_ms, max_batch, context_cache_size, model_name,
-    max_shots, max_request_tokens, max_streams."""
+    max_shots, max_request_tokens, max_streams, max_refine_jobs."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}.")
     api_key = api_key or None
@@ -237,20 +267,34 @@ def create_app(
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)] if api_key is not None else [])
 
-    @v1.post("/prompts", response_model=PromptCreated, response_model_exclude_none=True, status_code=201,
-             operation_id="create_prompt",
+    @v1.post("/prompts", status_code=201, operation_id="create_prompt",
              responses={200: {"model": PromptCreated, "description": "the same prompt, stored before"},
-                        201: {"description": "a new prompt, stored", "links": PROMPT_LINKS}})
-    async def create_prompt(body: CreatePromptRequest, response: Response) -> PromptCreated:
-        created, cached = await service.create_prompt(
-            body.task, as_shots(body.shots), body.num_demonstrations, body.refine_steps
+                        201: {"model": PromptCreated, "description": "a new prompt, stored", "links": PROMPT_LINKS},
+                        202: {"model": PromptStatus, "description": "refine_steps > 0: the prompt is being refined "
+                              "(a job); poll its status", "links": JOB_LINKS}})
+    async def create_prompt(
+        body: CreatePromptRequest,
+        wait: Optional[float] = Query(
+            None, gt=0, le=MAX_WAIT_S, description="with refine_steps: wait up to this many seconds for the "
+            "refinement to finish (201 if it did, else 202)",
+        ),
+    ) -> JSONResponse:
+        made, outcome = await service.create_prompt(
+            body.task, as_shots(body.shots), body.num_demonstrations, body.refine_steps, wait
         )
-        response.status_code = 200 if cached else 201
-        return created
+        return JSONResponse(made.model_dump(exclude_none=True), status_code=STATUS_CODES.get(outcome, 201))
 
-    @v1.get("/prompts/{prompt_id}", operation_id="get_prompt")
-    async def get_prompt(prompt_id: str) -> dict[str, Any]:
-        return jsonable_encoder(await service.prompt_info(prompt_id))
+    @v1.get("/prompts/{prompt_id}", operation_id="get_prompt",
+            responses={200: {"model": PromptStatus, "description": "ready (with the store's row), refining, failed "
+                             "or cancelled"}})
+    async def get_prompt(prompt_id: str) -> JSONResponse:
+        status = await service.prompt_status(prompt_id)
+        return JSONResponse(jsonable_encoder(status, exclude_none=True))
+
+    @v1.post("/prompts/{prompt_id}/cancel", response_model=PromptStatus, response_model_exclude_none=True,
+             operation_id="cancel_refinement")
+    async def cancel_refinement(prompt_id: str) -> PromptStatus:
+        return await service.cancel_refinement(prompt_id)
 
     @v1.delete("/prompts/{prompt_id}", status_code=204, operation_id="delete_prompt")
     async def delete_prompt(prompt_id: str) -> Response:

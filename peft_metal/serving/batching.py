@@ -5,6 +5,9 @@
 * `Batcher`: one asyncio queue per prompt id (the plain LM has its own). A worker takes the first waiting input,
   collects more for up to `window_s` (never more than `max_batch`), and hands them to the model thread as one batched
   call; what arrived while the model was busy is taken at once (up to `max_batch`) without waiting a window again.
+* `Batcher.run_step`: one unit of long work (a PGM pass over a chunk of shots, a refinement step) in the model
+  thread, after which every completion waiting by then is served before the next unit of any such work: a completion
+  waits for about one unit, never for a whole refinement.
 * `ContextCache`: a prompt's context (the LM's keys/values after reading the prompt and its demonstrations) by prompt
   id, computed once and kept in an LRU; concurrent misses for one id load it once.
 """
@@ -94,12 +97,15 @@ class Batcher:
         self._queues: dict[Hashable, asyncio.Queue] = {}
         self._workers: dict[Hashable, asyncio.Task] = {}
         self._waiting = 0
+        self._pending: set[asyncio.Future] = set()  # completion inputs submitted and not answered
+        self._step_lock: Optional[asyncio.Lock] = None  # one unit of long work at a time, between completions
 
     def _bind(self) -> None:
         """Queues belong to one event loop; a new loop (another test client, say) starts afresh."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._queues, self._workers, self._waiting = loop, {}, {}, 0
+            self._pending, self._step_lock = set(), asyncio.Lock()
 
     async def submit(self, entry: PromptEntry, jobs: Sequence[Job]) -> list[Any]:
         """Queue the jobs behind `entry`'s prompt and wait for all their results."""
@@ -111,6 +117,8 @@ class Batcher:
             self._workers[entry.key] = loop.create_task(self._work(entry.key, queue))
         for job in jobs:
             job.future = loop.create_future()
+            self._pending.add(job.future)
+            job.future.add_done_callback(self._pending.discard)
             queue.put_nowait((entry, job))
         self._waiting += len(jobs)
         self.metrics.queue_depth.set(self._waiting)
@@ -120,6 +128,18 @@ class Batcher:
             for job in jobs:
                 job.future.cancel()
             raise
+
+    async def run_step(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the model thread, then wait until every completion input submitted by then is
+        answered, so units of long work (of any number of jobs, one at a time) and batches of completions take turns;
+        a completion arriving later waits for at most the next unit."""
+        self._bind()
+        async with self._step_lock:
+            result = await self.runner.run(function, *args)
+            waiting = [future for future in self._pending if not future.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+        return result
 
     async def _collect(self, queue: asyncio.Queue) -> list[tuple[PromptEntry, Job]]:
         batch = [await queue.get()]

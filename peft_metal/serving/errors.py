@@ -39,3 +39,19 @@ class NoPGMError(ServiceError):
 
 class TooManyStreamsError(ServiceError):
     """More streamed completions at once than the service allows."""
+
+
+class TooManyJobsError(ServiceError):
+    """More refinement jobs at once than the service runs; `retry_after` estimates the seconds until one ends."""
+
+    def __init__(self, message: str, retry_after: int, param: Optional[str] = None) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
+
+
+class PromptNotReadyError(ServiceError):
+    """A prompt that is being refined, or whose refinement failed or was cancelled: nothing to serve (yet)."""
+
+
+class NotRefiningError(ServiceError):
+    """A cancel of a prompt that is not being refined (ready, failed or cancelled already)."""

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+JOB_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
@@ -121,6 +122,17 @@ class ServerMetrics:
         self.tokens = Counter("peft_metal_generated_tokens_total", "Tokens generated.")
         self.queue_depth = Gauge("peft_metal_queue_depth", "Inputs waiting to be batched.")
         self.cached_contexts = Gauge("peft_metal_cached_contexts", "Prompt contexts held in the LRU cache.")
+        self.refine_jobs = Gauge("peft_metal_refine_jobs", "Refinement jobs running (at most --max-refine-jobs).")
+        self.refine_jobs_refused = Counter(
+            "peft_metal_refine_jobs_refused_total", "Refinement jobs refused (429) because --max-refine-jobs were running."
+        )
+        self.refine_job_seconds = Histogram(
+            "peft_metal_refine_job_duration_seconds", "Refinement job time, start to end, by outcome.", JOB_BUCKETS,
+            ("outcome",),
+        )
+        self.refine_step_seconds = Histogram(
+            "peft_metal_refine_step_duration_seconds", "Model time per refinement step.", LATENCY_BUCKETS
+        )
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -137,6 +149,10 @@ class ServerMetrics:
             if new_tokens:
                 self.tokens.inc(amount=new_tokens)
 
+    def observe(self, histogram: Histogram, value: float, *labels: str) -> None:
+        with self._lock:
+            histogram.observe(value, *labels)
+
     def inc(self, counter: Counter, *labels: str) -> None:
         with self._lock:
             counter.inc(*labels)
@@ -144,7 +160,8 @@ class ServerMetrics:
     def render(self) -> str:
         metrics = (
             self.requests, self.latency, self.store, self.context_cache, self.batch_size, self.batch_size_max,
-            self.batch_seconds, self.rows, self.tokens, self.queue_depth, self.cached_contexts,
+            self.batch_seconds, self.rows, self.tokens, self.queue_depth, self.cached_contexts, self.refine_jobs,
+            self.refine_jobs_refused, self.refine_job_seconds, self.refine_step_seconds,
         )
         with self._lock:
             return "\n".join(line for metric in metrics for line in metric.render()) + "\n"

@@ -16,6 +16,7 @@ MAX_CHOICES_PER_PROMPT = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
 MAX_REFINE_STEPS = 100
+MAX_WAIT_S = 600.0  # how long POST /v1/prompts?wait= may hold a request for a refinement to finish
 
 # The schema states every rule about one field, so clients (and schema-driven fuzzers) learn them from
 # /openapi.json; rules that tie fields together (best_of equal to n, options without stream, a context that fits the
@@ -75,7 +76,8 @@ class CreatePromptRequest(_Request):
     )
     refine_steps: StrictInt = Field(
         0, ge=0, le=MAX_REFINE_STEPS, description="then tune the prompt by this many gradient steps on the shots the "
-        "PGM read (0: the one PGM pass); done once, when the prompt is made, in the model thread"
+        "PGM read (0: the one PGM pass); done once, as a job: 202 with the prompt's status to poll (GET "
+        "/v1/prompts/{prompt_id}) unless the request waits (?wait=seconds)"
     )
 
 
@@ -88,6 +90,23 @@ class PromptCreated(BaseModel):
     refine_steps: int = 0
     cached: bool
     text: Optional[str] = None  # prompts made of vocabulary tokens (the discrete design) only
+
+
+class PromptStatus(BaseModel):
+    """Where a prompt is: `refining` (a job; `unrefined_model` is the PGM's prompt before refinement, usable
+    meanwhile), `ready` (stored: complete with `model`), `failed` or `cancelled` (with the `reason`; nothing stored).
+    A ready prompt's status also carries its store row."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt_id: str
+    model: str = Field(description="the name to complete with once ready: metal:<prompt_id>")
+    status: Literal["refining", "ready", "failed", "cancelled"]
+    task: Optional[str] = None
+    refine_steps: Optional[int] = None
+    steps_done: Optional[int] = Field(None, description="refinement steps taken so far (refining)")
+    unrefined_model: Optional[str] = Field(None, description="the same prompt unrefined, metal:<id>, to use meanwhile")
+    reason: Optional[str] = Field(None, description="why it failed or was cancelled, and what to do")
 
 
 class StreamOptions(_Body):

@@ -10,16 +10,19 @@ Completions follow OpenAI's `/v1/completions`: `model` is the base model (the pl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import dataclasses
+import functools
 import hashlib
+import logging
+import math
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import torch
 
@@ -55,7 +58,10 @@ from .errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoPGMError,
+    NotRefiningError,
+    PromptNotReadyError,
     RequestTooLargeError,
+    TooManyJobsError,
     TooManyStreamsError,
 )
 from .metrics import ServerMetrics
@@ -71,10 +77,13 @@ from .schemas import (
     ModelList,
     OptionScore,
     PromptCreated,
+    PromptStatus,
     Usage,
     as_shots,
 )
-from .store import PromptNotFoundError, PromptStore, prompt_key
+from .store import CANCELLED, FAILED, REFINING, DamagedPromptError, PromptNotFoundError, PromptStore, prompt_key
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_WINDOW_MS = 5.0
 DEFAULT_MAX_BATCH = 16
@@ -83,7 +92,10 @@ DEFAULT_CONTEXT_CACHE_SIZE = 64
 DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
 DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens one completion request makes the LM read and generate
 DEFAULT_MAX_STREAMS = 16  # streamed completions open at once
+DEFAULT_MAX_REFINE_JOBS = 2  # prompts refined at once
 METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model
+# What `create_prompt` did: found the prompt stored, made it now, or started refining it (a job).
+CACHED, CREATED, ACCEPTED = "cached", "created", "accepted"
 
 
 def pgm_weights_digest(tuner: Any) -> str:
@@ -127,6 +139,66 @@ class _Completion:
     id: str = field(default_factory=lambda: f"cmpl-{secrets.token_hex(12)}")
 
 
+@dataclass
+class _RefineJob:
+    """A prompt being refined: what it is, how far it is, and the task that runs its steps."""
+
+    prompt_id: str
+    task: str
+    shots: Shots
+    num_demonstrations: int
+    refinement: Refinement
+    unrefined_id: str
+    started: float = field(default_factory=time.perf_counter)
+    steps_done: int = 0
+    step_seconds: float = 0.0  # model time of the steps so far
+    begun: Optional[Awaitable[None]] = field(default=None, repr=False)  # its row written
+    runner: Optional[asyncio.Task] = field(default=None, repr=False)
+
+    def status(self) -> PromptStatus:
+        return PromptStatus(
+            prompt_id=self.prompt_id, model=f"{METAL_MODEL_PREFIX}{self.prompt_id}", status=REFINING, task=self.task,
+            refine_steps=self.refinement.steps, steps_done=self.steps_done,
+            unrefined_model=f"{METAL_MODEL_PREFIX}{self.unrefined_id}",
+        )
+
+    def seconds_left(self) -> float:
+        """Steps left times the mean step so far (a second a step before the first is timed)."""
+        per_step = self.step_seconds / self.steps_done if self.steps_done else 1.0
+        return (self.refinement.steps - self.steps_done) * per_step
+
+
+def _timed(function: Callable[[], Any]) -> float:
+    """The seconds `function()` took (a step's model time, without the completions served after it)."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _status_of_row(row: dict[str, Any]) -> PromptStatus:
+    """A job's store row (a job of another process, or one that failed or was cancelled) as its status."""
+    return PromptStatus(
+        prompt_id=row["prompt_id"], model=f"{METAL_MODEL_PREFIX}{row['prompt_id']}", status=row["status"],
+        task=row["task"], refine_steps=row["refine_steps"], reason=row["reason"],
+        unrefined_model=f"{METAL_MODEL_PREFIX}{row['unrefined_id']}" if row["unrefined_id"] else None,
+    )
+
+
+def _not_ready(status: PromptStatus) -> PromptNotReadyError:
+    if status.status == REFINING:
+        progress = f"{status.steps_done} of {status.refine_steps} steps" if status.steps_done is not None else "running"
+        return PromptNotReadyError(
+            f"Prompt {status.prompt_id} is being refined ({progress}): poll GET /v1/prompts/{status.prompt_id} until "
+            f"its status is ready, or complete with {status.unrefined_model} (the same prompt unrefined) meanwhile.",
+            "model",
+        )
+    return PromptNotReadyError(
+        f"Prompt {status.prompt_id} was not stored: its refinement {status.status} ({status.reason}). Send the same "
+        "POST /v1/prompts request again to refine it anew.",
+        "model",
+    )
+
+
 class Service:
     """Everything the routes share: the model parts, the store, the batcher, the context cache and the metrics."""
 
@@ -142,16 +214,20 @@ class Service:
         max_shots: int = DEFAULT_MAX_SHOTS,
         max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_refine_jobs: int = DEFAULT_MAX_REFINE_JOBS,
     ) -> None:
         model.eval()
         self.parts = ModelParts.from_model(model)
         self.lm, self.template, self.tuner = self.parts.lm, self.parts.template, self.parts.tuner
         self.tokenizer = tokenizer
         self.store = store
-        for name, value in (("max_shots", max_shots), ("max_request_tokens", max_request_tokens), ("max_streams", max_streams)):
+        limits = {"max_shots": max_shots, "max_request_tokens": max_request_tokens, "max_streams": max_streams,
+                  "max_refine_jobs": max_refine_jobs}
+        for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         self.max_shots, self.max_request_tokens, self.max_streams = max_shots, max_request_tokens, max_streams
+        self.max_refine_jobs = max_refine_jobs
         self.model_name = model_name or getattr(self.lm.config, "name_or_path", None) or type(self.lm).__name__
         self.limit = max_context_length(self.lm)
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
@@ -160,7 +236,9 @@ class Service:
         self.runner = ModelRunner()
         # Store calls block (file I/O, SQLite locks) and may wait on the model thread (`make`): never on the loop, and
         # never in the model thread (which must never wait on them).
-        self.store_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="peft-metal-store")
+        self.store_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="peft-metal-store")
+        # A job's row is written in one thread, in the order asked (its start before any cancel of it).
+        self.job_rows = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-metal-jobs")
         self.batcher = Batcher(self.runner, self._run_batch, batch_window_ms / 1000.0, max_batch, self.metrics)
         self.contexts = ContextCache(context_cache_size, self.metrics)
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared by the loop and the model thread
@@ -171,6 +249,7 @@ class Service:
         self.eos_ids = eos_token_ids(self.lm, self.tokenizer)
         self.plain = PromptEntry(key=None, context=empty_context(), template=self.template)
         self._creating: dict[str, asyncio.Future] = {}
+        self._refining: dict[str, _RefineJob] = {}  # refinements running, by the refined prompt's id
         self._open_streams = 0
         self._plain_fingerprint: Optional[dict[str, Any]] = None
         if self.tuner is not None:
@@ -198,13 +277,47 @@ class Service:
     async def in_store(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.store_executor, function, *args)
 
+    def _job_row(self, function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        """A write of a job's row, queued now (so rows are written in the order asked) and done even if whoever
+        awaits it is cancelled."""
+        return asyncio.shield(asyncio.wrap_future(self.job_rows.submit(function, *args)))
+
     # -------------------------------------------------------------------------------------------------- prompts
 
     async def create_prompt(
-        self, task: str, shots: Any, num_demonstrations: int, refine_steps: int = 0
-    ) -> tuple[PromptCreated, bool]:
-        """The stored prompt for these shots, made by the PGM (and refined by `refine_steps` steps on the shots it
-        read) unless the same request made it before; returns it and whether it was already stored."""
+        self, task: str, shots: Any, num_demonstrations: int, refine_steps: int = 0, wait: Optional[float] = None
+    ) -> tuple[Union[PromptCreated, PromptStatus], str]:
+        """The stored prompt for these shots, made by the PGM unless the same request made it before, and what
+        happened (CACHED or CREATED). With `refine_steps` the PGM's prompt is stored first (the unrefined prompt),
+        then refined by a job, one step at a time between completions: ACCEPTED with the job's status, unless it
+        finishes within `wait` seconds."""
+        shots = self._check_shots(shots, num_demonstrations)
+        refinement = self._refinement(refine_steps)
+        unrefined_id, unrefined, cached = await self._stored(task, shots, num_demonstrations)
+        if refinement is None:
+            self.metrics.inc(self.metrics.store, "hit" if cached else "miss")
+            return self._created(unrefined_id, unrefined, num_demonstrations, 0, cached), CACHED if cached else CREATED
+        prompt_id = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, self._made_by(refinement))
+        job = self._refining.get(prompt_id)
+        if job is None:
+            try:
+                prompt = await self.in_store(self.store.get, prompt_id)
+                self.metrics.inc(self.metrics.store, "hit")
+                return self._created(prompt_id, prompt, num_demonstrations, refine_steps, True), CACHED
+            except PromptNotFoundError:
+                pass
+            except DamagedPromptError as error:
+                logger.warning("%s Refining it again.", error)
+            job = self._refining.get(prompt_id)  # started by another request while the store was asked
+        if job is None:
+            job = self._start_job(_RefineJob(prompt_id, task, shots, num_demonstrations, refinement, unrefined_id), unrefined)
+        if wait is not None:
+            await asyncio.wait({job.runner}, timeout=wait)
+            if job.runner.done():
+                return self._finished(job), CREATED
+        return job.status(), ACCEPTED
+
+    def _check_shots(self, shots: Any, num_demonstrations: int) -> Shots:
         if self.tuner is None:
             raise NoPGMError("This server runs a plain LM without a PGM: it cannot generate prompts.")
         if isinstance(shots, (list, tuple)) and len(shots) > self.max_shots:
@@ -219,23 +332,13 @@ class Service:
                 "at least one shot has to be left for the PGM to read.",
                 "num_demonstrations",
             )
-        refinement = self._refinement(refine_steps)
-        made_by = self._made_by(refinement)
-        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, made_by)
-        loop = asyncio.get_running_loop()
-        pending = self._creating.get(key)
-        if pending is not None and pending.get_loop() is loop:  # the same prompt is being made: wait for it
-            prompt_id, prompt, _ = await asyncio.shield(pending)
-            cached = True
-        else:
-            # A task of its own: a client going away does not cancel a generation others may be waiting for.
-            task_ = self._creating[key] = loop.create_task(
-                self._get_or_create(task, shots, num_demonstrations, refinement, made_by)
-            )
-            task_.add_done_callback(lambda done: self._creating.pop(key) if self._creating.get(key) is done else None)
-            prompt_id, prompt, cached = await asyncio.shield(task_)
-        self.metrics.inc(self.metrics.store, "hit" if cached else "miss")
-        created = PromptCreated(
+        return shots
+
+    @staticmethod
+    def _created(
+        prompt_id: str, prompt: GeneratedPrompt, num_demonstrations: int, refine_steps: int, cached: bool
+    ) -> PromptCreated:
+        return PromptCreated(
             prompt_id=prompt_id,
             model=f"{METAL_MODEL_PREFIX}{prompt_id}",
             design=prompt.design,
@@ -245,7 +348,20 @@ class Service:
             cached=cached,
             text=prompt.text if prompt.is_text else None,
         )
-        return created, cached
+
+    async def _stored(self, task: str, shots: Shots, num_demonstrations: int) -> tuple[str, GeneratedPrompt, bool]:
+        """(id, prompt, cached) of the PGM's prompt for these shots, made once however many requests ask at once."""
+        made_by = self._made_by(None)
+        key = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, made_by)
+        loop = asyncio.get_running_loop()
+        pending = self._creating.get(key)
+        if pending is not None and pending.get_loop() is loop:  # the same prompt is being made: wait for it
+            prompt_id, prompt, _ = await asyncio.shield(pending)
+            return prompt_id, prompt, True
+        # A task of its own: a client going away does not cancel a generation others may be waiting for.
+        making = self._creating[key] = loop.create_task(self._get_or_create(task, shots, num_demonstrations, made_by))
+        making.add_done_callback(lambda done: self._creating.pop(key) if self._creating.get(key) is done else None)
+        return await asyncio.shield(making)
 
     def _refinement(self, refine_steps: int) -> Optional[Refinement]:
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or not 0 <= refine_steps <= MAX_REFINE_STEPS:
@@ -261,21 +377,123 @@ class Service:
             return self.pgm_config
         return {**self.pgm_config, "refinement": dataclasses.asdict(refinement.resolved())}
 
-    async def _get_or_create(
-        self, task: str, shots: Shots, num_demonstrations: int, refinement: Optional[Refinement], made_by: dict[str, Any]
-    ):
-        def make() -> GeneratedPrompt:  # called in a store thread, runs the PGM in the model thread
-            def generate_prompt() -> GeneratedPrompt:
-                return self.tuner.generate_prompt(
-                    shots, tokenizer=self.pgm_tokenizer, num_demonstrations=num_demonstrations, chunk_size="auto",
-                    refinement=refinement,
-                )
+    async def _get_or_create(self, task: str, shots: Shots, num_demonstrations: int, made_by: dict[str, Any]):
+        loop = asyncio.get_running_loop()
 
-            return self.runner.call(generate_prompt)
+        def make() -> GeneratedPrompt:  # called in a store thread; the PGM passes run in the model thread
+            return asyncio.run_coroutine_threadsafe(self._generate(shots, num_demonstrations), loop).result()
 
         return await self.in_store(
             self.store.get_or_create, task, shots, num_demonstrations, self.base_fingerprint, made_by, make
         )
+
+    async def _generate(self, shots: Shots, num_demonstrations: int) -> GeneratedPrompt:
+        """The PGM's prompt, one pass per chunk of shots, with waiting completions served between passes."""
+        passes = await self.runner.run(
+            self.tuner.prompt_passes, shots, self.pgm_tokenizer, num_demonstrations, "auto"
+        )
+        prompt = None
+        while (made := await self.batcher.run_step(next, passes, None)) is not None:
+            prompt = made
+        return prompt
+
+    # ------------------------------------------------------------------------------------------ refinement jobs
+
+    def _start_job(self, job: _RefineJob, unrefined: GeneratedPrompt) -> _RefineJob:
+        if len(self._refining) >= self.max_refine_jobs:
+            self.metrics.inc(self.metrics.refine_jobs_refused)
+            retry_after = max(1, math.ceil(min(running.seconds_left() for running in self._refining.values())))
+            raise TooManyJobsError(
+                f"This server refines at most {self.max_refine_jobs} prompts at once (--max-refine-jobs) and is "
+                f"refining {len(self._refining)}; retry in about {retry_after} s, or send refine_steps 0.",
+                retry_after, "refine_steps",
+            )
+        self._refining[job.prompt_id] = job
+        self.metrics.refine_jobs.set(len(self._refining))
+        job.begun = self._job_row(self.store.begin_job, job.prompt_id, job.task, job.refinement.steps, job.unrefined_id)
+        job.runner = asyncio.get_running_loop().create_task(self._refine(job, unrefined))
+        job.runner.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: never logged
+        return job
+
+    async def _refine(self, job: _RefineJob, unrefined: GeneratedPrompt) -> GeneratedPrompt:
+        """The job: its row, one refinement step at a time between completions, then the refined prompt stored (only
+        then: a job that dies stores nothing) and its row dropped. A failure is recorded with its reason."""
+        outcome = FAILED
+        try:
+            await job.begun
+            split = len(job.shots) - job.num_demonstrations
+            start_tuning = functools.partial(self.tuner.prompt_tuning, **dataclasses.asdict(job.refinement))
+            tuning = await self.runner.run(
+                start_tuning, unrefined.to(model_device(self.lm)), job.shots[:split], self.pgm_tokenizer
+            )
+            while not tuning.done:
+                seconds = await self.batcher.run_step(_timed, tuning.step)
+                job.steps_done, job.step_seconds = tuning.steps_done, job.step_seconds + seconds
+                self.metrics.observe(self.metrics.refine_step_seconds, seconds)
+            prompt = tuning.result()
+            await self.in_store(
+                self.store.put, job.task, job.shots, job.num_demonstrations, self.base_fingerprint,
+                self._made_by(job.refinement), prompt,
+            )
+            await self._job_row(self.store.end_job, job.prompt_id)
+            outcome = "ready"
+            return prompt
+        except asyncio.CancelledError:  # cancelled or shut down: whoever cancelled it recorded why
+            outcome = CANCELLED
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__} at step {job.steps_done + 1} of {job.refinement.steps}: {error}"
+            await self._job_row(self.store.end_job, job.prompt_id, FAILED, reason)
+            raise
+        finally:
+            if self._refining.get(job.prompt_id) is job:
+                del self._refining[job.prompt_id]
+            self.metrics.refine_jobs.set(len(self._refining))
+            self.metrics.observe(self.metrics.refine_job_seconds, time.perf_counter() - job.started, outcome)
+
+    def _finished(self, job: _RefineJob) -> PromptCreated:
+        """A job that ended while a request waited for it: its prompt, or why there is none."""
+        if job.runner.cancelled():
+            raise _not_ready(PromptStatus(
+                prompt_id=job.prompt_id, model=f"{METAL_MODEL_PREFIX}{job.prompt_id}", status=CANCELLED,
+                reason="cancelled while this request waited",
+            ))
+        prompt = job.runner.result()  # a failure is raised as it happened
+        return self._created(job.prompt_id, prompt, job.num_demonstrations, job.refinement.steps, False)
+
+    async def cancel_refinement(self, prompt_id: str) -> PromptStatus:
+        """Stop refining `prompt_id`: nothing is stored, and its status says cancelled."""
+        job = self._refining.get(prompt_id)
+        if job is None:
+            status = await self.prompt_status(prompt_id)
+            hint = f" (DELETE /v1/prompts/{prompt_id} removes a stored prompt)" if status.status == "ready" else ""
+            raise NotRefiningError(
+                f"Prompt {prompt_id} is {status.status}: only a prompt being refined can be cancelled{hint}.", "prompt_id"
+            )
+        reason = f"cancelled by a client after {job.steps_done} of {job.refinement.steps} steps"
+        self._stop(job)
+        await self._job_row(self.store.end_job, prompt_id, CANCELLED, reason)
+        return PromptStatus(**{**job.status().model_dump(), "status": CANCELLED, "reason": reason})
+
+    def _stop(self, job: _RefineJob) -> None:
+        del self._refining[job.prompt_id]
+        self.metrics.refine_jobs.set(len(self._refining))
+        job.runner.cancel()
+
+    async def prompt_status(self, prompt_id: str) -> PromptStatus:
+        """A prompt's status: refining (a job of this server, or of another on the same store), ready (stored, with
+        its row: `prompt_info`), failed or cancelled (with the reason)."""
+        job = self._refining.get(prompt_id)
+        if job is not None:
+            return job.status()
+        try:
+            info = await self.prompt_info(prompt_id)
+        except PromptNotFoundError:
+            row = await self.in_store(self.store.job, prompt_id)
+            if row is None:
+                raise
+            return _status_of_row(row)
+        return PromptStatus(**{**info, "model": f"{METAL_MODEL_PREFIX}{prompt_id}", "status": "ready"})
 
     async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
         """The index row and, from the prompt's file (a read, not a use: no hit is counted), its `refinement` (the
@@ -289,12 +507,18 @@ class Service:
         return info
 
     async def delete_prompt(self, prompt_id: str) -> None:
+        """Remove a stored prompt, or cancel its refinement; either way its job record goes too."""
+        job = self._refining.get(prompt_id)
+        if job is not None:
+            self._stop(job)
         self.contexts.evict(prompt_id)
         try:
             deleted = await self.in_store(self.store.delete, prompt_id)
+            had_job = await self.in_store(self.store.job, prompt_id) is not None
+            await self._job_row(self.store.end_job, prompt_id)
         finally:
             self.contexts.evict(prompt_id)  # again: a load that finished meanwhile must not stay cached
-        if not deleted:
+        if not (deleted or had_job or job is not None):
             raise PromptNotFoundError(f"No prompt with id {prompt_id!r} in this store.")
 
     async def entry(self, prompt_id: str) -> PromptEntry:
@@ -338,7 +562,17 @@ class Service:
         if model == self.model_name:
             return self.plain
         if model.startswith(METAL_MODEL_PREFIX):
-            return await self.entry(model[len(METAL_MODEL_PREFIX) :])
+            prompt_id = model[len(METAL_MODEL_PREFIX) :]
+            job = self._refining.get(prompt_id)
+            if job is not None:
+                raise _not_ready(job.status())
+            try:
+                return await self.entry(prompt_id)
+            except PromptNotFoundError:
+                row = await self.in_store(self.store.job, prompt_id)
+                if row is None:
+                    raise
+                raise _not_ready(_status_of_row(row)) from None
         raise ModelNotFoundError(
             f"Unknown model {model!r}: use {self.model_name!r} (the base model) or metal:<prompt_id> for a stored "
             "prompt (GET /v1/models lists them).",
@@ -640,7 +874,18 @@ class Service:
             "max_batch": self.batcher.max_batch,
             "cached_contexts": len(self.contexts),
             "open_streams": self._open_streams,
+            "refine_jobs": len(self._refining),
         }
 
     def close(self) -> None:
+        """Stop batching and every refinement job, each recorded as failed with the reason (nothing of it stored)."""
         self.batcher.cancel()
+        recorded = []
+        for job in list(self._refining.values()):
+            self._stop(job)
+            reason = (
+                f"the server stopped after {job.steps_done} of {job.refinement.steps} steps; nothing was stored: send "
+                "the same request again to refine it anew"
+            )
+            recorded.append(self.job_rows.submit(self.store.end_job, job.prompt_id, FAILED, reason))
+        concurrent.futures.wait(recorded)

@@ -22,6 +22,11 @@ Durability protocol (why a killed process never leaves a half prompt visible):
 - get: the file's size and sha256 are checked against the row before it is loaded; a mismatch raises
   `DamagedPromptError` and the prompt is never served. `get_or_create`/`put` replace a damaged file with a fresh one.
 
+Refinement jobs (a prompt tuned for many steps before it is stored) have a row in `jobs` while they run and after
+they fail or are cancelled; a refined prompt is stored by `put` only once every step is done, so a job that dies
+leaves its row and nothing else. When a store is opened, rows of running jobs whose process is gone are marked failed
+with the reason, so a restarted server reports them (and redoes them when asked again).
+
 SQLite in WAL mode needs a local filesystem (not NFS): the store is for the processes of one machine.
 """
 
@@ -92,7 +97,21 @@ CREATE TABLE IF NOT EXISTS prompts (
     size INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS prompts_by_task ON prompts (task);
+CREATE TABLE IF NOT EXISTS jobs (
+    prompt_id TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    status TEXT NOT NULL,
+    refine_steps INTEGER NOT NULL,
+    unrefined_id TEXT,
+    owner_pid INTEGER NOT NULL,
+    reason TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 """
+REFINING = "refining"
+FAILED = "failed"
+CANCELLED = "cancelled"
 
 
 class PromptNotFoundError(KeyError):
@@ -259,6 +278,7 @@ class PromptStore:
         if cleanup_on_open:
             try:
                 swept = self._sweep(remove=True)
+                self._fail_orphaned_jobs()
             except BaseException:
                 self._db.close()
                 raise
@@ -543,6 +563,52 @@ class PromptStore:
         if trash is not None:
             trash.unlink(missing_ok=True)
         return True
+
+    # --------------------------------------------------------------------------------------------------------- jobs
+
+    def begin_job(self, prompt_id: str, task: str, refine_steps: int, unrefined_id: str) -> None:
+        """Record that this process refines `prompt_id` (replacing a failed or cancelled run's row)."""
+        self._path(prompt_id)
+        now = _now()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO jobs (prompt_id, task, status, refine_steps, unrefined_id, owner_pid, reason,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (prompt_id, task, REFINING, refine_steps, unrefined_id, os.getpid(), now, now),
+            )
+
+    def end_job(self, prompt_id: str, status: Optional[str] = None, reason: Optional[str] = None) -> None:
+        """A job's end: its row dropped (the prompt is stored, or nobody needs the record), or kept as `status`
+        (FAILED or CANCELLED) with the `reason` a client is told."""
+        with self._transaction() as db:
+            if status is None:
+                db.execute("DELETE FROM jobs WHERE prompt_id = ?", (prompt_id,))
+            else:
+                db.execute(
+                    "UPDATE jobs SET status = ?, reason = ?, updated_at = ? WHERE prompt_id = ?",
+                    (status, reason, _now(), prompt_id),
+                )
+
+    def job(self, prompt_id: str) -> Optional[dict[str, Any]]:
+        """The job row of `prompt_id`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def _fail_orphaned_jobs(self) -> None:
+        """Rows of running jobs whose process is gone: failed, with the reason (their prompt was never stored)."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT prompt_id, owner_pid FROM jobs WHERE status = ?", (REFINING,)).fetchall()
+            for row in rows:
+                if not _writer_alive(row["owner_pid"]):
+                    reason = (
+                        f"the server refining it (pid {row['owner_pid']}) stopped before the last step; nothing was "
+                        "stored: send the same request again to refine it anew"
+                    )
+                    db.execute(
+                        "UPDATE jobs SET status = ?, reason = ?, updated_at = ? WHERE prompt_id = ?",
+                        (FAILED, reason, _now(), row["prompt_id"]),
+                    )
 
     # ---------------------------------------------------------------------------------------------------- checking
 
