@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .task import Example, Task, drop_duplicates
-from .user import example_from_record
+from .user import example_from_record, read_jsonl
 
 MEMBERS = ("train", "dev")
 DEMONSTRATIONS = 16  # MetaICL's k
@@ -83,17 +83,7 @@ def read_metaicl_file(path: str | os.PathLike) -> list[Example]:
     once); one whose `options` is empty is generative.
     """
     path = Path(path)
-    examples = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from error
-            examples.append(_example(record, where))
+    examples = [_example(record, where) for where, record in read_jsonl(path)]
     if not examples:
         raise ValueError(f"{path} holds no records.")
     return examples

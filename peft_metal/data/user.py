@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +54,24 @@ def example_from_record(record: Any, where: str) -> Example:
     return make_example(where, input=record["input"], output=answer, options=tuple(options))
 
 
-def load_jsonl_task(path: str | os.PathLike, name: str | None = None) -> Task:
-    """A task from a JSONL file, one record per line (blank lines are skipped); `name` defaults to the file stem."""
-    path = Path(path)
-    examples = []
+def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every non-blank line of a JSONL file, `where` naming the file and the line; a line that is
+    not JSON raises, named so."""
     with path.open(encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
             where = f"{path} line {line_number}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg}).") from error
-            examples.append(example_from_record(record, where))
+
+
+def load_jsonl_task(path: str | os.PathLike, name: str | None = None) -> Task:
+    """A task from a JSONL file, one record per line (blank lines are skipped); `name` defaults to the file stem."""
+    path = Path(path)
+    examples = [example_from_record(record, where) for where, record in read_jsonl(path)]
     if not examples:
         raise ValueError(f"{path} holds no records; expected one JSON object {RECORD_FORMAT} per line.")
     return Task(name or path.stem, drop_duplicates(examples, str(path)))
