@@ -172,4 +172,4 @@ def test_results_json_names_metrics_as_lm_eval(pgm, tok, tmp_path):
     assert {"exact_match", "exact_match_stderr", "token_f1", "token_f1_stderr"} <= set(gen)
     assert "score_sum" not in mc and "accuracy" not in json.dumps(written)
     markdown = (tmp_path / "results.md").read_text()
-    assert "| method | acc | acc_norm | acc_per_token | exact_match | token_f1 |" in markdown
+    assert "| method | acc | acc_norm | acc_per_token | macro_f1 | exact_match | token_f1 |" in markdown
