@@ -1,8 +1,8 @@
 """Puts benchmarks/ on the import path, so that a probe here imports the helpers it shares with the maintained
-benchmarks (`report`, `timing`, `task_carrying`) as they do: `import benchmarks_path` before those imports.
+benchmarks (`report`, `timing`, `task_carrying`, `learning_curve`) as they do: `import benchmarks_path` before those imports.
 
 `python experiments/<probe>.py` puts experiments/ itself on the path (the probes' own helpers: `panel_probe`,
-`paired_difference`, `learning_curve`, `prompt_target_gap`), as `python benchmarks/<name>.py` does benchmarks/.
+`paired_difference`, `prompt_target_gap`), as `python benchmarks/<name>.py` does benchmarks/.
 """
 
 import sys

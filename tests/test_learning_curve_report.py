@@ -1,4 +1,4 @@
-"""experiments/learning_curve.py keeps every scored point when two scorings write one report side by side."""
+"""benchmarks/learning_curve.py keeps every scored point when two scorings write one report side by side."""
 
 import json
 import multiprocessing
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 learning_curve = pytest.importorskip("learning_curve")
 
 

@@ -1,6 +1,6 @@
 """Dev-panel accuracy of a meta-training run's checkpoints against the episodes they had seen: the learning curve.
 
-    python experiments/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
+    python benchmarks/learning_curve.py --run runs/smollm2-compressed [--run runs/smollm2-compressed-ce]
         [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 25]
         [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)]
         [--references benchmarks/results/precision_eval.json] [--seeds 2,3 (another draw of the panel)] [--name learning_curve]
@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from filelock import FileLock
 from peft import PeftModel
@@ -206,7 +205,7 @@ def main() -> None:
     report = update_report(
         path,
         lambda report: report.update(
-            command="python experiments/learning_curve.py " + " ".join(sys.argv[1:]),
+            command="python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
             machine=machine_description(),
             references=references,
         ),
