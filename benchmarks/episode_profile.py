@@ -1,6 +1,6 @@
 """Where one meta-training episode's time goes: the parts of `EpisodeLoss` timed apart, on real train-family episodes.
 
-    python benchmarks/episode_profile.py [--config examples/train_smollm2_compressed_ce.json] [--episodes 16]
+    python benchmarks/episode_profile.py [--config experiments/configs/train_smollm2_compressed_ce.json] [--episodes 16]
         [--warmup 2] [--attn-implementation sdpa] [--name episode_profile]
 
 The trainer is built as `peft-metal train` builds it (precision, attention, the PGM); then each episode runs as in
@@ -49,7 +49,7 @@ def timed(totals: dict[str, float], part: str, function: Callable[..., Any]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="examples/train_smollm2_compressed_ce.json")
+    parser.add_argument("--config", default="experiments/configs/train_smollm2_compressed_ce.json")
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn-implementation", help="overrides the config's (auto: SDPA reads, eager graded passes)")

@@ -1,6 +1,6 @@
 """Meta-training throughput: episodes per second of several training configs, measured in one run on one machine.
 
-    python benchmarks/train_throughput.py [--configs examples/train_smollm2_discrete.json,examples/train_smollm2_compressed.json]
+    python benchmarks/train_throughput.py [--configs experiments/configs/train_smollm2_discrete.json,experiments/configs/train_smollm2_compressed.json]
         [--steps 6] [--warmup-steps 1] [--variants ...] [--output benchmarks/results]
 
 Each config is meta-trained as `peft-metal train` would (same episodes, same loss, optimizer steps included) for
@@ -36,7 +36,7 @@ from peft_metal.training import MetaTrainer, TrainingArguments
 from peft_metal.training.launch import accelerate_command, process_environment
 from peft_metal.training.trainer import load_split_tasks
 
-DEFAULT_CONFIGS = "examples/train_smollm2_discrete.json,examples/train_smollm2_compressed.json"
+DEFAULT_CONFIGS = "experiments/configs/train_smollm2_discrete.json,experiments/configs/train_smollm2_compressed.json"
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:

@@ -165,10 +165,10 @@ def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
 
     transformers' `logits_to_keep` gives the head a slice of the hidden states (`hidden[:, -k:]`), which is not
     contiguous; torch's CPU matmul then broadcasts the head's weight to the batch and copies it (for SmolLM2's
-    49152x576 head, 279 ms at batch 4 against 4 ms on a contiguous copy of the slice: benchmarks/head_matmul.py).
+    49152x576 head, 279 ms at batch 4 against 4 ms on a contiguous copy of the slice: experiments/head_matmul.py).
     Every read that keeps one position's logits, and meta-training's labelled-only logits, pays that copy otherwise.
     The input is copied whenever its strides are not the row-major ones, also when torch already calls it contiguous
-    (one position of a batch of one: 78 ms against 2.5 ms, `benchmarks/head_matmul.py --batch 1 --keep 1`).
+    (one position of a batch of one: 78 ms against 2.5 ms, `experiments/head_matmul.py --batch 1 --keep 1`).
     """
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "_peft_metal_contiguous_input", False):

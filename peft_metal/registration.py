@@ -2,7 +2,8 @@
 
 PEFT dispatches every entry point (`get_peft_model`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`,
 `AutoPeftModelForCausalLM`) on `PeftType`, a closed enum. `register_peft_method` asks plugins to add their member to
-that enum first; this module does exactly that, once, and then registers the config and tuner classes.
+that enum first; this module does exactly that, once, and then registers the config and tuner classes. It also
+has every save of a PGM's config write the PGM's model card beside it (`MetaLPromptConfig.written_beside`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def register() -> PeftType:
     from .compat import add_enum_member
     from .metal_prompt.config import MetaLPromptConfig
     from .metal_prompt.model import MetaLPromptModel
+    from .metal_prompt.model_card import write_model_card_beside
 
     check_peft_version()
+    # Every save of a PGM's config (PeftModel.save_pretrained, a card's dev results re-recorded) writes its model card.
+    MetaLPromptConfig.written_beside = (write_model_card_beside,)
     peft_type = add_enum_member(PeftType, PEFT_TYPE_NAME)
     if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(

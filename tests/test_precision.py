@@ -64,7 +64,7 @@ def test_bf16_dev_loss_within_one_percent_of_fp32():
     from peft_metal.data import load_metaicl_pool
     from peft_metal.training import MetaTrainer, TrainingArguments
 
-    config = Path(__file__).resolve().parents[1] / "examples" / "train_smollm2_compressed.json"
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "train_smollm2_compressed.json"
     dev = [load_metaicl_pool(METAICL_DIR, name) for name in ("sms_spam", "trec", "superglue-wic")]
     losses = {}
     for precision in ("fp32", "bf16"):

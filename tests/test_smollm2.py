@@ -138,9 +138,9 @@ def test_shipped_pgm_loads_and_makes_prompts(smollm2):
 
 
 def test_the_quickstart_example_runs(capsys):
-    """examples/quickstart.py end to end, as the README points to it (it once handed the LM back with PEFT's
+    """examples/quickstart/quickstart.py end to end, as the README points to it (it once handed the LM back with PEFT's
     `unload`, which a PGM refuses)."""
-    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "quickstart" / "quickstart.py"), run_name="__main__")
     printed = capsys.readouterr().out
     assert all(f"[{design}] prompt of 16 positions" in printed for design in ("discrete", "weighted_sum", "hidden_state", "prefix"))
     assert "quickstart done" in printed

@@ -1,4 +1,4 @@
-"""Training settings from JSON: every example config loads, and `extends` takes another config's settings first."""
+"""Training settings from JSON: every example and experiment config loads, and `extends` takes another config's settings first."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 
 from peft_metal.training import TrainingArguments
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(ROOT.glob("examples/*/*.json")) + sorted(ROOT.glob("experiments/configs/*.json"))
 
 
-@pytest.mark.parametrize("config", sorted(EXAMPLES.glob("train_*.json")) + sorted(EXAMPLES.glob("probe_*.json")),
-                         ids=lambda path: path.name)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_every_example_config_loads(config):
     assert TrainingArguments.from_json(config).output_dir.startswith("runs/")
 

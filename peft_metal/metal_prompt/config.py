@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from peft import LoraConfig
 from peft.utils import PeftType
@@ -24,6 +23,10 @@ class MetaLPromptConfig(LoraConfig):
     prompt is read at those padding positions, so one forward pass yields the whole prompt. All LoRA options (`r`,
     `lora_alpha`, `target_modules`, ...) keep their PEFT meaning.
     """
+
+    # Called as write(save_directory, config) after every save of the config; `registration.register` puts the
+    # model card's writer here (the card reads a config; the config knows nothing of cards).
+    written_beside: ClassVar[tuple[Callable[[str, "MetaLPromptConfig"], None], ...]] = ()
 
     prompt_design: str = field(
         default="prefix", metadata={"help": f"How the prompt is read at the padding positions: one of {PROMPT_DESIGNS}."}
@@ -90,12 +93,11 @@ class MetaLPromptConfig(LoraConfig):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}.")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save `adapter_config.json`, then replace the generic model card PEFT has just written by the PGM's own.
+        """Save `adapter_config.json`, then what is written beside it whenever it is saved (`written_beside`).
 
-        `PeftModel.save_pretrained` writes the card before the config and offers tuners no hook of their own, so the
-        config, which holds every fact the card needs, writes it.
+        `PeftModel.save_pretrained` writes its generic model card before the config and offers tuners no hook of their
+        own, so saving the config is the one moment after it; registration puts the PGM's own card there.
         """
         super().save_pretrained(save_directory, **kwargs)
-        from .model_card import write_model_card
-
-        write_model_card(os.path.join(save_directory, "README.md"), self)
+        for write in self.written_beside:
+            write(save_directory, self)

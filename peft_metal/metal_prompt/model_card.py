@@ -9,6 +9,7 @@ of its base model.
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -140,6 +141,11 @@ def write_model_card(readme_path: str, config: MetaLPromptConfig) -> None:
     card = ModelCard.from_template(card_data(config), template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
                                    body=render_section(config))
     card.save(readme_path)
+
+
+def write_model_card_beside(save_directory: str, config: MetaLPromptConfig) -> None:
+    """The card of a PGM saved in `save_directory`, as its README.md (replacing PEFT's generic one)."""
+    write_model_card(os.path.join(save_directory, "README.md"), config)
 
 
 def card_metadata(card_text: str) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def refine(
     from all the shots and its minibatch from the rest: every shot's answer is learnt from (never at a step where it is
     in the context), and the prompt is fitted to no one set of demonstrations. The prompt returned keeps its own
     demonstrations. On the dev panel this scores below refining with the demonstrations it is served with
-    (docs/results.md, twenty-fifth session), so no method uses it; `benchmarks/rotating_demonstrations.py` does.
+    (docs/results.md, twenty-fifth session), so no method uses it; `experiments/rotating_demonstrations.py` does.
 
     Only the prompt's tensors change (in float32, cast back at the end); the LM is only read. Gradients are on
     whatever the caller's grad mode, since refinement cannot work without them.

@@ -1,4 +1,4 @@
-"""Everything a meta-training run is made of, in one JSON-serialisable dataclass (see examples/train_*.json)."""
+"""Everything a meta-training run is made of, in one JSON-serialisable dataclass (see examples/*/ and experiments/configs/)."""
 
 from __future__ import annotations
 

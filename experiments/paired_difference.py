@@ -1,6 +1,6 @@
 """One method against others on the same tasks, paired by task: is a difference of means larger than its noise?
 
-    python benchmarks/paired_difference.py \
+    python experiments/paired_difference.py \
         benchmarks/results/dev_panel_refine_lr1e-2.json=metal+refine@20 \
         benchmarks/results/precision_eval.json:runs.bf16=icl benchmarks/results/dev_panel_p_tuning.json=p_tuning \
         [--name paired_difference]
@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 from report import provenance, write_report  # benchmarks/report.py
 
 from peft_metal.evaluation.report import method_label

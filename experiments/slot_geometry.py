@@ -1,6 +1,6 @@
 """How different are a prefix prompt's K slots from one another, and what does refinement change in them?
 
-    python benchmarks/slot_geometry.py --pgm pgms/smollm2-compressed-ce-answers --targets runs/prompt-targets-84
+    python experiments/slot_geometry.py --pgm pgms/smollm2-compressed-ce-answers --targets runs/prompt-targets-84
         --tasks anachronisms,social_iqa [--name slot_geometry]
 
 For each task, the PGM's one-pass prompt from the 16 shots its prompt target was refined on (`peft-metal
@@ -17,9 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from peft import PeftModel
-from prompt_target_gap import draws_of  # benchmarks/prompt_target_gap.py: the target's own draw of shots
+from prompt_target_gap import draws_of  # experiments/prompt_target_gap.py: the target's own draw of shots
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401

@@ -3,7 +3,7 @@
 (in their original order; the PGM reads the other 12 and the prompt is refined on them) leaves room for a prompt of 64
 positions within that third, and shows what the choice of the 4 costs with 16.
 
-    python benchmarks/short_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
+    python experiments/short_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
         [--refine-steps 10] [--refine-lr 5e-2] [--no-control] [--name short_demonstrations]
 
 Runs, on the dev panel:
@@ -22,7 +22,8 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
-from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
+from panel_probe import Probe, probe_parser  # experiments/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method

@@ -1,6 +1,6 @@
 """What one pass of the frozen LM costs by how many rows it carries: would several episodes per forward pay?
 
-    python benchmarks/pass_cost.py [--shapes 1x16,4x16,8x16,1x64,4x8,16x8,1x600] [--repeats 5] [--name pass_cost]
+    python experiments/pass_cost.py [--shapes 1x16,4x16,8x16,1x64,4x8,16x8,1x600] [--repeats 5] [--name pass_cost]
 
 SmolLM2-135M's decoder (frozen weights, bf16 on a CPU with AMX / AVX512-BF16 as `cast_frozen_weights` leaves them)
 over inputs of batch x length embeddings, without a cache: forward without gradient, and forward plus backward to the
@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
@@ -56,7 +57,7 @@ def main() -> None:
         rows.append({"batch": batch, "length": length, "forward_ms": 1000 * median_seconds(forward, args.repeats),
                      "forward_backward_ms": 1000 * median_seconds(forward_backward, args.repeats)})
     machine = machine_description()
-    report = {"command": "python benchmarks/pass_cost.py " + " ".join(sys.argv[1:]), "machine": machine,
+    report = {"command": "python experiments/pass_cost.py " + " ".join(sys.argv[1:]), "machine": machine,
               "precision": precision, "rows": rows}
     lines = [
         f"SmolLM2-135M decoder ({precision} frozen weights, {machine}), one pass over batch x length rows, no cache; "

@@ -3,7 +3,7 @@ demonstrations as the LM read them. Here the demonstrations' keys and values are
 reading (prefix tuning started from the LM's own reading of real shots), with the same steps on the same shots. The
 context keeps its length, so the tokens a query reads after do not change.
 
-    python benchmarks/context_refinement.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
+    python experiments/context_refinement.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
         [--refine-steps 10] [--refine-lr 5e-2] [--refine-lrs 5e-2] [--after-lrs 5e-3] [--after-steps 5]
         [--name context_refinement]
 
@@ -28,8 +28,9 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # experiments/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import METAL_DEMOS, METAL_DEMOS_REFINE, PreparedMethod, prepare_method

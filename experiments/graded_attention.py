@@ -1,6 +1,6 @@
 """Eager or SDPA attention for the passes that train, by the size of an episode's largest graded pass.
 
-    python benchmarks/graded_attention.py [--config examples/train_smollm2_all_scope_processes2.json] [--draw 300]
+    python experiments/graded_attention.py [--config experiments/configs/train_smollm2_all_scope_processes2.json] [--draw 300]
         [--episodes 6] [--repeats 2] [--name graded_attention]
 
 The trainer is built as `peft-metal train` builds it; `--draw` episodes of its stream are drawn, and `--episodes` of
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
     write_report,
@@ -86,7 +87,7 @@ def resident_gb(field: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="examples/train_smollm2_all_scope_processes2.json")
+    parser.add_argument("--config", default="experiments/configs/train_smollm2_all_scope_processes2.json")
     parser.add_argument("--draw", type=int, default=300)
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
@@ -120,7 +121,7 @@ def main() -> None:
 
     machine = machine_description()
     report = {
-        "command": "python benchmarks/graded_attention.py " + " ".join(sys.argv[1:]), "machine": machine,
+        "command": "python experiments/graded_attention.py " + " ".join(sys.argv[1:]), "machine": machine,
         "config": args.config, "precision": precision, "episodes": rows, "largest_episode_peak_memory": memory,
     }
     lines = [

@@ -3,9 +3,9 @@ layer, key/value and slot multiplies every Adam step of `refine` (prompt = start
 meta-trained on train-family episodes by the first-order hypergradient of the query loss after the refinement, and
 compared on dev-family episodes against plain refinement (every scale 1).
 
-    python benchmarks/refinement_step_scales.py train --pgm pgms/smollm2-compressed-ce-answers --episodes 150 \
+    python experiments/refinement_step_scales.py train --pgm pgms/smollm2-compressed-ce-answers --episodes 150 \
         --scales runs/step_scales.safetensors
-    python benchmarks/refinement_step_scales.py compare --pgm pgms/smollm2-compressed-ce-answers \
+    python experiments/refinement_step_scales.py compare --pgm pgms/smollm2-compressed-ce-answers \
         --scales runs/step_scales.safetensors --episodes 8 --name refinement_step_scales
 
 Episodes are shaped as the dev panel's `metal+demos+refine@10`: 12 shots the PGM reads and refinement tunes on, 4
@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 from safetensors.torch import load_file, save_file

@@ -1,6 +1,6 @@
 """How close must the one pass come to a prompt target to gain what the target gains? On train tasks with targets.
 
-    python benchmarks/prompt_target_gap.py --targets runs/prompt-targets-84 --tasks a,b,c \
+    python experiments/prompt_target_gap.py --targets runs/prompt-targets-84 --tasks a,b,c \
         --pgm pgms/smollm2-compressed-ce-answers [--pgm runs/RUN/checkpoint-N/pgm ...] [--alphas 0.5,0.75] \
         [--queries 50] [--name prompt_target_gap]
 
@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from peft import PeftModel
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves

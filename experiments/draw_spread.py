@@ -1,7 +1,7 @@
 """Means over several draws of the panel, with standard errors that count the draws: is a method's lead over another
 larger than how much it moves from one draw of shots and queries to the next?
 
-    python benchmarks/draw_spread.py \
+    python experiments/draw_spread.py \
         --series shipped benchmarks/results/learning_curve_text_stage.json:points.0=metal \
             benchmarks/results/dev_panel_fresh_draw_shipped.json=metal benchmarks/results/dev_panel_third_draw_shipped.json=metal \
         --series zero-shot benchmarks/results/precision_eval.json:runs.bf16=zero_shot \
@@ -22,7 +22,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from paired_difference import records_of  # benchmarks/paired_difference.py
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
+from paired_difference import records_of  # experiments/paired_difference.py
 from report import provenance, write_report  # benchmarks/report.py
 
 from peft_metal.evaluation.report import error_across_draws

@@ -1,7 +1,7 @@
 """The learning curve of one chain of PGMs, each run continuing the last one's exported PGM (`init_from`), across
 runs and sessions: the issue's "dev-panel accuracy of `metal` after 1k, 3k, 10k, 30k episodes".
 
-    python benchmarks/chain_curve.py \\
+    python experiments/chain_curve.py \\
         --segment benchmarks/results/learning_curve.json:runs/smollm2-compressed:0-0 \\
         --segment benchmarks/results/learning_curve.json:runs/smollm2-compressed-ce:60-450 \\
         ... [--method metal] [--seeds 0,1] [--name learning_curve_chain]
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 from learning_curve import seeds_label
 from report import machine_description, write_report
 
@@ -109,7 +110,7 @@ def main() -> None:
         scored = json.loads(args.references.read_text())["runs"]["bf16"]["summary"]
         references = {f"{m} (dev panel)": scored[m]["mean"] for m in ("zero_shot", "icl") if m in scored}
     report = {
-        "command": "python benchmarks/chain_curve.py " + " ".join(sys.argv[1:]),
+        "command": "python experiments/chain_curve.py " + " ".join(sys.argv[1:]),
         "machine": machine_description(),
         "method": args.method,
         "points": points,

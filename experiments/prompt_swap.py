@@ -2,11 +2,11 @@
 and again from the shots of the next panel task (a fixed rotation), same queries and seeds; optionally with one fixed
 prompt for every task, the mean of the PGM's prompts over train tasks.
 
-    python benchmarks/prompt_swap.py --pgm pgms/smollm2-compressed-ce-answers [--queries 25] [--name prompt_swap]
-    python benchmarks/prompt_swap.py --methods icl --name prompt_swap_icl   # the same question asked of ICL-16
-    python benchmarks/prompt_swap.py --pgm PGM --tasks a,b,c   # other tasks than the panel's (train or dev ones)
-    python benchmarks/prompt_swap.py --pgm PGM --symbol-labels --tasks a,b,c   # their labels renamed to arbitrary words
-    python benchmarks/prompt_swap.py --pgm PGM --conditions own,mean   # against one prompt for every task
+    python experiments/prompt_swap.py --pgm pgms/smollm2-compressed-ce-answers [--queries 25] [--name prompt_swap]
+    python experiments/prompt_swap.py --methods icl --name prompt_swap_icl   # the same question asked of ICL-16
+    python experiments/prompt_swap.py --pgm PGM --tasks a,b,c   # other tasks than the panel's (train or dev ones)
+    python experiments/prompt_swap.py --pgm PGM --symbol-labels --tasks a,b,c   # their labels renamed to arbitrary words
+    python experiments/prompt_swap.py --pgm PGM --conditions own,mean   # against one prompt for every task
 
 If the swapped prompt scores as the own one, the PGM writes one generic prompt whatever the shots say, and its margin
 over zero-shot is not the task's. Asked of `icl` (demonstrations from the other task), it says how much of ICL's own
@@ -26,6 +26,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from peft import PeftModel
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves

@@ -1,7 +1,7 @@
 """Do a few of the shots' own positions carry the task? The frozen LM reads a task's 16 shots as ICL does; then only
 the keys and values at some positions are kept, the rest dropped, and the queries are scored after what is left.
 
-    python benchmarks/anchor_context.py [--keep all,answers,labels,outputs,last] [--queries 25] [--name anchor_context]
+    python experiments/anchor_context.py [--keep all,answers,labels,outputs,last] [--queries 25] [--name anchor_context]
 
 Kept positions (by the shot template's parts, `Input: {x}\\nOutput: {y}\\n\\n`):
 
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 

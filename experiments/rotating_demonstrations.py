@@ -3,7 +3,7 @@ PGM read, always with the same 4 demonstrations in the context, so those 4 answe
 prompt is fitted to one set of demonstrations. Here each step draws 4 of all 16 shots as its demonstrations and its
 minibatch from the other 12 (`refine(..., demonstration_shots=...)`); the prompt is served, as before, with the last 4.
 
-    python benchmarks/rotating_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
+    python experiments/rotating_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
         [--refine-steps 10] [--refine-lr 5e-2] [--name rotating_demonstrations]
 
 Runs, on the dev panel (the last 4 shots are the demonstrations every query reads):
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # experiments/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import ICL, METAL_DEMOS_REFINE, PreparedMethod, prepare_method

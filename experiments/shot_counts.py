@@ -1,7 +1,7 @@
 """Does one PGM serve many shot counts? Dev accuracy over |XP| (shots the PGM reads) and |XL| (shots kept as
 demonstrations), with the same seeded queries everywhere.
 
-    python benchmarks/shot_counts.py --pgm PATH [--model smollm2-135m] [--tasks a,b | default: dev MC tasks]
+    python experiments/shot_counts.py --pgm PATH [--model smollm2-135m] [--tasks a,b | default: dev MC tasks]
         [--xp 4,8,16,32] [--xl 0,4] [--queries 30] [--seed 0] [--output benchmarks/results/shot_counts.json]
 
 Writes the JSON (every record) and a markdown table (mean accuracy, rows |XP|, columns |XL|) beside it.
@@ -56,7 +56,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"pgm": args.pgm, "machine": machine, "tasks": [t.name for t in tasks], "results": records}, indent=1))
     lines = [
-        f"`python benchmarks/shot_counts.py --pgm {args.pgm} --queries {args.queries}` on {machine}; "
+        f"`python experiments/shot_counts.py --pgm {args.pgm} --queries {args.queries}` on {machine}; "
         f"mean accuracy over {len(tasks)} dev multiple-choice tasks",
         "",
         "| \\|XP\\| | " + " | ".join(f"\\|XL\\|={xl}" for xl in xls) + " |",

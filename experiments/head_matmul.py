@@ -1,6 +1,6 @@
 """The LM head on a slice of the hidden states: why `compat.give_the_head_contiguous_input` exists.
 
-    python benchmarks/head_matmul.py [--batch 4] [--length 300] [--keep 10] [--repeats 5] [--name head_matmul]
+    python experiments/head_matmul.py [--batch 4] [--length 300] [--keep 10] [--repeats 5] [--name head_matmul]
 
 SmolLM2-135M's head (49152 x 576, bf16 as the frozen weights are on this CPU) applied with `F.linear` to the last
 `--keep` positions of a [batch, length, 576] hidden state, as transformers' `logits_to_keep` slices it: on the slice
@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 import torch.nn.functional as F
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
@@ -52,7 +53,7 @@ def main() -> None:
             f"all {args.length} positions": 1000 * median_seconds(lambda: F.linear(hidden, weight), args.repeats),
         }
     machine = machine_description()
-    report = {"command": "python benchmarks/head_matmul.py " + " ".join(sys.argv[1:]), "machine": machine,
+    report = {"command": "python experiments/head_matmul.py " + " ".join(sys.argv[1:]), "machine": machine,
               "batch": args.batch, "length": args.length, "keep": args.keep, "median_ms": rows}
     lines = [
         f"LM head ({VOCAB} x {HIDDEN}, bf16) on hidden states of batch {args.batch}, length {args.length} ({machine}); "

@@ -2,7 +2,7 @@
 demonstrations for every query; here each query gets instead the 4 shots (of all 16) whose inputs are most like its
 own, read after the same context (KATE: Liu et al., "What Makes Good In-Context Examples for GPT-3?", DeeLIO 2022).
 
-    python benchmarks/nearest_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
+    python experiments/nearest_demonstrations.py [--pgm pgms/smollm2-compressed-ce-answers] [--seeds 0,1]
         [--refine-steps 10] [--refine-lr 5e-2] [--name nearest_demonstrations]
 
 Runs, on the dev panel (every query scored after its own context, context tokens averaged over the queries):
@@ -26,8 +26,9 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from panel_probe import Probe, probe_parser  # benchmarks/panel_probe.py: what the probes share
+from panel_probe import Probe, probe_parser  # experiments/panel_probe.py: what the probes share
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 from peft_metal.evaluation.methods import METAL_DEMOS_REFINE, PreparedMethod, encode, prepare_method

@@ -1,8 +1,8 @@
 """Does a PGM's prompt carry what its shots show? Its meta-training loss on episodes, with the prompt made from the
 episode's own XP and from the next episode's (another task's, with other labels), the same queries.
 
-    python benchmarks/episode_loss_swap.py --pgm pgms/smollm2-compressed-ce-answers
-        (--tasks a,b,c | --tasks-of examples/probe_smollm2_symbol_labels.json) [--symbol-labels] [--episodes 60] [--seed 99] [--name episode_loss_swap]
+    python experiments/episode_loss_swap.py --pgm pgms/smollm2-compressed-ce-answers
+        (--tasks a,b,c | --tasks-of experiments/configs/probe_smollm2_symbol_labels.json) [--symbol-labels] [--episodes 60] [--seed 99] [--name episode_loss_swap]
 
 Episodes are drawn as meta-training draws them (`EpisodeSampler`: |XP| 8 to 16, no XL, 4 queries, families equally
 likely; with `--symbol-labels` every classification episode's labels renamed to arbitrary words), keeping those whose
@@ -17,6 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from peft import PeftModel
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves

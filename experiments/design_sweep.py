@@ -1,7 +1,7 @@
 """Which prompt design (and does distillation help)? Each run meta-trains a fresh PGM for the same budget from one base
 config, then scores it with `metal` on dev tasks, untrained (step 0, same seed) and trained.
 
-    python benchmarks/design_sweep.py [--config examples/train_smollm2_prefix.json] [--max-steps 30]
+    python experiments/design_sweep.py [--config experiments/configs/train_smollm2_prefix.json] [--max-steps 30]
         [--designs discrete,weighted_sum,hidden_state,prefix] [--distill discrete] [--distillation-weight 1.0]
         [--num-prompt-tokens K | default: the config's] [--tasks a,b | default: the dev MC tasks] [--shots 16]
         [--queries 30] [--runs-dir runs/design_sweep] [--output benchmarks/results/design_sweep.json]
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
 from peft import PeftModel
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
@@ -101,7 +102,7 @@ def plot(path: Path, runs: list[dict[str, Any]], references: dict[str, float]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="examples/train_smollm2_prefix.json")
+    parser.add_argument("--config", default="experiments/configs/train_smollm2_prefix.json")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--designs", default="discrete,weighted_sum,hidden_state,prefix")
     parser.add_argument("--distill", default="discrete", help="designs also run with the distillation term ('' for none)")
@@ -146,7 +147,7 @@ def main() -> None:
     report["machine"] = "; ".join(dict.fromkeys(run["machine"] for run in runs))
     names = [task.name for task in tasks]
     lines = [
-        f"`python benchmarks/design_sweep.py --config {args.config} --max-steps {args.max_steps}` on {report['machine']}; "
+        f"`python experiments/design_sweep.py --config {args.config} --max-steps {args.max_steps}` on {report['machine']}; "
         f"`metal` (no demonstrations) on {len(tasks)} dev tasks, {args.shots} shots, {args.queries} queries, seed {args.seed}. "
         f"References: zero-shot {report['references']['zero_shot']:.3f}, ICL-{args.shots} {report['references']['icl']:.3f}.",
         "",
