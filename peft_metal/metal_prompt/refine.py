@@ -28,7 +28,7 @@ from .template import Shot, ShotTemplate
 # memory of a graded pass bounded (8 reading-comprehension shots of some 1,500 tokens in one pass took over 15 GB).
 MAX_BATCH_TOKENS = 2048
 DEFAULT_BATCH_SIZE = 8
-# Adam's rate when none is given. Measured on the dev panel (docs/results.md, "Refinement"): a prefix prompt gains in 5
+# Adam's rate when none is given. Measured on the BIG-bench panel (docs/research-log.md, "Refinement at serving"): a prefix prompt gains in 5
 # steps at 5e-2 what 20 steps at 1e-2 gave (0.593 both; 1e-3 barely moves it), a discrete prompt's embeddings in 10
 # what 20 at 1e-2 gave (0.544 and 0.551).
 DEFAULT_LR = 5e-2
@@ -91,7 +91,7 @@ def refine(
     from all the shots and its minibatch from the rest: every shot's answer is learnt from (never at a step where it is
     in the context), and the prompt is fitted to no one set of demonstrations. The prompt returned keeps its own
     demonstrations. On the dev panel this scores below refining with the demonstrations it is served with
-    (docs/results.md, twenty-fifth session), so no method uses it; `experiments/rotating_demonstrations.py` does.
+    (docs/research-log.md, "Demonstrations (`metal+demos`, refined or not)"), so no method uses it; `experiments/rotating_demonstrations.py` does.
 
     Only the prompt's tensors change (in float32, cast back at the end); the LM is only read. Gradients are on
     whatever the caller's grad mode, since refinement cannot work without them.

@@ -1,7 +1,7 @@
 """Refined prompts as regression targets for meta-training.
 
 On the dev panel, 20 refinement steps (`refine_prompt`) from the meta-trained PGM's one-pass prompt reach ICL-16,
-while the one pass alone carries only the generic part of what ICL gains (docs/results.md). A PGM meta-trained on
+while the one pass alone carries only the generic part of what ICL gains (docs/research-log.md). A PGM meta-trained on
 cross-entropy alone has not learnt that mapping; these targets spell it out. For each train task, one prompt is
 generated from a fixed draw of its shots and refined on them, once, before the run (`make_prompt_targets`,
 `peft-metal prompt-targets`); every episode of that task then adds ||prompt(XP) - target||^2 / ||target||^2 over the
