@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tokenizer, make_lm, make_pgm, requires_bigbench, requires_metaicl, requires_tasks
+from conftest import (
+    METAICL_DIR,
+    build_tokenizer,
+    make_lm,
+    make_pgm,
+    requires_bigbench,
+    requires_metaicl,
+    requires_tasks,
+)
 
 from peft_metal.cli import main
 from peft_metal.data import load_splits
@@ -249,3 +257,20 @@ def test_the_dev_panels_run_from_the_corpora_setting(tmp_path, panel_name):
     assert payload["settings"]["panel"] == panel_name and payload["settings"]["seeds"] == list(panel.seeds)
     assert [record["task"] for record in payload["results"]] == list(panel.tasks)
     assert all(record["n"] == len(panel.seeds) for record in payload["results"])
+
+
+@requires_metaicl
+def test_demo_runs_on_metaicl_dev_tasks_found_through_the_corpora_setting(tmp_path, capsys):
+    """With $PEFT_METAL_DATA (as the Makefile sets it), the main job runs on four MetaICL dev tasks under MetaICL's
+    protocol, on its first seed unless told otherwise, and records where its tasks came from."""
+    from peft_metal.demo import DEMO_TASKS
+
+    make_lm("llama", max_positions=4096).save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    output = tmp_path / "d.json"
+    with pytest.warns(UserWarning, match="fresh, untrained PGM"):
+        code = main(["demo", "--model", str(tmp_path / "model"), "--shots", "6", "--queries", "1", "--output", str(output)])
+    assert code == 0 and "SUMMARY:" in capsys.readouterr().out
+    settings = json.loads(output.read_text())["settings"]
+    assert settings["tasks"] == list(DEMO_TASKS) and settings["seed"] == 100
+    assert settings["task_source"] == str(METAICL_DIR)
