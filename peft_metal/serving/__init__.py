@@ -1,4 +1,5 @@
-"""Serving MetaL-Prompt: the persistent prompt store (`store.py`); the HTTP service lives in `app.py`.
+"""Serving MetaL-Prompt: the persistent prompt store (`store.py`); the HTTP service is `app.create_app`
+(routes in `routes/`).
 
 Only the store is imported here, so using it needs none of the optional `serve` dependencies.
 """

@@ -1,4 +1,5 @@
-"""What the service refuses, as domain errors; `app.py` alone knows which HTTP status and OpenAI error type each is.
+"""What the service refuses, as domain errors; `http_errors.py` alone knows which HTTP status and OpenAI error type each
+is.
 
 The store's `PromptNotFoundError` and `DamagedPromptError` and the library's `ContextTooLongError` are domain errors
 too, raised where they happen.

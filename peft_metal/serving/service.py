@@ -1,7 +1,7 @@
 """The service's domain: prompts generated once by the PGM and stored; completions read after them, in batches.
 
 Nothing here knows HTTP. A refusal is a domain error (`errors.py`, the store's, or the library's
-`ContextTooLongError`); `app.py` maps each to a status code and OpenAI's error envelope.
+`ContextTooLongError`); `http_errors.py` maps each to a status code and OpenAI's error envelope.
 
 Completions follow OpenAI's `/v1/completions`: `model` is the base model (the plain LM reads the text) or
 `metal:<prompt_id>` (the LM reads that stored prompt and its demonstrations first, from a cached context).
