@@ -13,12 +13,11 @@ from .registration import register  # noqa: E402
 
 register()
 
-from peft import get_peft_model  # noqa: E402  (re-exported: works once registered)
-
 from .hub import push_pgm_to_hub  # noqa: E402
+from .pgm import get_peft_model, load_pretrained_pgm  # noqa: E402  (PEFT's get_peft_model, quieted: see pgm.py)
 
 __version__ = "0.1.0"
 __all__ = [
     "GeneratedPrompt", "MetaLPromptConfig", "MetaLPromptModel", "Refinement", "ShotTemplate", "get_peft_model",
-    "push_pgm_to_hub",
+    "load_pretrained_pgm", "push_pgm_to_hub",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Iterator, Optional
@@ -116,6 +117,21 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module._disable_adapters = not enabled
+
+
+# transformers 5 renamed `is_gradient_checkpointing` to `is_activation_checkpointing` and warns on the old name, which
+# PEFT 0.21 reads whenever it wraps a model (`PeftModel.__init__`): a FutureWarning at every get_peft_model and
+# PeftModel.from_pretrained that tells the user of a PGM nothing they can act on.
+CHECKPOINTING_RENAME_WARNING = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextmanager
+def peft_wrapping_quietly() -> Iterator[None]:
+    """Inside: PEFT wraps a model without transformers 5's warning about the renamed checkpointing flag (only that one
+    warning is silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"{CHECKPOINTING_RENAME_WARNING}.*", category=FutureWarning)
+        yield
 
 
 def add_enum_member(enum: type[Enum], name: str) -> Enum:

@@ -1,15 +1,21 @@
-"""Finding the PGM to serve or evaluate: a given folder or Hub id, else the one shipped for the base model, else a
-fresh (untrained) one with a warning."""
+"""Making and loading PGMs: `load_pretrained_pgm` (the public one call: an LM with a meta-trained PGM, the shipped one
+or a given folder or Hub id), `get_peft_model` (PEFT's, for a fresh PGM to meta-train), `attach_pgm` (the one way a
+saved PGM is put on an LM), and `load_pgm`, what the commands serve or evaluate: a given PGM, else the shipped one,
+else a fresh (untrained) one with a warning."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import peft
 import torch
+
+from .compat import peft_wrapping_quietly
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 SHIPPED_PGMS = {"smollm2-135m": "smollm2-135m"}  # base model name -> folder under peft_metal/shipped
@@ -33,14 +39,39 @@ def check_pgm_folder(folder: Union[str, os.PathLike]) -> None:
         )
 
 
+@functools.wraps(peft.get_peft_model)
+def get_peft_model(model: Any, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's `get_peft_model` (a fresh PGM for a `MetaLPromptConfig`), without the FutureWarning PEFT 0.21 causes on
+    transformers 5 at every call (`compat.peft_wrapping_quietly`). Like PEFT's, it changes `model` in place."""
+    with peft_wrapping_quietly():
+        return peft.get_peft_model(model, peft_config, *args, **kwargs)
+
+
+def check_bare_lm(lm: Any) -> None:
+    """Refuse an LM that already carries adapters: PEFT would stack the new PGM over them (warning only), and
+    `get_peft_model` puts its PGM's layers into the LM object it is given, so that LM is no longer the plain one."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(lm, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in lm.modules()):
+        raise ValueError(
+            "This LM already carries a PGM or other adapter (get_peft_model wraps the LM it is given in place), so a "
+            "saved PGM would be stacked over it. Load the base model again (load_base_model), or take the PGM out "
+            "first with model.base_model.remove_pgm()."
+        )
+
+
 def attach_pgm(lm: Any, source: Union[str, os.PathLike], is_trainable: bool = False) -> Any:
-    """`lm` with the PGM saved at `source` (a folder, checked first, or a Hub id) as PEFT loads it."""
+    """`lm` (a plain LM, checked) with the PGM saved at `source` (a folder, checked first, or a Hub id) as PEFT loads
+    it."""
     from peft import PeftModel
 
+    check_bare_lm(lm)
     if Path(source).is_dir():
         check_pgm_folder(source)
     try:
-        return PeftModel.from_pretrained(lm, source, is_trainable=is_trainable)
+        with peft_wrapping_quietly():
+            return PeftModel.from_pretrained(lm, source, is_trainable=is_trainable)
     except RuntimeError as error:
         if "Error(s) in loading state_dict" not in str(error):
             raise
@@ -68,12 +99,29 @@ def shipped_pgm(model_name: str) -> Optional[str]:
     return str(path) if path is not None and (path / "adapter_config.json").is_file() else None
 
 
+def load_pretrained_pgm(
+    base_model: str = "smollm2-135m", pgm: Union[str, os.PathLike, None] = None, device: Optional[str] = None
+) -> tuple[Any, Any]:
+    """(the PGM on its base LM, in eval mode; the tokenizer): `pgm` (a saved PGM's folder or a Hub id) or, without it,
+    the meta-trained PGM shipped for `base_model` ("smollm2-135m", or any transformers causal LM's id or folder).
+    Never an untrained PGM: with no PGM given and none shipped it says how to make one."""
+    from .base_models import load_base_model
+
+    source = pgm if pgm is not None else shipped_pgm(base_model)
+    if source is None:
+        shipped = ", ".join(sorted(SHIPPED_PGMS))
+        raise ValueError(
+            f"No PGM is shipped for {base_model!r} (only for {shipped}): pass pgm= (a saved PGM's folder or Hub id), "
+            "or meta-train one (peft-metal train, or get_peft_model(lm, MetaLPromptConfig(...)) in Python)."
+        )
+    lm, tokenizer = load_base_model(base_model, device=device)
+    return attach_pgm(lm, source).eval(), tokenizer
+
+
 def load_pgm(
     model_name: str, pgm: Optional[str] = None, device: Optional[str] = None, seed: int = 0, warn_untrained: bool = True
 ) -> tuple[Any, Any, Optional[str]]:
     """(PEFT model in eval mode, tokenizer, where the PGM came from or None for a fresh one)."""
-    from peft import get_peft_model
-
     from .base_models import load_base_model
     from .metal_prompt import MetaLPromptConfig
 

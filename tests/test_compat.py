@@ -164,3 +164,24 @@ def test_the_cache_goes_in_and_comes_out_under_the_name_this_transformers_uses(f
     assert returned_cache(causal_lm_output(None, torch.zeros(1, 1, 2), second)) is second
     deprecations = [str(w.message) for w in recwarn if "deprecated" in str(w.message)]
     assert not deprecations, deprecations
+
+
+def test_peft_wrapping_quietly_silences_only_the_checkpointing_rename():
+    """PEFT 0.21 reads transformers 5's renamed `is_gradient_checkpointing` whenever it wraps a model; when an upgrade
+    stops it (the first half fails), `peft_wrapping_quietly` can go."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from peft_metal import MetaLPromptConfig
+    from peft_metal.compat import CHECKPOINTING_RENAME_WARNING, peft_wrapping_quietly
+
+    config = MetaLPromptConfig(task_type="CAUSAL_LM", num_prompt_tokens=4, r=4)
+    with pytest.warns(FutureWarning, match=CHECKPOINTING_RENAME_WARNING):
+        get_peft_model(make_lm("llama"), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with peft_wrapping_quietly():
+            get_peft_model(make_lm("llama"), MetaLPromptConfig(task_type="CAUSAL_LM", num_prompt_tokens=4, r=4))
+        with pytest.raises(UserWarning), peft_wrapping_quietly():
+            warnings.warn("another warning", UserWarning)

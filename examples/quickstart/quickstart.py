@@ -1,16 +1,15 @@
 """Quickstart: turn a few sentiment examples into a prompt with each MetaL-Prompt design on SmolLM2-135M.
 
 The PGM here is freshly initialized (LoRA B = 0, padding from real token embeddings), so the prompts show the
-mechanics, not trained quality; `peft-metal train` meta-trains one.
+mechanics, not trained quality: the README's quickstart uses the shipped, meta-trained PGM
+(`peft_metal.load_pretrained_pgm`), and `peft-metal train` meta-trains one.
 """
 
 import time
 
 import torch
-from peft import get_peft_model
 
-import peft_metal  # noqa: F401  registers MetaL-Prompt with PEFT
-from peft_metal import GeneratedPrompt, MetaLPromptConfig
+from peft_metal import GeneratedPrompt, MetaLPromptConfig, get_peft_model  # registers MetaL-Prompt with PEFT
 from peft_metal.base_models import load_base_model
 
 SHOTS = [

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -30,7 +30,7 @@ from ..data.metaicl import check_metaicl_split, load_metaicl_pool, load_metaicl_
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
 from ..metal_prompt.model import PADDING_ATTRIBUTE
-from ..pgm import attach_pgm, check_pgm_folder
+from ..pgm import attach_pgm, check_pgm_folder, get_peft_model
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
 from .checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
