@@ -2,8 +2,8 @@
 
 `dev-panel` is what choices are made on (designs, scopes, objectives, checkpoints): MetaICL's protocol on the ten
 MetaICL dev tasks (class -> class training tasks held out from meta-training), each seed's 16 given demonstrations as
-the shots and a fixed draw of 100 test queries per seed, MetaICL's five seeds: 5,000 questions, reported as accuracy
-and macro-F1 with standard errors.
+the shots and a fixed draw of 100 test queries per seed (all 86 of ethos-gender), MetaICL's five seeds: 4,930
+questions, reported as accuracy and macro-F1 with standard errors.
 
 `dev-panel-tasks` checks that a gain is not MetaICL-specific: every task of the BIG-bench-format dev folder
 (BIG-Bench-Hard, BBQ, FewRel, intent families held out from meta-training), 25 queries per seed, seeds 0 and 1.
