@@ -221,3 +221,10 @@ def test_every_train_pool_loads():
     splits = load_metaicl_splits(METAICL_DIR)
     sizes = {name: len(load_metaicl_pool(METAICL_DIR, name).examples) for name in splits["train"]}
     assert len(sizes) == 69 and sum(sizes.values()) > 100_000
+
+
+def test_one_seeds_macro_f1_is_shown_without_an_error_it_does_not_have():
+    record = {"task": "t", "method": "icl", "metric": "acc_per_token", "score": 0.5, "acc_per_token": 0.5,
+              "acc_per_token_stderr": 0.1, "macro_f1": 0.4, "n": 10, "eval_seconds": 1.0}
+    table = markdown_table([record])
+    assert "± nan" not in table and "| icl | 0.500 ± 0.100 | 0.400 |" in table and "| **mean** | **0.400** |" in table

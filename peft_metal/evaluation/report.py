@@ -167,6 +167,12 @@ def metric_means(records: Sequence[dict[str, Any]], name: str) -> Optional[tuple
     return sum(record[name] for record in having) / len(having), se, len(having)
 
 
+def _with_error(value: str, stderr: float) -> str:
+    """A table cell: the value ± its standard error, or the value alone where the error is unknown (one seed's
+    macro-F1 has none)."""
+    return value if math.isnan(stderr) else f"{value} ± {stderr:.3f}"
+
+
 def metrics_table(results: Sequence[dict[str, Any]]) -> list[str]:
     """Lines of a method x metric table (lm-eval's names; mean over tasks ± standard error), empty when no record
     carries these metrics (records written before they existed)."""
@@ -179,7 +185,7 @@ def metrics_table(results: Sequence[dict[str, Any]]) -> list[str]:
         cells = []
         for name in names:
             stats = metric_means(records, name)
-            cells.append(f"{stats[0]:.3f} ± {stats[1]:.3f}" if stats else "-")
+            cells.append(_with_error(f"{stats[0]:.3f}", stats[1]) if stats else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -202,7 +208,7 @@ def macro_f1_table(results: Sequence[dict[str, Any]]) -> list[str]:
              "|---|" + "---|" * len(methods)]
     lines += [f"| {task} | " + " | ".join(cell(by_key.get((task, m))) for m in methods) + " |" for task in tasks]
     means = [metric_means([r for r in _ok(results) if method_label(r) == m], MACRO_F1) for m in methods]
-    lines.append("| **mean** | " + " | ".join(f"**{s[0]:.3f}** ± {s[1]:.3f}" if s else "-" for s in means) + " |")
+    lines.append("| **mean** | " + " | ".join(_with_error(f"**{s[0]:.3f}**", s[1]) if s else "-" for s in means) + " |")
     return lines
 
 
