@@ -118,10 +118,14 @@ def _files(folder: Path) -> dict[tuple[int, int, str], Path]:
     return files
 
 
+def _seeds_in(files: dict[tuple[int, int, str], Path], k: int) -> list[int]:
+    found = {seed for (file_k, seed, split) in files if file_k == k and split == "train"}
+    return [seed for seed in SEEDS if seed in found] + sorted(found - set(SEEDS))
+
+
 def metaicl_seeds(root: str | os.PathLike, task: str, k: int = DEMONSTRATIONS) -> list[int]:
     """The seeds for which `task` has k demonstrations, in MetaICL's order first."""
-    found = {seed for (file_k, seed, split) in _files(_task_folder(root, task)) if file_k == k and split == "train"}
-    return [seed for seed in SEEDS if seed in found] + sorted(found - set(SEEDS))
+    return _seeds_in(_files(_task_folder(root, task)), k)
 
 
 def load_metaicl_pool(root: str | os.PathLike, task: str) -> Task:
@@ -171,7 +175,7 @@ def load_metaicl_task(
     A seed without its k demonstrations, or a task without a test file, raises naming what exists."""
     folder = _task_folder(root, task)
     files = _files(folder)
-    available = metaicl_seeds(root, task, k)
+    available = _seeds_in(files, k)
     missing = [seed for seed in seeds if (k, seed, "train") not in files]
     if missing:
         have = ", ".join(map(str, available)) or "none"
