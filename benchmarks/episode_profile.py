@@ -1,7 +1,7 @@
 """Where one meta-training episode's time goes: the parts of `EpisodeLoss` timed apart, on real train-family episodes.
 
     python benchmarks/episode_profile.py [--config experiments/configs/train_smollm2_compressed_ce.json] [--episodes 16]
-        [--warmup 2] [--attn-implementation sdpa] [--name episode_profile]
+        [--warmup 2] [--episodes-from metaicl|tasks|config] [--attn-implementation sdpa] [--name episode_profile]
 
 The trainer is built as `peft-metal train` builds it (precision, attention, the PGM); then each episode runs as in
 training (the loss, then its backward) with timers around the parts, which run one after another on the CPU: the
@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from episode_sources import EPISODE_SOURCES, episode_tasks
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
     write_report,
@@ -31,7 +32,6 @@ from report import (  # benchmarks/report.py: the JSON + markdown every benchmar
 import peft_metal  # noqa: F401
 from peft_metal.metal_prompt.queries import encode_queries
 from peft_metal.training import MetaTrainer, TrainingArguments
-from peft_metal.training.trainer import load_split_tasks
 
 PARTS = ("read shots (no grad)", "PGM at the slots (forward)", "LM over prompt, demos, queries (forward)", "backward")
 
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--config", default="experiments/configs/train_smollm2_compressed_ce.json")
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--episodes-from", choices=EPISODE_SOURCES, default="metaicl", help="the train tasks episodes come from (benchmarks/episode_sources.py)")
     parser.add_argument("--attn-implementation", help="overrides the config's (auto: SDPA reads, eager graded passes)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="episode_profile")
@@ -59,11 +60,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as output_dir:
         settings = TrainingArguments.from_json(
-            args.config, output_dir=output_dir, init_from=None, attn_implementation=args.attn_implementation
+            args.config, output_dir=output_dir, init_from=None, attn_implementation=args.attn_implementation,
+            text_stage_steps=0,  # task episodes only: the generic-text stage is a different shape of episode
         )
         if settings.lora_scope != "padding":
             raise SystemExit(f"{args.config} has lora_scope {settings.lora_scope!r}; this profile times the 'padding' scope.")
-        trainer = MetaTrainer(settings, train_tasks=load_split_tasks("train"), dev_tasks=[])
+        trainer = MetaTrainer(settings, train_tasks=episode_tasks(args.episodes_from, settings), dev_tasks=[])
         tuner, model, loss_module = trainer.model.base_model, trainer.model, trainer.loss_module
         totals: dict[str, float] = defaultdict(float)
         tuner.read_shots = timed(totals, PARTS[0], tuner.read_shots)
@@ -97,13 +99,13 @@ def main() -> None:
     machine = machine_description()
     report = {
         "command": "python benchmarks/episode_profile.py " + " ".join(sys.argv[1:]), "machine": machine,
-        "config": args.config, "precision": trainer.precision, "episodes": len(rows), "seconds_per_episode": mean_total,
+        "config": args.config, "episodes_from": args.episodes_from, "precision": trainer.precision, "episodes": len(rows), "seconds_per_episode": mean_total,
         "parts": parts, "episodes_detail": [{**row, **count} for row, count in zip(rows, tokens)],
     }
     mean_tokens = {key: statistics.fmean(count[key] for count in tokens) for key in tokens[0]}
     lines = [
         f"One meta-training episode, `{args.config}` ({trainer.precision}, attention "
-        f"{settings.attn_implementation}; {machine}): {len(rows)} episodes after "
+        f"{settings.attn_implementation}; {machine}): {len(rows)} episodes from {args.episodes_from!r} after "
         f"{args.warmup} untimed, {mean_total:.2f} s each on average; per episode {mean_tokens['shot_tokens']:.0f} shot "
         f"tokens, {mean_tokens['demonstration_tokens']:.0f} demonstration tokens, {mean_tokens['queries']:.0f} queries of "
         f"{mean_tokens['query_tokens']:.0f} tokens in all, {mean_tokens['query_batch_tokens']:.0f} with the batch's padding.",

@@ -1,7 +1,7 @@
 """Meta-training throughput: episodes per second of several training configs, measured in one run on one machine.
 
     python benchmarks/train_throughput.py [--configs experiments/configs/train_smollm2_discrete.json,experiments/configs/train_smollm2_compressed.json]
-        [--steps 6] [--warmup-steps 1] [--variants ...] [--output benchmarks/results]
+        [--steps 6] [--warmup-steps 1] [--episodes metaicl|tasks|config] [--variants ...] [--output benchmarks/results]
 
 Each config is meta-trained as `peft-metal train` would (same episodes, same loss, optimizer steps included) for
 `--warmup-steps` untimed optimizer steps and then `--steps` timed ones, on the train families; no dev evaluation and no
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from episode_sources import EPISODE_SOURCES, episode_tasks
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
     write_report,
@@ -34,7 +35,6 @@ from report import (  # benchmarks/report.py: the JSON + markdown every benchmar
 import peft_metal  # noqa: F401
 from peft_metal.training import MetaTrainer, TrainingArguments
 from peft_metal.training.launch import accelerate_command, process_environment
-from peft_metal.training.trainer import load_split_tasks
 
 DEFAULT_CONFIGS = "experiments/configs/train_smollm2_discrete.json,experiments/configs/train_smollm2_compressed.json"
 
@@ -55,13 +55,15 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     return name, config, overrides
 
 
-def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, steps: int, warmup_steps: int) -> dict[str, Any]:
+def measure(name: str, config: str, overrides: dict[str, Any], episodes_from: str, steps: int, warmup_steps: int) -> dict[str, Any]:
     overrides = dict(overrides)
     processes = overrides.pop("processes", 1)
     if processes > 1:
-        return measure_in_processes(name, config, overrides, processes, steps, warmup_steps)
+        return measure_in_processes(name, config, overrides, processes, episodes_from, steps, warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments.from_json(config, output_dir=output_dir, init_from=None, **overrides)
+        # Task episodes only (a config's generic-text stage would fill the few timed steps with text episodes).
+        args = TrainingArguments.from_json(config, output_dir=output_dir, init_from=None, **{"text_stage_steps": 0, **overrides})
+        train_tasks = episode_tasks(episodes_from, args)
         args.max_steps = warmup_steps + steps + 1  # the schedule must not end inside the timed steps
         args.checkpoint_every = args.eval_every = args.max_steps + 1  # nothing but training is timed
         trainer = MetaTrainer(args, train_tasks=train_tasks, dev_tasks=[])
@@ -77,6 +79,7 @@ def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, step
         "overrides": overrides,
         "processes": processes,
         "threads_per_process": torch.get_num_threads(),
+        "episodes_from": episodes_from,
         "design": args.prompt_design,
         "lora_scope": getattr(args, "lora_scope", "all"),  # runs of code from before lora_scope
         "precision": getattr(trainer, "precision", "fp32"),  # likewise: it trained in fp32 on a CPU
@@ -94,7 +97,7 @@ def measure(name: str, config: str, overrides: dict[str, Any], train_tasks, step
 
 
 def measure_in_processes(
-    name: str, config: str, overrides: dict[str, Any], processes: int, steps: int, warmup_steps: int
+    name: str, config: str, overrides: dict[str, Any], processes: int, episodes_from: str, steps: int, warmup_steps: int
 ) -> dict[str, Any]:
     """The same measurement on `processes` data-parallel processes (`accelerate launch`, gradients shared over gloo as
     `peft-metal train` shares them), this process's threads split between them; episodes are counted on all of them."""
@@ -102,6 +105,7 @@ def measure_in_processes(
         result = Path(folder) / "result.json"
         command = accelerate_command(
             [__file__, "--worker", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
+             "--episodes", episodes_from,
              "--variants", f"{name}:{json.dumps({'config': config, **overrides})}"],
             processes,
         )
@@ -109,12 +113,12 @@ def measure_in_processes(
         return json.loads(result.read_text())
 
 
-def worker(result: Path, variant: str, steps: int, warmup_steps: int) -> None:
+def worker(result: Path, variant: str, episodes_from: str, steps: int, warmup_steps: int) -> None:
     """One of `measure_in_processes`'s processes: measure, and the main one writes the result."""
     name, _, settings = variant.partition(":")
     overrides = json.loads(settings)
     config = overrides.pop("config")
-    measured = measure(name, config, overrides, load_split_tasks("train"), steps, warmup_steps)
+    measured = measure(name, config, overrides, episodes_from, steps, warmup_steps)
     if int(os.environ.get("RANK", "0")) == 0:
         result.write_text(json.dumps(measured))
 
@@ -125,20 +129,20 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[], help="name:config=path,key=value,... (extra runs)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--episodes", choices=EPISODE_SOURCES, default="metaicl", help="the train tasks episodes come from (benchmarks/episode_sources.py)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="train_throughput")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set by measure_in_processes
     args = parser.parse_args()
     if args.worker is not None:
-        return worker(args.worker, args.variants[0], args.steps, args.warmup_steps)
+        return worker(args.worker, args.variants[0], args.episodes, args.steps, args.warmup_steps)
 
     runs = [(Path(config).stem, config, {}) for config in args.configs.split(",") if config]
     runs += [parse_variant(text) for text in args.variants]
-    train_tasks = load_split_tasks("train")
     results = []
     for name, config, overrides in runs:
         print(f"measuring {name} ...", flush=True)
-        results.append(measure(name, config, overrides, train_tasks, args.steps, args.warmup_steps))
+        results.append(measure(name, config, overrides, args.episodes, args.steps, args.warmup_steps))
     baseline = results[0]["episodes_per_s"]
     for result in results:
         result["speedup_vs_first"] = round(result["episodes_per_s"] / baseline, 2)
@@ -148,7 +152,8 @@ def main() -> None:
               "machine": machine, "steps": args.steps, "warmup_steps": args.warmup_steps, "runs": results}
     lines = [
         f"Meta-training throughput ({machine}; {args.steps} timed optimizer steps per run after {args.warmup_steps} "
-        "untimed; same episode stream for every run of a config).",
+        "untimed; same episode stream for every run of a config; "
+        f"episodes from {args.episodes!r}).",
         "",
         "| run | design | scope | precision | distill | K | queries | processes x threads | episodes/s | s / 1,000 episodes | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
+from episode_sources import episode_tasks  # benchmarks/episode_sources.py
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
     write_report,
@@ -32,14 +33,14 @@ from report import (  # benchmarks/report.py: the JSON + markdown every benchmar
 import peft_metal  # noqa: F401
 from peft_metal.metal_prompt.queries import encode_queries
 from peft_metal.training import MetaTrainer, TrainingArguments
-from peft_metal.training.trainer import load_split_tasks
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 def build(config: str, output_dir: str) -> MetaTrainer:
     settings = TrainingArguments.from_json(config, output_dir=output_dir, init_from=None)
-    trainer = MetaTrainer(settings, train_tasks=load_split_tasks("train"), dev_tasks=[])
+    # The BIG-bench-format train tasks: the long episodes this probe is about (BIG-bench's own mix is gone).
+    trainer = MetaTrainer(settings, train_tasks=episode_tasks("tasks", settings), dev_tasks=[])
     trainer.loss_module.eager_max_scores = float("inf")  # each run below names its implementation itself
     return trainer
 
