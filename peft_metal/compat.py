@@ -84,6 +84,14 @@ def expand_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
     )
 
 
+def custom_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (queries x keys) boolean matrix of what may be attended as the 1 x 1 x queries x keys additive mask that
+    transformers 5's mask creation passes through unchanged ("an already prepared 4D mask") to every attention
+    implementation (eager adds it to the scores, SDPA takes it as its float mask)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def current_attention_implementation(lm: PreTrainedModel) -> str:
     """The attention implementation `lm` runs with now; only readable from a private config attribute."""
     return lm.config._attn_implementation

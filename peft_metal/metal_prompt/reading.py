@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..compat import (
     attention_implementation,
+    cache_from_layers,
     cache_kwargs,
     cache_layers,
     causal_lm_output,
@@ -25,7 +26,10 @@ from ..compat import (
     returned_cache,
 )
 from ..designs import get_design
+from .packing import pack_queries as pack_queries_of
+from .packing import packed_mask
 from .prompt import GeneratedPrompt
+from .queries import QueryBatch
 
 
 def model_device(lm: PreTrainedModel) -> torch.device:
@@ -137,6 +141,7 @@ def forward_with_prompt(
     only_labelled_logits: bool = False,
     gradient_from_answers_only: bool = False,
     reading_attention: Optional[str] = None,
+    pack_queries: bool = False,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
     """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them;
@@ -154,6 +159,10 @@ def forward_with_prompt(
     (benchmarks/results/episode_profile_contiguous_head.md). `reading_attention` names the attention implementation
     for the reads without gradient (default: the model's current one).
 
+    With `pack_queries` (only with `gradient_from_answers_only`, without `use_cache`) the queries are read as packed
+    rows instead of a padded batch (`packing.py`): the same loss, without work on padding; `logits` then covers the
+    packed row's graded positions (1 x tokens x vocab), so use it only for the loss.
+
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
     batch_size, query_length = input_ids.shape
@@ -162,6 +171,10 @@ def forward_with_prompt(
         raise ValueError("gradient_from_answers_only needs labels: they say where the answers start.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if pack_queries:
+        if not gradient_from_answers_only or use_cache:
+            raise ValueError("pack_queries reads the answers apart from their queries: it needs gradient_from_answers_only and no use_cache.")
+        return _forward_packed(lm, prompt, QueryBatch(input_ids, attention_mask, labels), reading_attention)
     # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
     # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
     layers = _context_layers(lm, prompt, graded_demonstrations=not gradient_from_answers_only, reading_attention=reading_attention)
@@ -190,6 +203,50 @@ def forward_with_prompt(
             ignore_index=-100,
         )
     return causal_lm_output(loss, logits, returned_cache(outputs) if use_cache else None)
+
+
+def _forward_packed(
+    lm: PreTrainedModel, prompt: GeneratedPrompt, batch: QueryBatch, reading_attention: Optional[str]
+) -> CausalLMOutputWithPast:
+    """`forward_with_prompt` with `gradient_from_answers_only` on packed rows (see `packing.py`)."""
+    packed = pack_queries_of(batch)
+    layers = _context_layers(lm, prompt, graded_demonstrations=False, reading_attention=reading_attention)
+    context_length = prompt.context_length
+    embed = lm.get_input_embeddings()
+    dtype = embed.weight.dtype
+    if packed.prefix_ids.shape[1]:
+        detached = [(k.detach(), v.detach()) for k, v in layers]
+        mask = packed_mask(
+            context_length, packed.prefix_segments, packed.prefix_positions,
+            packed.prefix_segments, packed.prefix_positions, dtype,
+        )
+        with torch.no_grad(), attention_implementation(lm, reading_attention):
+            read = lm.base_model(
+                inputs_embeds=embed(packed.prefix_ids),
+                attention_mask=mask,
+                position_ids=packed.prefix_positions + context_length,
+                **cache_kwargs(lm.base_model, cache_from_layers(detached)),
+                use_cache=True,
+            )
+        layers = [
+            (torch.cat([k, read_k[:, :, context_length:]], dim=2), torch.cat([v, read_v[:, :, context_length:]], dim=2))
+            for (k, v), (read_k, read_v) in zip(layers, cache_layers(returned_cache(read)))
+        ]
+    mask = packed_mask(
+        context_length,
+        torch.cat([packed.prefix_segments, packed.graded_segments]),
+        torch.cat([packed.prefix_positions, packed.graded_positions], dim=1),
+        packed.graded_segments, packed.graded_positions, dtype,
+    )
+    outputs = lm(
+        inputs_embeds=embed(packed.graded_ids),
+        attention_mask=mask,
+        position_ids=packed.graded_positions + context_length,
+        **cache_kwargs(lm, cache_from_layers(layers)),
+        use_cache=False,
+    )
+    loss = F.cross_entropy(outputs.logits[0].float(), packed.targets[0], ignore_index=-100)
+    return causal_lm_output(loss, outputs.logits, None)
 
 
 def _extend_without_gradient(

@@ -80,6 +80,9 @@ class TrainingArguments:
     # Read each query's tokens before its answer without gradient, so only the answer positions take the graded
     # pass: the same loss, a gradient cut to the answers' own attention to the prompt, and a cheaper episode.
     gradient_from_answers_only: bool = False
+    # With `gradient_from_answers_only`: read an episode's queries as packed rows (each sees the context and its own
+    # tokens) instead of a batch left-padded to the longest; the same loss, no work on padding (metal_prompt/packing.py).
+    pack_queries: bool = True
     # A folder of refined prompts, one per train task (`peft-metal prompt-targets`), and the weight of the loss that
     # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
     prompt_targets: Optional[str] = None

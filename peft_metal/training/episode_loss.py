@@ -77,6 +77,7 @@ class EpisodeLoss(nn.Module):
         option_ranking_weight: float = 0.0,
         refinement: Optional[Refinement] = None,
         task_contrast_weight: float = 0.0,
+        pack_queries: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -101,6 +102,8 @@ class EpisodeLoss(nn.Module):
         self.refinement = refinement
         # The term that asks a prompt of another family's shots to serve the queries worse (`_task_contrast`).
         self.task_contrast_weight = task_contrast_weight
+        # Queries scored only for their loss are read as packed rows, not a padded batch (metal_prompt/packing.py).
+        self.pack_queries = pack_queries and gradient_from_answers_only
 
     def graded_scores(self, xp_tokens: int, xl_tokens: int, batch: QueryBatch) -> int:
         """Attention scores per head and layer of an episode's largest graded pass: the PGM over XP and its slots
@@ -157,12 +160,10 @@ class EpisodeLoss(nn.Module):
                     episode.queries, self.tokenizer, self.template, device,
                     self._option_row_bytes(max(prompt.context_length, len(xp_ids) + len(xl_ids)) + batch.input_ids.shape[1]),
                 )
+            # Without distillation only the answers' logits are needed, and without it and the options only the loss.
+            loss_only = self.distillation_weight == 0 and options is None
             outputs = self._answer(
-                prompt,
-                batch,
-                use_cache=options is not None,
-                # Without distillation only the answers' logits are needed.
-                only_labelled_logits=self.distillation_weight == 0 and options is None,
+                prompt, batch, use_cache=options is not None, only_labelled_logits=loss_only, loss_only=loss_only
             )
             losses = {"lm_loss": outputs.loss}
             if contrast:
@@ -217,7 +218,7 @@ class EpisodeLoss(nn.Module):
         made from the task's own shots serves its queries clearly better, which a prompt that ignores its shots cannot
         do. Its gradient reaches the PGM through both prompts, so it rewards prompts that carry their task."""
         foreign = self._prompt(episode.foreign_xp, xl_shots, foreign_read)
-        foreign_loss = self._answer(foreign, batch).loss
+        foreign_loss = self._answer(foreign, batch, loss_only=True).loss
         return foreign_loss, F.softplus(own_loss - foreign_loss)
 
     def _refined(self, prompt: GeneratedPrompt, episode: Episode) -> GeneratedPrompt:
@@ -237,7 +238,7 @@ class EpisodeLoss(nn.Module):
         pairs (up to 16 rows, each padded to the longest) made a step of 4 episodes take some 30 s on this CPU's two
         processes, against 6 to 9 s without the term (the two runs' logs)."""
         pairs = [example.as_shot() for example in episode.xp[: len(episode.queries)]]
-        return self._answer(prompt, encode_queries(pairs, self.tokenizer, self.template, device)).loss
+        return self._answer(prompt, encode_queries(pairs, self.tokenizer, self.template, device), loss_only=True).loss
 
     def _option_ranking(self, prompt, episode: Episode, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-entropy of the softmax over each multiple-choice query's option scores (mean log-probability per
@@ -251,8 +252,11 @@ class EpisodeLoss(nn.Module):
         loss, accuracy = option_ranking(row_mean_logprobs(outputs.logits, options.batch.labels), options)
         return loss, accuracy.to(device)
 
-    def _answer(self, prompt, batch: QueryBatch, use_cache: bool = False, only_labelled_logits: bool = True):
-        """The LM reading `batch` (queries and their answers) after `prompt`, scored on the answers."""
+    def _answer(
+        self, prompt, batch: QueryBatch, use_cache: bool = False, only_labelled_logits: bool = True, loss_only: bool = False
+    ):
+        """The LM reading `batch` (queries and their answers) after `prompt`, scored on the answers; `loss_only`: the
+        caller reads only the loss (so the queries may be packed)."""
         return self.model(
             prompt=prompt,
             input_ids=batch.input_ids,
@@ -262,6 +266,7 @@ class EpisodeLoss(nn.Module):
             only_labelled_logits=only_labelled_logits,
             gradient_from_answers_only=self.gradient_from_answers_only,
             reading_attention=self.reading_attention,
+            pack_queries=loss_only and self.pack_queries,
         )
 
     def _text_forward(self, episode: TextEpisode) -> dict[str, torch.Tensor]:

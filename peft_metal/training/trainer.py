@@ -268,6 +268,7 @@ class MetaTrainer:
                 option_distillation_weight=args.option_distillation_weight,
                 graded_attention=graded,
                 gradient_from_answers_only=args.gradient_from_answers_only,
+                pack_queries=args.pack_queries,
                 prompt_targets=prompt_targets,
                 prompt_target_weight=args.prompt_target_weight,
                 shot_answers_weight=args.shot_answers_weight,
