@@ -13,6 +13,7 @@ from peft_metal.compat import (
     cache_kwargs,
     cache_layers,
     causal_lm_output,
+    custom_attention_mask,
     has_shift_invariant_positions,
     returned_cache,
 )
@@ -47,6 +48,26 @@ def test_cache_built_from_layers_holds_them_and_extending_it_leaves_them_alone()
     with torch.no_grad():
         lm(input_ids=torch.tensor([[3, 4]]), **cache_kwargs(lm, rebuilt), use_cache=True)
     assert rebuilt.get_seq_length() == 9 and layers[0][0].shape[2] == 7
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_custom_4d_mask_reaches_the_attention_unchanged(implementation):
+    """What packed queries rely on: a 4D mask is taken as given. Two sequences packed in one row, each seeing only
+    itself, give each one's own hidden states."""
+    lm = make_lm("llama")
+    lm.set_attn_implementation(implementation)
+    first, second = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    segments = torch.tensor([0, 0, 0, 1, 1])
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    allowed = (segments[:, None] == segments[None, :]) & (positions[0][None, :] <= positions[0][:, None])
+    with torch.no_grad():
+        packed = lm.model(
+            input_ids=torch.cat([first, second], dim=1),
+            attention_mask=custom_attention_mask(allowed, torch.float32),
+            position_ids=positions,
+        ).last_hidden_state
+        alone = torch.cat([lm.model(input_ids=ids).last_hidden_state for ids in (first, second)], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_set_lora_enabled_switches_the_tuner_layers_and_leaves_trainability():
