@@ -14,7 +14,7 @@ from peft_metal.metal_prompt.packing import pack_queries
 from peft_metal.metal_prompt.queries import QueryBatch, encode_queries
 from peft_metal.metal_prompt.reading import forward_with_prompt
 from peft_metal.precision import cast_frozen_weights
-from peft_metal.training import EpisodeLoss
+from peft_metal.training import EpisodeLoss, TrainingArguments
 
 pytestmark = pytest.mark.one_thread
 
@@ -121,10 +121,11 @@ def test_packed_queries_give_each_querys_own_loss_and_gradients(design, scope, a
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_episode_loss_packs_the_queries_by_default_with_the_gradient_cut():
+def test_episode_loss_packs_the_queries_only_with_the_gradient_cut():
     pgm = make_pgm("llama", "prefix", lora_scope="padding")
     assert EpisodeLoss(pgm, build_tokenizer(), gradient_from_answers_only=True, pack_queries=True).pack_queries
     assert not EpisodeLoss(pgm, build_tokenizer(), gradient_from_answers_only=False, pack_queries=True).pack_queries
+    assert not TrainingArguments().pack_queries  # opt-in: it costs more than it saves on long queries
 
 
 def test_packed_queries_on_smollm2_in_bf16_match_each_query_read_alone():

@@ -81,8 +81,11 @@ class TrainingArguments:
     # pass: the same loss, a gradient cut to the answers' own attention to the prompt, and a cheaper episode.
     gradient_from_answers_only: bool = False
     # With `gradient_from_answers_only`: read an episode's queries as packed rows (each sees the context and its own
-    # tokens) instead of a batch left-padded to the longest; the same loss, no work on padding (metal_prompt/packing.py).
-    pack_queries: bool = True
+    # tokens) instead of a batch left-padded to the longest; the same loss, each query's gradient cut exactly at its own
+    # answer (metal_prompt/packing.py). Off by default: it saved 3% an episode on MetaICL's short queries and cost 10%
+    # on the BIG-bench-format tasks, whose long queries make the packed rows' attention, quadratic in all of an
+    # episode's query tokens, outweigh the padding saved (benchmarks/results/train_throughput_{metaicl,tasks}.md).
+    pack_queries: bool = False
     # A folder of refined prompts, one per train task (`peft-metal prompt-targets`), and the weight of the loss that
     # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
     prompt_targets: Optional[str] = None
