@@ -27,7 +27,21 @@ from report import provenance, write_report  # benchmarks/report.py
 from peft_metal.evaluation.report import method_label
 
 
-def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
+def task_score(record: dict[str, Any], metric: str, seeds: list[int] | None) -> float:
+    """A record's `metric` (`score`, or `macro_f1`: MetaICL's); with `seeds`, its mean over those seeds' draws only
+    (macro-F1 is kept per seed), so a run of five seeds pairs with one of two."""
+    if seeds is None:
+        return record[metric]
+    by_seed = dict(zip(record["seeds"], record[f"{metric}_seed_scores"]))
+    missing = [seed for seed in seeds if seed not in by_seed]
+    if missing:
+        raise SystemExit(f"{record['task']} / {method_label(record)} has no draw of seed(s) {missing}; it has {list(by_seed)}.")
+    return statistics.mean(by_seed[seed] for seed in seeds)
+
+
+def records_of(
+    argument: str, metric: str = "score", seeds: list[int] | None = None
+) -> tuple[str, dict[str, float], dict[str, Any]]:
     """The label, its score per task, and the run's settings (tasks, seeds, queries) from `FILE[:KEY.PATH]=LABEL`."""
     source, _, label = argument.rpartition("=")
     if not source or not label:
@@ -37,7 +51,11 @@ def records_of(argument: str) -> tuple[str, dict[str, float], dict[str, Any]]:
     for key in filter(None, key_path.split(".")):
         data = data[int(key)] if isinstance(data, list) else data[key]  # a list's items by index: points.3
     records = data.get("results") or data.get("records") or []
-    scores = {record["task"]: record["score"] for record in records if method_label(record) == label and "error" not in record}
+    scores = {
+        record["task"]: task_score(record, metric, seeds)
+        for record in records
+        if method_label(record) == label and "error" not in record
+    }
     if not scores:
         labels = sorted({method_label(record) for record in records})
         raise SystemExit(f"{source} has no records labelled {label!r}; it has {labels}.")
@@ -51,14 +69,17 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="FILE[:KEY.PATH]=LABEL; the first against each of the others")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="paired_difference")
+    parser.add_argument("--metric", default="score", help="score (the headline accuracy) or macro_f1 (MetaICL's)")
+    parser.add_argument("--seeds", help="comma-separated: score only these seeds' draws (records must hold each)")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
     if len(args.runs) < 2:
         parser.error("give at least two runs: the first is compared with each of the others.")
 
-    label, scores, source = records_of(args.runs[0])
+    label, scores, source = records_of(args.runs[0], args.metric, seeds)
     comparisons = []
     for argument in args.runs[1:]:
-        other_label, other, other_source = records_of(argument)
+        other_label, other, other_source = records_of(argument, args.metric, seeds)
         tasks = sorted(set(scores) & set(other))
         missing = sorted(set(scores) ^ set(other))
         if missing:
@@ -70,10 +91,11 @@ def main() -> None:
             "wins": sum(d > 0 for d in differences), "ties": sum(d == 0 for d in differences),
             "losses": sum(d < 0 for d in differences), "per_task": dict(zip(tasks, differences)),
         })
-    report = {**provenance(), "method": label, "source": source, "comparisons": comparisons}
+    report = {**provenance(), "metric": args.metric, "seeds": seeds, "method": label, "source": source, "comparisons": comparisons}
     lines = [
-        f"{label} against each method on the same tasks and questions: the mean per-task difference ± its standard "
-        "error across tasks, and the tasks it wins, ties and loses.",
+        f"{label} against each method on the same tasks and questions ({args.metric}"
+        + (f", seeds {args.seeds}" if seeds else "")
+        + "): the mean per-task difference ± its standard error across tasks, and the tasks it wins, ties and loses.",
         "",
         f"| {label} (`{source['name']}`) minus | tasks | difference | wins / ties / losses |",
         "|---|---|---|---|",
