@@ -9,7 +9,8 @@ larger than how much it moves from one draw of shots and queries to the next?
         [--name draw_spread]
 
 Each `--series` is a name and one `FILE[:KEY.PATH]=LABEL` per draw (as `paired_difference.py` reads them), draws in
-the same order in every series. The tasks are fixed (the panel's); what is random is each draw's shots and queries.
+the same order in every series (`LABEL#SEEDS` picks some seeds of a run of several; `--metric macro_f1` for MetaICL's
+panel). The tasks are fixed (the panel's); what is random is each draw's shots and queries.
 So a series' error is, per task, the variance of its score across draws over the number of draws, summed over tasks,
 square root, over the number of tasks; and each series is compared with the first draw by draw (the same shots and
 queries), the per-task differences' spread across draws giving the error of the mean difference. Writes `<name>.json`
@@ -41,13 +42,14 @@ def main() -> None:
                         help="a name, then one FILE[:KEY.PATH]=LABEL per draw")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="draw_spread")
+    parser.add_argument("--metric", default="score", help="score (the headline accuracy) or macro_f1 (MetaICL's)")
     args = parser.parse_args()
 
     series = {}
     for name, *draws in args.series:
         if len(draws) < 2:
             parser.error(f"series {name!r} has {len(draws)} draw(s): an error across draws needs at least two.")
-        series[name] = [records_of(draw) for draw in draws]
+        series[name] = [records_of(draw, args.metric) for draw in draws]
     counts = {name: len(draws) for name, draws in series.items()}
     if len(set(counts.values())) > 1:
         raise SystemExit(f"every series needs the same draws, in the same order: {counts}.")
@@ -69,9 +71,9 @@ def main() -> None:
             differences = [{task: f[1][task] - s[task] for task in s} for f, s in zip(first, scores)]
             row["difference_from_first"], row["difference_se"] = across_draws(differences)
         rows.append(row)
-    report = {**provenance(), "series": rows}
+    report = {**provenance(), "metric": args.metric, "series": rows}
     lines = [
-        f"Each series over {counts[first_name]} draws of the same tasks: the mean of the draws' means, ± its standard "
+        f"Each series over {counts[first_name]} draws of the same tasks ({args.metric}): the mean of the draws' means, ± its standard "
         f"error from each task's spread across draws; and {first_name} minus each series draw by draw.",
         "",
         "| series | mean per draw | mean | ± across draws | " + f"{first_name} minus it |",
