@@ -28,10 +28,11 @@ from report import provenance, write_report  # benchmarks/report.py
 from peft_metal.evaluation.report import method_label
 
 
-def task_score(record: dict[str, Any], metric: str, seeds: list[int] | None) -> float:
+def task_score(record: dict[str, Any], metric: str, seeds: list[int] | None, run_seeds: Any = None) -> float:
     """A record's `metric` (`score`, or `macro_f1`: MetaICL's); with `seeds`, its mean over those seeds' draws only
-    (macro-F1 is kept per seed), so a run of five seeds pairs with one of two."""
-    if seeds is None:
+    (macro-F1 is kept per seed), so a run of five seeds pairs with one of two. A run of one seed keeps no per-seed
+    scores: its record is that seed's."""
+    if seeds is None or ("seeds" not in record and list(run_seeds or []) == seeds):
         return record[metric]
     by_seed = dict(zip(record["seeds"], record[f"{metric}_seed_scores"]))
     missing = [seed for seed in seeds if seed not in by_seed]
@@ -57,7 +58,7 @@ def records_of(
         data = data[int(key)] if isinstance(data, list) else data[key]  # a list's items by index: points.3
     records = data.get("results") or data.get("records") or []
     scores = {
-        record["task"]: task_score(record, metric, seeds)
+        record["task"]: task_score(record, metric, seeds, data.get("settings", {}).get("seeds"))
         for record in records
         if method_label(record) == label and "error" not in record
     }
