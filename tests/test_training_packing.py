@@ -49,7 +49,6 @@ def test_pack_queries_cuts_each_query_where_its_answer_is_first_predicted():
     assert packed.graded_positions.tolist() == [[1, 2, 2, 3, 4]]
     assert packed.graded_segments.tolist() == [0, 0, 1, 1, 1]
     assert packed.targets.tolist() == [[7, -100, 11, 12, -100]]
-    assert packed.longest_query == 5
 
 
 def test_a_query_without_an_answer_cannot_be_packed():

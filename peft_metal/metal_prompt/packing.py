@@ -34,10 +34,6 @@ class PackedQueries:
     graded_segments: torch.Tensor  # G
     targets: torch.Tensor  # 1 x G
 
-    @property
-    def longest_query(self) -> int:
-        return int(torch.cat([self.prefix_positions, self.graded_positions], dim=1).max()) + 1
-
 
 def pack_queries(batch: QueryBatch) -> PackedQueries:
     """`batch` (left-padded, labelled on the answers) as packed rows; a query without labels is refused, since it
