@@ -192,6 +192,25 @@ def test_eval_runs_metaicls_protocol_and_reports_macro_f1(metaicl, tmp_path):
     assert means["icl (1 tasks, seeds 100,13)"] == round(payload["summary"]["icl"]["mean"], 4)
 
 
+def test_eval_calibrates_from_the_shots_when_asked(metaicl, tmp_path):
+    make_lm("llama").save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    output = tmp_path / "r.json"
+    code = main([
+        "eval", "--model", str(tmp_path / "model"), "--metaicl", str(metaicl), "--split", "dev", "--shots", "4",
+        "--queries", "3", "--seed", "100,13", "--methods", "zero_shot", "--calibration", "shots",
+        "--output", str(output), "--no-progress",
+    ])
+    assert code == 0
+    payload = json.loads(output.read_text())
+    assert payload["settings"]["calibration"] == "shots"
+    [result] = payload["results"]
+    assert len(result["macro_f1_calibrated_seed_scores"]) == 2 and 0 <= result["acc_calibrated"] <= 1
+    assert payload["summary"]["zero_shot"]["macro_f1_calibrated"] == result["macro_f1_calibrated"]
+    assert "macro-F1 calibrated from the shots" in (tmp_path / "r.md").read_text()
+    assert "zero_shot macro-F1 calibrated (1 tasks, seeds 100,13)" in labelled_means(output)
+
+
 def test_eval_names_a_missing_seed_before_loading_a_model(metaicl, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "missing"), "--metaicl", str(metaicl), "--tasks", "vowel",
                  "--shots", "4", "--seed", "7"])

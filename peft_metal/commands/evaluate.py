@@ -98,6 +98,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--metric", choices=("auto", "multiple_choice", "generative"), default="auto",
         help="auto: multiple choice for tasks with options, generative otherwise",
     )
+    evaluation.add_argument(
+        "--calibration", choices=("none", "shots"), default="none",
+        help="shots: also score multiple choice with the option prior the method's context gives the task's own shots "
+        "divided out (acc_calibrated, macro_f1_calibrated beside the usual metrics)",
+    )
     evaluation.add_argument("--device", help="e.g. cuda or cpu (default: cuda if available)")
     evaluation.add_argument("--output", default="results.json", help="results JSON; .md and .png are written beside it")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             args.methods, args.shots, args.queries if args.queries is not None else default_queries,
             num_demonstrations=args.num_demonstrations, max_new_tokens=args.max_new_tokens,
             metric=None if args.metric == "auto" else args.metric, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+            calibration=args.calibration,
             **({} if args.refine_batch_size is None else {"refine_batch_size": args.refine_batch_size}),
             baseline=BaselineOptions(
                 steps=args.baseline_steps, lr=args.baseline_lr, num_virtual_tokens=args.num_virtual_tokens,

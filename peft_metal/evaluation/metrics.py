@@ -14,7 +14,8 @@ The choice rules pick the option whose continuation `template.format_answer(opti
 `macro_f1` is MetaICL's metric for classification: the options picked by `acc_per_token` (MetaICL too ranks options by
 their mean loss per token) against each query's `output`, F1 per label, averaged over every label that is a gold
 answer or a prediction (scikit-learn's `f1_score(average="macro")`). It is a property of a whole draw of queries, not a
-mean over questions, so its error is taken across seeds' draws (`report.merge_seeds`).
+mean over questions, so its error is taken across seeds' draws (`report.merge_seeds`). With calibration from the
+shots (`calibration`), `acc_calibrated` and `macro_f1_calibrated` score the calibrated picks the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def token_f1(prediction: str, answers: Iterable[str]) -> float:
 
 MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "acc_per_token")
 MACRO_F1 = "macro_f1"
+# The same two for the picks calibrated from the shots (`calibration`): accuracy beside `acc_per_token`, whose rule
+# they calibrate, and macro-F1. The macro-F1s are properties of a draw (errors across seeds), the rest means.
+ACC_CALIBRATED = "acc_calibrated"
+MACRO_F1_CALIBRATED = "macro_f1_calibrated"
+DRAW_METRICS = (MACRO_F1, MACRO_F1_CALIBRATED)
 CHOICE_RULE_OF_PREDICTIONS = "acc_per_token"
 GENERATIVE_METRICS = ("exact_match", "token_f1")
 

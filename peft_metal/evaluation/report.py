@@ -12,9 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .metrics import GENERATIVE_METRICS, MACRO_F1, MULTIPLE_CHOICE_METRICS, mean_stderr
+from .metrics import (
+    ACC_CALIBRATED,
+    DRAW_METRICS,
+    GENERATIVE_METRICS,
+    MACRO_F1,
+    MACRO_F1_CALIBRATED,
+    MULTIPLE_CHOICE_METRICS,
+    mean_stderr,
+)
 
-METRIC_NAMES = MULTIPLE_CHOICE_METRICS + (MACRO_F1,) + GENERATIVE_METRICS
+METRIC_NAMES = MULTIPLE_CHOICE_METRICS + (MACRO_F1, ACC_CALIBRATED, MACRO_F1_CALIBRATED) + GENERATIVE_METRICS
 
 
 def method_label(record: dict[str, Any]) -> str:
@@ -113,7 +121,7 @@ def merge_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if key.endswith("seconds"):
                 combined[key] = sum(record[key] for record in records)
-            elif key == MACRO_F1:  # a property of each seed's draw: the mean over draws, with the draws' error
+            elif key in DRAW_METRICS:  # a property of each seed's draw: the mean over draws, with the draws' error
                 draws = [record[key] for record in records]
                 combined[key], combined[f"{key}_stderr"] = mean_stderr(draws)
                 combined[f"{key}_seed_scores"] = draws
@@ -190,24 +198,25 @@ def metrics_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def macro_f1_table(results: Sequence[dict[str, Any]]) -> list[str]:
-    """Lines of a task x method table of macro-F1 (MetaICL's metric), each cell the mean over seeds ± the standard
-    error across them, with the means over tasks; empty when no record has it."""
-    if not any(MACRO_F1 in record for record in _ok(results)):
+def draw_metric_table(results: Sequence[dict[str, Any]], name: str = MACRO_F1) -> list[str]:
+    """Lines of a task x method table of a per-draw metric (MetaICL's macro-F1, or its calibrated twin), each cell
+    the mean over seeds ± the standard error across them, with the means over tasks; empty when no record has it."""
+    if not any(name in record for record in _ok(results)):
         return []
     methods, tasks = _methods(results), _tasks(results)
     by_key = {(record["task"], method_label(record)): record for record in _ok(results)}
 
     def cell(record: Optional[dict[str, Any]]) -> str:
-        if record is None or MACRO_F1 not in record:
+        if record is None or name not in record:
             return "-"
-        stderr = record.get(f"{MACRO_F1}_stderr")
-        return f"{record[MACRO_F1]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+        stderr = record.get(f"{name}_stderr")
+        return f"{record[name]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
 
-    lines = ["", "macro-F1 (± across seeds' draws):", "", "| task | " + " | ".join(methods) + " |",
+    title = {MACRO_F1: "macro-F1", MACRO_F1_CALIBRATED: "macro-F1 calibrated from the shots"}[name]
+    lines = ["", f"{title} (± across seeds' draws):", "", "| task | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     lines += [f"| {task} | " + " | ".join(cell(by_key.get((task, m))) for m in methods) + " |" for task in tasks]
-    means = [metric_means([r for r in _ok(results) if method_label(r) == m], MACRO_F1) for m in methods]
+    means = [metric_means([r for r in _ok(results) if method_label(r) == m], name) for m in methods]
     lines.append("| **mean** | " + " | ".join(_with_error(f"**{s[0]:.3f}**", s[1]) if s else "-" for s in means) + " |")
     return lines
 
@@ -248,7 +257,8 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         )
 
     lines += metrics_table(results)
-    lines += macro_f1_table(results)
+    for name in DRAW_METRICS:
+        lines += draw_metric_table(results, name)
     lines += ["", "| method | tasks | mean prompt s | mean context tokens | mean eval s |", "|---|---|---|---|---|"]
     for method in methods:
         records = [record for record in _ok(results) if method_label(record) == method]
@@ -318,4 +328,6 @@ def labelled_means(path: str | os.PathLike) -> dict[str, float]:
         means[f"{method}{suffix}"] = round(stats["mean"], 4)
         if MACRO_F1 in stats:  # MetaICL's metric, beside the accuracy
             means[f"{method} macro-F1{suffix}"] = round(stats[MACRO_F1], 4)
+        if MACRO_F1_CALIBRATED in stats:
+            means[f"{method} macro-F1 calibrated{suffix}"] = round(stats[MACRO_F1_CALIBRATED], 4)
     return means

@@ -15,6 +15,9 @@ Every metric has its standard error beside it (`acc_stderr`, ...), computed as l
 
 `metal+refine` gives one record per refinement step count (`refine_steps` may be a list: accuracy against steps),
 each with a `refine_steps` field; the PEFT baselines add `train_steps` (and their first/last minibatch loss).
+
+With `calibration="shots"` a multiple-choice record also carries `acc_calibrated` and `macro_f1_calibrated`: the
+picks after dividing out the option prior the method's context gives the task's own shots (`calibration`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data import Example, Task
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
 from ..inference import (
+    ContinuationScore,
     ModelParts,
     Sampling,
     cut_generation,
@@ -42,6 +46,7 @@ from ..inference import (
     score_options,
 )
 from .baselines import BaselineOptions
+from .calibration import calibrated_pick, option_prior
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     PreparedMethod,
@@ -49,7 +54,17 @@ from .methods import (
     prepare_method,
     query_input,
 )
-from .metrics import CHOICE_RULE_OF_PREDICTIONS, MACRO_F1, choices, exact_match, macro_f1, mean_stderr, token_f1
+from .metrics import (
+    ACC_CALIBRATED,
+    CHOICE_RULE_OF_PREDICTIONS,
+    MACRO_F1,
+    MACRO_F1_CALIBRATED,
+    choices,
+    exact_match,
+    macro_f1,
+    mean_stderr,
+    token_f1,
+)
 from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
@@ -84,22 +99,43 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+def _option_scores(parts, tokenizer, prepared: PreparedMethod, example: Example, role: str) -> list[ContinuationScore]:
+    """Every option of `example` scored after the method's context and the example's input."""
+    if example.options is None:
+        raise ValueError(f"{role.capitalize()} {example.input!r} has no options to score as multiple choice.")
+    context, query = query_input(parts, tokenizer, prepared, example.input)
+    return score_options(parts.lm, context, [query], [option_ids(parts, tokenizer, example.options)])[0]
+
+
 def _score_multiple_choice(
-    parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example]
-) -> tuple[dict[str, list[float]], float]:
-    """Per choice rule, whether each query's pick is an answer; and the macro-F1 of the `acc_per_token` picks."""
+    parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example],
+    calibration_shots: Optional[Sequence[Example]] = None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per choice rule, whether each query's pick is an answer; and the macro-F1 of the `acc_per_token` picks. With
+    `calibration_shots`, also the picks calibrated by the option prior read on those shots (`calibration`)."""
+    prior = None
+    if calibration_shots is not None:
+        prior = option_prior([
+            (shot.options, [score.mean_logprob for score in _option_scores(parts, tokenizer, prepared, shot, "shot")])
+            for shot in calibration_shots
+        ])
     hits: dict[str, list[float]] = {}
-    predictions = []
+    predictions, calibrated = [], []
     for example in queries:
-        if example.options is None:
-            raise ValueError(f"Query {example.input!r} has no options to score as multiple choice.")
-        context, query = query_input(parts, tokenizer, prepared, example.input)
-        scores = score_options(parts.lm, context, [query], [option_ids(parts, tokenizer, example.options)])[0]
-        picks = choices(example.options, [s.sum_logprob for s in scores], [s.mean_logprob for s in scores])
+        scores = _option_scores(parts, tokenizer, prepared, example, "query")
+        mean_logprobs = [score.mean_logprob for score in scores]
+        picks = choices(example.options, [score.sum_logprob for score in scores], mean_logprobs)
+        if prior is not None:
+            picks[ACC_CALIBRATED] = calibrated_pick(example.options, mean_logprobs, prior)
+            calibrated.append(picks[ACC_CALIBRATED])
         for name, pick in picks.items():
             hits.setdefault(name, []).append(float(pick in example.answers))
         predictions.append(picks[CHOICE_RULE_OF_PREDICTIONS])
-    return hits, macro_f1(predictions, [example.output for example in queries])
+    golds = [example.output for example in queries]
+    draw_metrics = {MACRO_F1: macro_f1(predictions, golds)}
+    if prior is not None:
+        draw_metrics[MACRO_F1_CALIBRATED] = macro_f1(calibrated, golds)
+    return hits, draw_metrics
 
 
 def _score_generative(
@@ -132,13 +168,16 @@ def evaluate_method(
     metric: str,
     num_demonstrations: int = DEFAULT_NUM_DEMONSTRATIONS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    calibration: str = "none",
     **method_options: Any,
 ) -> dict[str, Any]:
-    """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`)."""
+    """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`); with
+    `calibration="shots"`, also the picks calibrated on those shots (multiple choice only)."""
     start = time.perf_counter()
     prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
     setup_seconds = time.perf_counter() - start - prepared.prompt_seconds  # e.g. ICL reading its demonstrations
-    record = evaluate_prepared(parts, tokenizer, task, prepared, queries, metric, max_new_tokens)
+    calibration_shots = shots if calibration == "shots" else None
+    record = evaluate_prepared(parts, tokenizer, task, prepared, queries, metric, max_new_tokens, calibration_shots)
     record["eval_seconds"] += setup_seconds
     return record
 
@@ -151,13 +190,20 @@ def evaluate_prepared(
     queries: Sequence[Example],
     metric: str,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    calibration_shots: Optional[Sequence[Example]] = None,
 ) -> dict[str, Any]:
     """One record: `task`'s queries scored after a context already set up (by `prepare_method`, or by a benchmark
-    that builds its own, e.g. a pruned cache), as every method is scored."""
+    that builds its own, e.g. a pruned cache), as every method is scored; with `calibration_shots` (multiple choice
+    only), also the picks calibrated from them (`calibration`)."""
     start = time.perf_counter()
     draw_metrics = {}
     if metric == MULTIPLE_CHOICE:
-        values, draw_metrics[MACRO_F1] = _score_multiple_choice(parts, tokenizer, prepared, queries)
+        values, draw_metrics = _score_multiple_choice(parts, tokenizer, prepared, queries, calibration_shots)
+    elif calibration_shots is not None:
+        raise ValueError(
+            f"Task {task.name!r} is scored as {metric}, but calibration from the shots calibrates a choice between "
+            "options: evaluate it without calibration, or as multiple choice if its examples have options."
+        )
     else:
         values = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
     synchronize(model_device(parts.lm))
@@ -277,7 +323,7 @@ def run_evaluation(
                     record = evaluate_method(
                         parts, tokenizer, task, method, task_shots, task_queries, metric_name,
                         num_demonstrations=settings.num_demonstrations, max_new_tokens=settings.max_new_tokens,
-                        **options, **fields,
+                        calibration=settings.calibration, **options, **fields,
                     )
                 except Exception as error:  # noqa: BLE001 - recorded, the run goes on
                     if raise_errors:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
 from .baselines import BASELINE_METHODS, BaselineOptions
+from .calibration import CALIBRATIONS
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     DEFAULT_REFINE_BATCH_SIZE,
@@ -52,7 +53,8 @@ def resolve_refine_steps(refine_steps: Any) -> list[int]:
 class EvaluationSettings:
     """Methods (a list or a comma-separated string), shots per task, queries per task, and how each method runs:
     `num_demonstrations` (metal+demos), `max_new_tokens` (generative tasks), `metric` (force multiple choice or
-    generative for every task), `baseline` (the PEFT baselines), `refine_*` (the refined methods; one run per step count)."""
+    generative for every task), `baseline` (the PEFT baselines), `refine_*` (the refined methods; one run per step
+    count), `calibration` ("shots": multiple choice also scored calibrated on the task's shots)."""
 
     methods: Any
     shots: int
@@ -64,6 +66,7 @@ class EvaluationSettings:
     refine_steps: Any = DEFAULT_REFINE_STEPS
     refine_lr: Optional[float] = DEFAULT_REFINE_LR  # None: refine_prompt's default
     refine_batch_size: int = DEFAULT_REFINE_BATCH_SIZE
+    calibration: str = "none"  # "shots": also score multiple choice calibrated on the task's shots (`calibration`)
 
     def __post_init__(self) -> None:
         methods = tuple(resolve_methods(self.methods))
@@ -75,6 +78,10 @@ class EvaluationSettings:
         check_count(self.refine_batch_size, "refine_batch_size", 1)
         if self.metric is not None and self.metric not in METRICS:
             raise ValueError(f"Unknown metric {self.metric!r}; expected one of {list(METRICS)} (or None for the task's own).")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"Unknown calibration {self.calibration!r}; expected one of {list(CALIBRATIONS)}.")
+        if self.calibration == "shots" and self.shots < 1:
+            raise ValueError("calibration='shots' reads the option prior on the shots: shots must be >= 1, got 0.")
         if not isinstance(self.baseline, BaselineOptions):
             raise TypeError(f"baseline must be a BaselineOptions, got {type(self.baseline).__name__}.")
         lr = self.refine_lr
@@ -116,6 +123,7 @@ class EvaluationSettings:
         record = {
             "methods": list(self.methods), "shots": self.shots, "queries": self.queries, "metric": self.metric,
             "num_demonstrations": self.num_demonstrations, "max_new_tokens": self.max_new_tokens,
+            "calibration": self.calibration,
         }
         if any(name in REFINE_METHODS for name in self.methods):
             record.update(refine_steps=list(self.refine_steps), refine_lr=self.refine_lr, refine_batch_size=self.refine_batch_size)
