@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py)
 import torch
-from report import machine_description, write_records_report
+from report import machine_description, provenance, write_markdown, write_report
 
 import peft_metal  # noqa: F401
 from peft_metal.data import Example
@@ -79,6 +80,21 @@ def task_record(parts, tokenizer, task, method: str, shots: Sequence[Example], q
     return record
 
 
+def rule_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Task x (method, rule) macro-F1, each the mean over the records' seeds, with the means over tasks."""
+    columns = [(method, rule) for method in methods for rule in RULES]
+    tasks = list(dict.fromkeys(record["task"] for record in records))
+
+    def mean(task: str | None, method: str, rule: str) -> float:
+        values = [r[f"macro_f1_{rule}"] for r in records if r["method"] == method and task in (None, r["task"])]
+        return sum(values) / len(values)
+
+    lines = ["| task | " + " | ".join(f"{m} {rule}" for m, rule in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {task} | " + " | ".join(f"{mean(task, m, rule):.3f}" for m, rule in columns) + " |" for task in tasks]
+    lines.append("| **mean** | " + " | ".join(f"**{mean(None, m, rule):.3f}**" for m, rule in columns) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pgm", required=True, help="a saved PGM folder")
@@ -88,7 +104,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="100")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks/results/metaicl")
     parser.add_argument("--name", default="label_bias")
+    parser.add_argument("--redraw", action="store_true", help="rewrite <name>.md from <name>.json, scoring nothing")
     args = parser.parse_args()
+    if args.redraw:
+        report = json.loads((args.output / f"{args.name}.json").read_text())
+        methods = list(dict.fromkeys(record["method"] for record in report["records"]))
+        caption = (args.output / f"{args.name}.md").read_text().split("\n\n")[0]
+        write_markdown(args.output, args.name, [caption, "", *rule_table(report["records"], methods)])
+        return
 
     seeds = tuple(int(seed) for seed in args.seeds.split(","))
     methods = resolve_methods(args.methods)
@@ -120,7 +143,8 @@ def main() -> None:
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
         + f" ({machine_description()})."
     )
-    write_records_report(args.output, args.name, caption, records, pgm=pgm, precision=precision, means=means)
+    report = {**provenance(), "pgm": pgm, "precision": precision, "means": means, "records": records}
+    write_report(args.output, args.name, report, [caption, "", *rule_table(records, methods)])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from conftest import make_pgm
 
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import EvaluationSettings, evaluate
-from peft_metal.evaluation.calibration import calibrated_pick, option_log_probabilities, option_prior
 from peft_metal.evaluation.metrics import macro_f1
 from peft_metal.evaluation.report import markdown_table, merge_seeds
+from peft_metal.inference.calibration import calibrated_pick, option_log_probabilities, option_prior
 
 pytestmark = pytest.mark.one_thread  # tiny models (conftest)
 

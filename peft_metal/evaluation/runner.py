@@ -45,8 +45,8 @@ from ..inference import (
     model_device,
     score_options,
 )
+from ..inference.calibration import calibrated_pick, option_prior
 from .baselines import BaselineOptions
-from .calibration import calibrated_pick, option_prior
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     PreparedMethod,

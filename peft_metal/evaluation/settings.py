@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..data.task import GENERATIVE, MULTIPLE_CHOICE
+from ..inference.calibration import CALIBRATIONS
 from .baselines import BASELINE_METHODS, BaselineOptions
-from .calibration import CALIBRATIONS
 from .methods import (
     DEFAULT_NUM_DEMONSTRATIONS,
     DEFAULT_REFINE_BATCH_SIZE,

@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from ..inference import best_option
+from .answers import best_option
 
 CALIBRATIONS = ("none", "shots")
 
