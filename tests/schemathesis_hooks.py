@@ -70,6 +70,13 @@ def _completion_rules(body: dict[str, Any]) -> Iterator[str]:
         yield from (name for name, conflict in conflicts.items() if conflict)
     elif body.get("max_tokens") == 0 and not body.get("echo"):
         yield "max_tokens"
+    if body.get("calibrate"):
+        if options is None or not str(body.get("model", "")).startswith("metal:"):
+            yield "calibrate"
+        elif not body.get("template"):
+            yield "template"
+        else:  # the stored prompt's state: made with calibrate (its prior recorded), and its shots' labels
+            yield from ("calibrate", "options")
 
 
 RULES = {"/v1/prompts": _prompt_rules, "/v1/completions": _completion_rules}

@@ -12,7 +12,14 @@ A single query is a batch of one everywhere.
 
 from ..metal_prompt.reading import ContextTooLongError, check_fits, eos_token_ids, max_context_length, model_device
 from .answers import best_option, cut_generation, has_stop
-from .calibration import CALIBRATIONS, calibrated_pick, option_log_probabilities, option_prior
+from .calibration import (
+    CALIBRATIONS,
+    calibrated_pick,
+    calibrated_scores,
+    option_log_probabilities,
+    option_prior,
+    read_option_prior,
+)
 from .context import Context, empty_context, extend_context, prompt_context
 from .decoding import EOS, LENGTH, STOP, Generation, Sampling, generate
 from .model_parts import ModelParts
@@ -32,6 +39,7 @@ __all__ = [
     "TokenLogprob",
     "best_option",
     "calibrated_pick",
+    "calibrated_scores",
     "check_fits",
     "cut_generation",
     "empty_context",
@@ -44,6 +52,7 @@ __all__ = [
     "option_log_probabilities",
     "option_prior",
     "prompt_context",
+    "read_option_prior",
     "read_queries",
     "score_options",
     "score_tokens",

@@ -17,8 +17,11 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .answers import best_option
+from .context import Context
+from .scoring import score_options
 
 CALIBRATIONS = ("none", "shots")
 
@@ -43,9 +46,9 @@ def option_prior(shot_scores: Sequence[tuple[Sequence[str], Sequence[float]]]) -
     return {option: sums[option] / counts[option] for option in sums}
 
 
-def calibrated_pick(options: Sequence[str], mean_logprobs: Sequence[float], prior: dict[str, float]) -> str:
-    """The option with the highest probability divided by its prior. An option no shot offered has no prior: the
-    shots cannot calibrate a query that offers it, so that is an error, not a guess."""
+def calibrated_scores(options: Sequence[str], mean_logprobs: Sequence[float], prior: dict[str, float]) -> list[float]:
+    """Each option's log-probability over the options minus the log of its prior. An option no shot offered has no
+    prior: the shots cannot calibrate a query that offers it, so that is an error, not a guess."""
     unknown = [option for option in options if option not in prior]
     if unknown:
         raise ValueError(
@@ -53,8 +56,21 @@ def calibrated_pick(options: Sequence[str], mean_logprobs: Sequence[float], prio
             f"calibration from the shots needs queries whose options the shots offer (shots offer {sorted(prior)})."
         )
     # A prior that underflowed to 0 (every shot all but excluded the option) is floored at the smallest float.
-    scores = [
+    return [
         log_p - math.log(max(prior[option], sys.float_info.min))
         for log_p, option in zip(option_log_probabilities(mean_logprobs), options)
     ]
-    return options[best_option(scores)]
+
+
+def calibrated_pick(options: Sequence[str], mean_logprobs: Sequence[float], prior: dict[str, float]) -> str:
+    """The option with the highest probability divided by its prior."""
+    return options[best_option(calibrated_scores(options, mean_logprobs, prior))]
+
+
+def read_option_prior(
+    lm: Any, context: Context, queries: Sequence[Sequence[int]], labels: Sequence[str], label_ids: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """The prior `context` gives `labels`: every query (a shot's formatted input) read after it, every label (its
+    formatted answer, `label_ids`) scored as an option, and the mean of their distributions over the labels."""
+    scores = score_options(lm, context, queries, [list(label_ids)] * len(queries))
+    return option_prior([(labels, [score.mean_logprob for score in row]) for row in scores])

@@ -79,6 +79,10 @@ class CreatePromptRequest(_Request):
         "PGM read (0: the one PGM pass); done once, as a job: 202 with the prompt's status to poll (GET "
         "/v1/prompts/{prompt_id}) unless the request waits (?wait=seconds)"
     )
+    calibrate: StrictBool = Field(
+        False, description="also record the prior the prompt gives the shots' outputs as labels (each shot's input "
+        "read after it, every label scored): completions with options and calibrate divide it out"
+    )
 
 
 class PromptCreated(BaseModel):
@@ -90,6 +94,9 @@ class PromptCreated(BaseModel):
     refine_steps: int = 0
     cached: bool
     text: Optional[str] = None  # prompts made of vocabulary tokens (the discrete design) only
+    option_prior: Optional[dict[str, float]] = Field(
+        None, description="with calibrate: the probability the prompt gives each label, on average over the shots"
+    )
 
 
 class PromptStatus(BaseModel):
@@ -161,6 +168,10 @@ class CompletionRequest(_Request):
     shots: Optional[ShotList] = Field(
         None, description="extension, base model only: shots formatted as in-context demonstrations before each prompt"
     )
+    calibrate: StrictBool = Field(
+        False, description="extension, with options, template and a stored prompt made with calibrate: pick the "
+        "option whose probability (over the options) divided by the prompt's prior for it is highest"
+    )
 
 
 class OptionScore(BaseModel):
@@ -168,6 +179,7 @@ class OptionScore(BaseModel):
     mean_logprob: float
     sum_logprob: float
     num_tokens: int
+    calibrated_logprob: Optional[float] = None  # with calibrate: log P(option) over the options minus log prior
 
 
 class Logprobs(BaseModel):

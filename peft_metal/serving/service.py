@@ -35,6 +35,7 @@ from ..inference import (
     Sampling,
     TokenLogprob,
     best_option,
+    calibrated_scores,
     check_fits,
     cut_generation,
     empty_context,
@@ -44,6 +45,7 @@ from ..inference import (
     max_context_length,
     model_device,
     prompt_context,
+    read_option_prior,
     score_options,
     score_tokens,
 )
@@ -135,6 +137,7 @@ class _Completion:
     stops: list[str]
     n: int
     max_tokens: int
+    option_prior: Optional[dict[str, float]] = None  # set when the request asked for calibrated option scoring
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: f"cmpl-{secrets.token_hex(12)}")
 
@@ -285,25 +288,29 @@ class Service:
     # -------------------------------------------------------------------------------------------------- prompts
 
     async def create_prompt(
-        self, task: str, shots: Any, num_demonstrations: int, refine_steps: int = 0, wait: Optional[float] = None
+        self, task: str, shots: Any, num_demonstrations: int, refine_steps: int = 0, wait: Optional[float] = None,
+        calibrate: bool = False,
     ) -> tuple[Union[PromptCreated, PromptStatus], str]:
         """The stored prompt for these shots, made by the PGM unless the same request made it before, and what
         happened (CACHED or CREATED). With `refine_steps` the PGM's prompt is stored first (the unrefined prompt),
         then refined by a job, one step at a time between completions: ACCEPTED with the job's status, unless it
-        finishes within `wait` seconds."""
+        finishes within `wait` seconds. With `calibrate`, the prompt returned ready also has its option prior
+        recorded (`_calibrated`); a prompt still refining gets it from the request that finds it ready."""
         shots = self._check_shots(shots, num_demonstrations)
         refinement = self._refinement(refine_steps)
         unrefined_id, unrefined, cached = await self._stored(task, shots, num_demonstrations)
         if refinement is None:
             self.metrics.inc(self.metrics.store, "hit" if cached else "miss")
-            return self._created(unrefined_id, unrefined, num_demonstrations, 0, cached), CACHED if cached else CREATED
+            made = self._created(unrefined_id, unrefined, num_demonstrations, 0, cached)
+            return await self._with_prior(made, unrefined, shots, calibrate), CACHED if cached else CREATED
         prompt_id = prompt_key(task, shots, num_demonstrations, self.base_fingerprint, self._made_by(refinement))
         job = self._refining.get(prompt_id)
         if job is None:
             try:
                 prompt = await self.in_store(self.store.get, prompt_id)
                 self.metrics.inc(self.metrics.store, "hit")
-                return self._created(prompt_id, prompt, num_demonstrations, refine_steps, True), CACHED
+                made = self._created(prompt_id, prompt, num_demonstrations, refine_steps, True)
+                return await self._with_prior(made, prompt, shots, calibrate), CACHED
             except PromptNotFoundError:
                 pass
             except DamagedPromptError as error:
@@ -314,7 +321,7 @@ class Service:
         if wait is not None:
             await asyncio.wait({job.runner}, timeout=wait)
             if job.runner.done():
-                return self._finished(job), CREATED
+                return await self._with_prior(self._finished(job), job.runner.result(), shots, calibrate), CREATED
         return job.status(), ACCEPTED
 
     def _check_shots(self, shots: Any, num_demonstrations: int) -> Shots:
@@ -396,6 +403,35 @@ class Service:
         while (made := await self.batcher.run_step(next, passes, None)) is not None:
             prompt = made
         return prompt
+
+    async def _with_prior(
+        self, made: PromptCreated, prompt: GeneratedPrompt, shots: Shots, calibrate: bool
+    ) -> PromptCreated:
+        if not calibrate:
+            return made
+        return made.model_copy(update={"option_prior": await self._calibrated(made.prompt_id, prompt, shots)})
+
+    async def _calibrated(self, prompt_id: str, prompt: GeneratedPrompt, shots: Shots) -> dict[str, float]:
+        """The option prior recorded for a stored prompt; read on its shots and recorded first if it has none. The
+        labels are the shots' distinct outputs; each shot's input is read after the prompt (and its demonstrations)
+        as a templated query, and every label scored as its answer (`inference.read_option_prior`)."""
+        prior = await self.in_store(self.store.option_prior, prompt_id)
+        if prior is not None:
+            return prior
+        template = _template_of(prompt, self.template)
+        labels = list(dict.fromkeys(output for _, output in shots))
+        queries = [self.encode(template.format_query(text)) for text, _ in shots]
+        label_ids = [self.encode(template.format_answer(label)) for label in labels]
+
+        def read() -> dict[str, float]:
+            with self.parts.lora_off():
+                context = prompt_context(self.lm, prompt.to(model_device(self.lm)))
+                check_fits(self.lm, context.length, max(map(len, queries)), max(map(len, label_ids)), "longest label")
+                return read_option_prior(self.lm, context, queries, labels, label_ids)
+
+        prior = await self.batcher.run_step(read)
+        await self.in_store(self.store.put_option_prior, prompt_id, prior)
+        return prior
 
     # ------------------------------------------------------------------------------------------ refinement jobs
 
@@ -631,7 +667,35 @@ class Service:
                 raise InvalidRequestError("max_tokens 0 generates nothing: set echo to score the prompt.", "max_tokens")
             check_fits(self.lm, entry.context.length, max(map(len, queries)), max_tokens)
         self._check_request_tokens(queries, options, body.n, max_tokens)
-        return _Completion(entry, template, queries, options, stops, body.n, max_tokens)
+        prior = await self._prior_of(body, entry) if body.calibrate else None
+        return _Completion(entry, template, queries, options, stops, body.n, max_tokens, option_prior=prior)
+
+    async def _prior_of(self, body: CompletionRequest, entry: PromptEntry) -> dict[str, float]:
+        """The stored prompt's option prior that a calibrated request divides out, with every reason it cannot."""
+        if body.options is None:
+            raise InvalidRequestError("calibrate calibrates a choice among options: send options too.", "calibrate")
+        if entry.key is None:
+            raise InvalidRequestError(
+                "calibrate divides out a stored prompt's option prior; the base model has none: complete with "
+                "metal:<prompt_id> of a prompt made with calibrate: true.", "calibrate"
+            )
+        if not body.template:
+            raise InvalidRequestError(
+                "calibrate needs template: true: the prior was read on the shots formatted with the template.", "template"
+            )
+        prior = await self.in_store(self.store.option_prior, entry.key)
+        if prior is None:
+            raise InvalidRequestError(
+                f"Prompt {entry.key} has no option prior: send its POST /v1/prompts again with calibrate: true (the "
+                "same shots give the same prompt) to record one.", "calibrate"
+            )
+        unknown = [option for option in body.options if option not in prior]
+        if unknown:
+            raise InvalidRequestError(
+                f"options {unknown} are not among the labels of the prompt's shots {sorted(prior)}, so the prompt has "
+                "no prior for them: calibrate only among those labels.", "options"
+            )
+        return prior
 
     def _check_request_tokens(
         self, queries: list[list[int]], options: Optional[list[list[int]]], n: int, max_tokens: int
@@ -713,7 +777,7 @@ class Service:
         choices, completion_tokens = [], 0
         for index, query in enumerate(plan.queries):
             if plan.options is not None:
-                choices.append(self._option_choice(body, index, next(results)))
+                choices.append(self._option_choice(body, index, next(results), plan.option_prior))
                 continue
             echoed: Optional[list[TokenLogprob]] = next(results) if body.echo else None
             for j in range(plan.n):
@@ -727,11 +791,16 @@ class Service:
         )
         return CompletionResponse(id=plan.id, created=plan.created, model=body.model, choices=choices, usage=usage)
 
-    def _option_choice(self, body: CompletionRequest, index: int, scores: list[ContinuationScore]) -> CompletionChoice:
-        best = best_option([s.mean_logprob for s in scores])
+    def _option_choice(
+        self, body: CompletionRequest, index: int, scores: list[ContinuationScore], prior: Optional[dict[str, float]]
+    ) -> CompletionChoice:
+        means = [s.mean_logprob for s in scores]
+        calibrated = calibrated_scores(body.options, means, prior) if prior is not None else [None] * len(scores)
+        best = best_option(calibrated if prior is not None else means)
         option_scores = [
-            OptionScore(option=option, mean_logprob=s.mean_logprob, sum_logprob=s.sum_logprob, num_tokens=s.num_tokens)
-            for option, s in zip(body.options, scores)
+            OptionScore(option=option, mean_logprob=s.mean_logprob, sum_logprob=s.sum_logprob, num_tokens=s.num_tokens,
+                        calibrated_logprob=c)
+            for option, s, c in zip(body.options, scores, calibrated)
         ]
         return CompletionChoice(text=body.options[best], index=index, finish_reason="stop", option_scores=option_scores)
 

@@ -62,7 +62,7 @@ TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 KEY_VERSION = "peft-metal-prompt-key/1"
 KEY_LENGTH = 32
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: option_priors
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 STALE_TEMP_S = 3600.0  # a temporary file this old is abandoned even if its writer's pid is (re)used by a live process
 
@@ -107,6 +107,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS option_priors (
+    prompt_id TEXT PRIMARY KEY,
+    prior TEXT NOT NULL
 );
 """
 REFINING = "refining"
@@ -194,6 +198,14 @@ def prompt_key(
         "pgm_config": pgm_config,
     }
     return hashlib.sha256(_canonical_json(payload, "the prompt key").encode("utf-8")).hexdigest()[:KEY_LENGTH]
+
+
+def _check_prior(prior: Any, prompt_id: str) -> None:
+    if (
+        not isinstance(prior, dict) or not prior
+        or not all(isinstance(label, str) and isinstance(p, float) and 0 <= p <= 1 for label, p in prior.items())
+    ):
+        raise ValueError(f"The option prior of {prompt_id} must map labels to probabilities, got {prior!r}.")
 
 
 def _hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
@@ -556,6 +568,7 @@ class PromptStore:
         with self._transaction() as db:
             if db.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,)).rowcount == 0:
                 return False
+            db.execute("DELETE FROM option_priors WHERE prompt_id = ?", (prompt_id,))
             try:
                 os.replace(final, trash)
             except FileNotFoundError:
@@ -563,6 +576,33 @@ class PromptStore:
         if trash is not None:
             trash.unlink(missing_ok=True)
         return True
+
+    # ------------------------------------------------------------------------------------------------ option priors
+
+    def put_option_prior(self, prompt_id: str, prior: dict[str, float]) -> None:
+        """Record the option prior a stored prompt gives its shots' labels (`inference.read_option_prior`), which
+        calibrated option scoring divides out; the prompt must be stored."""
+        _check_prior(prior, prompt_id)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM prompts WHERE prompt_id = ?", (prompt_id,)).fetchone() is None:
+                raise PromptNotFoundError(prompt_id, ", so no option prior can be recorded for it")
+            db.execute(
+                "INSERT OR REPLACE INTO option_priors (prompt_id, prior) VALUES (?, ?)",
+                (prompt_id, json.dumps(prior, sort_keys=True)),
+            )
+
+    def option_prior(self, prompt_id: str) -> Optional[dict[str, float]]:
+        """The option prior recorded for `prompt_id`, or None (made without calibration)."""
+        with self._lock:
+            row = self._db.execute("SELECT prior FROM option_priors WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        if row is None:
+            return None
+        try:
+            prior = json.loads(row["prior"])
+            _check_prior(prior, prompt_id)
+        except (ValueError, TypeError) as error:
+            raise DamagedPromptError(prompt_id, f"its option prior is damaged ({error})") from None
+        return prior
 
     # --------------------------------------------------------------------------------------------------------- jobs
 

@@ -47,7 +47,7 @@ async def create_prompt(
     ),
 ) -> JSONResponse:
     made, outcome = await service.create_prompt(
-        body.task, as_shots(body.shots), body.num_demonstrations, body.refine_steps, wait
+        body.task, as_shots(body.shots), body.num_demonstrations, body.refine_steps, wait, body.calibrate
     )
     return JSONResponse(made.model_dump(exclude_none=True), status_code=STATUS_CODES.get(outcome, 201))
 
