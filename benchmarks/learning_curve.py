@@ -3,7 +3,7 @@
     PEFT_METAL_DATA=../shared python benchmarks/learning_curve.py --run runs/smollm2-metaicl [--run ...]
         [--panel dev-panel | dev-panel-tasks | bigbench-panel] [--metric macro_f1 | score]
         [--checkpoints 60,240 | default: every checkpoint] [--untrained] [--methods metal,metal+demos] [--queries 100]
-        [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)]
+        [--refine-steps 20 --refine-lr 1e-2 (for metal+refine, metal+demos+refine)] [--calibration shots]
         [--references RESULTS.json] [--seeds 100,13 (some of the panel's draws)] [--name learning_curve]
 
 A run continued from a saved PGM (`init_from`) counts the episodes that PGM had seen. Each checkpoint's PGM is scored with `evaluate` on the dev panel (its tasks, queries and seeds), frozen weights in the
@@ -173,7 +173,14 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="also score the PGM each run started from (step 0: its init_from PGM, else a fresh one)")
     parser.add_argument("--methods", default="metal,metal+demos")
     parser.add_argument("--panel", choices=list(PANELS), default=DEV_PANEL.name)
-    parser.add_argument("--metric", default="macro_f1", help="macro_f1 (MetaICL's) or score (the headline accuracy)")
+    parser.add_argument(
+        "--metric", default="macro_f1",
+        help="macro_f1 (MetaICL's), macro_f1_calibrated (with --calibration shots) or score (the headline accuracy)",
+    )
+    parser.add_argument(
+        "--calibration", choices=("none", "shots"), default="none",
+        help="shots: also score calibrated from the shots (points already in <name>.json are not rescored: use a new --name)",
+    )
     parser.add_argument("--queries", type=int, help="queries per task and seed (default: the panel's)")
     parser.add_argument("--refine-steps", default="10", help="the refined methods' step count(s), as peft-metal eval")
     parser.add_argument("--refine-lr", type=float, help="the refined methods' Adam learning rate (default: refine_prompt's)")
@@ -189,7 +196,8 @@ def main() -> None:
     done = {(p["run"], p["step"], seeds_label(p)) for p in read_report(path)["points"]}
     tasks = load_panel_tasks(panel)
     settings = EvaluationSettings(
-        args.methods, panel.shots, args.queries or panel.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr
+        args.methods, panel.shots, args.queries or panel.queries, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+        calibration=args.calibration,
     )
     wanted = [int(step) for step in args.checkpoints.split(",")] if args.checkpoints else None
     for run in args.run:
