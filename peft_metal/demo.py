@@ -4,7 +4,8 @@ For each dev task the demo makes the prompt from 16 shots, shows it, and scores 
 demonstrations), MetaL-Prompt (the 16 shots read by the PGM, no demonstrations) and MetaL-Prompt as served at its
 best on the dev panel (`metal+demos+refine`: 12 shots read by the PGM, the prompt refined 10 steps on them, 4 kept as
 demonstrations) on the same seeded queries, with the prompt-creation time and the tokens the LM reads per query
-before each query; then one summary line.
+before each query; every method is also scored calibrated from the shots (`--calibration shots` of `peft-metal eval`,
+the server's `calibrate`); then one summary line.
 
 The dev tasks are four of MetaICL's dev tasks under MetaICL's protocol (one seed's 16 given demonstrations), found
 through `$PEFT_METAL_DATA` (`data.corpora`). Without them it runs on the project's own example tasks instead
@@ -73,10 +74,10 @@ def run_demo(
     for task in loaded:
         example_shots, _ = task.split(shots, queries, seed)
         print(f"[{task.name}] {describe_prompt(model, tokenizer, [e.as_shot() for e in example_shots])}")
-    results = evaluate(model, tokenizer, loaded, list(DEMO_METHODS), shots, queries, seed)
+    results = evaluate(model, tokenizer, loaded, list(DEMO_METHODS), shots, queries, seed, calibration="shots")
     settings = {
         "pgm": pgm_source, "tasks": [task.name for task in loaded], "task_source": task_source, "shots": shots,
-        "queries": queries, "seed": seed,
+        "queries": queries, "seed": seed, "calibration": "shots",
     }
     paths = write_results(results, output, settings=settings)
     print(paths["markdown"].read_text())
@@ -86,7 +87,8 @@ def run_demo(
 
 
 def summary_line(results: Sequence[dict[str, Any]]) -> str:
-    """Mean accuracy, prompt-creation time and context tokens per query, by method, on one line."""
+    """Mean accuracy (and macro-F1, raw and calibrated from the shots, where every task could be calibrated),
+    prompt-creation time and context tokens per query, by method, on one line."""
     parts = []
     for method in DEMO_METHODS:
         records = [r for r in results if r.get("method") == method and "error" not in r]
@@ -95,5 +97,10 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
         score = sum(r["score"] for r in records) / len(records)
         seconds = sum(r["prompt_seconds"] for r in records) / len(records)
         tokens = sum(r["context_tokens"] for r in records) / len(records)
-        parts.append(f"{method} {score:.3f} ({tokens:.0f} ctx tokens/query, {seconds:.2f} s prompt)")
+        f1 = ""
+        if all("macro_f1_calibrated" in r for r in records):
+            raw = sum(r["macro_f1"] for r in records) / len(records)
+            calibrated = sum(r["macro_f1_calibrated"] for r in records) / len(records)
+            f1 = f", macro-F1 {raw:.3f}, calibrated {calibrated:.3f}"
+        parts.append(f"{method} {score:.3f}{f1} ({tokens:.0f} ctx tokens/query, {seconds:.2f} s prompt)")
     return "SUMMARY: " + "; ".join(parts)

@@ -114,7 +114,16 @@ def test_bad_calibration_settings_are_refused(settings, message):
         EvaluationSettings(**arguments)
 
 
-def test_a_generative_task_cannot_be_calibrated(pgm, tok):
-    task = Task("upper", [Example(w, w.upper()) for w in WORDS])
-    with pytest.raises(ValueError, match="calibration from the shots calibrates a choice between options"):
-        evaluate(pgm, tok, [task], ["zero_shot"], shots=2, queries=2, seed=0, progress=False, calibration="shots")
+def test_a_task_the_shots_cannot_calibrate_keeps_its_raw_metrics_and_says_why(pgm, tok):
+    """A generative task, and one whose queries offer options no shot offers (distractors drawn per question), are
+    scored as without calibration, with a note in place of the calibrated metrics."""
+    generative = Task("upper", [Example(w, w.upper()) for w in WORDS])
+    distractors = Task("pairs", [Example(w, w, options=(w, w[::-1])) for w in WORDS])
+    results = evaluate(pgm, tok, [generative, distractors, vowel_task()], ["zero_shot"], shots=2, queries=2, seed=0,
+                       progress=False, calibration="shots")
+    upper, pairs, vowel = results
+    assert "exact_match" in upper and "as generative" in upper["calibration"]
+    assert "acc_per_token" in pairs and "macro_f1_calibrated" not in pairs
+    assert "offered by none of the shots" in pairs["calibration"] and "calibration" not in vowel
+    table = markdown_table(results)
+    assert "Not calibrated:" in table and "- pairs / zero_shot: not applicable" in table

@@ -144,6 +144,11 @@ def test_demo_without_the_task_data_runs_on_the_example_tasks(tmp_path, capsys, 
     assert {(record["task"], record["method"]) for record in payload["results"] if "error" not in record} == {
         (task, method) for task in EXAMPLE_TASKS for method in ("zero_shot", "icl", "metal", "metal+demos+refine")
     }
+    # every method also scored calibrated from the shots, as the server's `calibrate` picks, where the shots offer
+    # every option (the two-label tasks); the tasks with distractors per question say why they are not
+    calibrated = {record["task"] for record in payload["results"] if "macro_f1_calibrated" in record}
+    assert calibrated == {"review_sentiment", "number_parity"}
+    assert all("calibration" in record for record in payload["results"] if record["task"] not in calibrated)
 
 
 def dev_task() -> str:

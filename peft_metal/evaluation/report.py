@@ -266,6 +266,10 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             f"| {method} | {len(records)} | {_mean(records, 'prompt_seconds'):.3f} | "
             f"{_mean(records, 'context_tokens'):.1f} | {_mean(records, 'eval_seconds'):.3f} |"
         )
+    notes = [record for record in _ok(results) if "calibration" in record]
+    if notes:
+        lines += ["", "Not calibrated:", ""]
+        lines += [f"- {record['task']} / {method_label(record)}: {record['calibration']}" for record in notes]
     errors = [record for record in results if "error" in record]
     if errors:
         lines += ["", "Errors:", ""]

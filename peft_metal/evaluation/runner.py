@@ -69,6 +69,7 @@ from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
 logger = logging.getLogger(__name__)
+CALIBRATION_NOTE = "calibration"  # a record's note when calibration from the shots cannot apply to its task
 
 # The metric each kind of task reports as its `score`.
 HEADLINE = {MULTIPLE_CHOICE: "acc_per_token", GENERATIVE: "exact_match"}
@@ -110,15 +111,22 @@ def _option_scores(parts, tokenizer, prepared: PreparedMethod, example: Example,
 def _score_multiple_choice(
     parts, tokenizer, prepared: PreparedMethod, queries: Sequence[Example],
     calibration_shots: Optional[Sequence[Example]] = None,
-) -> tuple[dict[str, list[float]], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Per choice rule, whether each query's pick is an answer; and the macro-F1 of the `acc_per_token` picks. With
-    `calibration_shots`, also the picks calibrated by the option prior read on those shots (`calibration`)."""
-    prior = None
+    `calibration_shots`, also the picks calibrated by the option prior read on those shots (`calibration`), or, for a
+    task whose queries offer options no shot offers (distractors drawn per question), a note saying why it cannot."""
+    prior, draw_metrics = None, {}
     if calibration_shots is not None:
         prior = option_prior([
             (shot.options, [score.mean_logprob for score in _option_scores(parts, tokenizer, prepared, shot, "shot")])
             for shot in calibration_shots
         ])
+        uncovered = sorted({option for example in queries for option in example.options or ()} - set(prior))
+        if uncovered:
+            prior, draw_metrics[CALIBRATION_NOTE] = None, (
+                f"not applicable: {len(uncovered)} options offered by queries are offered by none of the shots "
+                f"(e.g. {uncovered[:3]}), so the shots give them no prior"
+            )
     hits: dict[str, list[float]] = {}
     predictions, calibrated = [], []
     for example in queries:
@@ -132,7 +140,7 @@ def _score_multiple_choice(
             hits.setdefault(name, []).append(float(pick in example.answers))
         predictions.append(picks[CHOICE_RULE_OF_PREDICTIONS])
     golds = [example.output for example in queries]
-    draw_metrics = {MACRO_F1: macro_f1(predictions, golds)}
+    draw_metrics[MACRO_F1] = macro_f1(predictions, golds)
     if prior is not None:
         draw_metrics[MACRO_F1_CALIBRATED] = macro_f1(calibrated, golds)
     return hits, draw_metrics
@@ -172,7 +180,7 @@ def evaluate_method(
     **method_options: Any,
 ) -> dict[str, Any]:
     """One record: `method` on `task`'s queries, given its shots (`method_options`: see `prepare_method`); with
-    `calibration="shots"`, also the picks calibrated on those shots (multiple choice only)."""
+    `calibration="shots"`, also the picks calibrated on those shots (or a note saying why they cannot be)."""
     start = time.perf_counter()
     prepared = prepare_method(method, parts, tokenizer, shots, num_demonstrations, **method_options)
     setup_seconds = time.perf_counter() - start - prepared.prompt_seconds  # e.g. ICL reading its demonstrations
@@ -193,19 +201,18 @@ def evaluate_prepared(
     calibration_shots: Optional[Sequence[Example]] = None,
 ) -> dict[str, Any]:
     """One record: `task`'s queries scored after a context already set up (by `prepare_method`, or by a benchmark
-    that builds its own, e.g. a pruned cache), as every method is scored; with `calibration_shots` (multiple choice
-    only), also the picks calibrated from them (`calibration`)."""
+    that builds its own, e.g. a pruned cache), as every method is scored; with `calibration_shots`, also the picks
+    calibrated from them (`calibration`), or a `calibration` note saying why they cannot be."""
     start = time.perf_counter()
     draw_metrics = {}
     if metric == MULTIPLE_CHOICE:
         values, draw_metrics = _score_multiple_choice(parts, tokenizer, prepared, queries, calibration_shots)
-    elif calibration_shots is not None:
-        raise ValueError(
-            f"Task {task.name!r} is scored as {metric}, but calibration from the shots calibrates a choice between "
-            "options: evaluate it without calibration, or as multiple choice if its examples have options."
-        )
     else:
         values = _score_generative(parts, tokenizer, prepared, queries, max_new_tokens)
+        if calibration_shots is not None:
+            draw_metrics[CALIBRATION_NOTE] = (
+                f"not applicable: calibration calibrates a choice among options, and the task is scored as {metric}"
+            )
     synchronize(model_device(parts.lm))
     record = {
         "task": task.name,
