@@ -73,6 +73,18 @@ def test_a_calibrated_prompt_records_the_prior_of_its_shots_and_completions_divi
     assert again.status_code == 200 and again.json()["option_prior"] == prior  # recorded once, read back
 
 
+def test_the_shots_are_read_a_batch_at_a_time_to_the_same_prior(tmp_path, tok, monkeypatch):
+    """Many shots are read in model steps of CALIBRATION_BATCH, completions served between: the prior is the same."""
+    import peft_metal.serving.service as service
+
+    priors = []
+    for batch in (len(SHOTS), 3):
+        monkeypatch.setattr(service, "CALIBRATION_BATCH", batch)
+        with TestClient(create_app(make_pgm("llama", "prefix"), tok, PromptStore(tmp_path / f"s{batch}"))) as client:
+            priors.append(client.post("/v1/prompts", json={"task": "t", "shots": SHOTS, "calibrate": True}).json()["option_prior"])
+    assert priors[0] == pytest.approx(priors[1])
+
+
 def test_a_prompt_made_without_calibrate_is_calibrated_by_asking_again(served):
     client, _, store = served
     first = client.post("/v1/prompts", json={"task": "sentiment", "shots": SHOTS})

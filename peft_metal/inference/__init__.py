@@ -18,7 +18,6 @@ from .calibration import (
     calibrated_scores,
     option_log_probabilities,
     option_prior,
-    read_option_prior,
 )
 from .context import Context, empty_context, extend_context, prompt_context
 from .decoding import EOS, LENGTH, STOP, Generation, Sampling, generate
@@ -52,7 +51,6 @@ __all__ = [
     "option_log_probabilities",
     "option_prior",
     "prompt_context",
-    "read_option_prior",
     "read_queries",
     "score_options",
     "score_tokens",

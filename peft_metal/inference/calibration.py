@@ -17,11 +17,8 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from .answers import best_option
-from .context import Context
-from .scoring import score_options
 
 CALIBRATIONS = ("none", "shots")
 
@@ -66,11 +63,3 @@ def calibrated_pick(options: Sequence[str], mean_logprobs: Sequence[float], prio
     """The option with the highest probability divided by its prior."""
     return options[best_option(calibrated_scores(options, mean_logprobs, prior))]
 
-
-def read_option_prior(
-    lm: Any, context: Context, queries: Sequence[Sequence[int]], labels: Sequence[str], label_ids: Sequence[Sequence[int]]
-) -> dict[str, float]:
-    """The prior `context` gives `labels`: every query (a shot's formatted input) read after it, every label (its
-    formatted answer, `label_ids`) scored as an option, and the mean of their distributions over the labels."""
-    scores = score_options(lm, context, queries, [list(label_ids)] * len(queries))
-    return option_prior([(labels, [score.mean_logprob for score in row]) for row in scores])

@@ -29,6 +29,7 @@ import torch
 from ..inference import (
     EOS,
     STOP,
+    Context,
     ContinuationScore,
     Generation,
     ModelParts,
@@ -44,8 +45,8 @@ from ..inference import (
     has_stop,
     max_context_length,
     model_device,
+    option_prior,
     prompt_context,
-    read_option_prior,
     score_options,
     score_tokens,
 )
@@ -95,6 +96,7 @@ DEFAULT_MAX_SHOTS = 512  # shots in one prompt request
 DEFAULT_MAX_REQUEST_TOKENS = 32768  # tokens one completion request makes the LM read and generate
 DEFAULT_MAX_STREAMS = 16  # streamed completions open at once
 DEFAULT_MAX_REFINE_JOBS = 2  # prompts refined at once
+CALIBRATION_BATCH = 16  # shots read per model step when a prompt's option prior is read
 METAL_MODEL_PREFIX = "metal:"  # a stored prompt, named as a model
 # What `create_prompt` did: found the prompt stored, made it now, or started refining it (a job).
 CACHED, CREATED, ACCEPTED = "cached", "created", "accepted"
@@ -414,7 +416,8 @@ class Service:
     async def _calibrated(self, prompt_id: str, prompt: GeneratedPrompt, shots: Shots) -> dict[str, float]:
         """The option prior recorded for a stored prompt; read on its shots and recorded first if it has none. The
         labels are the shots' distinct outputs; each shot's input is read after the prompt (and its demonstrations)
-        as a templated query, and every label scored as its answer (`inference.read_option_prior`)."""
+        as a templated query, every label scored as its answer, and the mean of their distributions taken
+        (`inference.option_prior`). The shots are read a batch at a time, completions served between batches."""
         prior = await self.in_store(self.store.option_prior, prompt_id)
         if prior is not None:
             return prior
@@ -423,13 +426,21 @@ class Service:
         queries = [self.encode(template.format_query(text)) for text, _ in shots]
         label_ids = [self.encode(template.format_answer(label)) for label in labels]
 
-        def read() -> dict[str, float]:
+        def read_prompt() -> Context:
             with self.parts.lora_off():
                 context = prompt_context(self.lm, prompt.to(model_device(self.lm)))
-                check_fits(self.lm, context.length, max(map(len, queries)), max(map(len, label_ids)), "longest label")
-                return read_option_prior(self.lm, context, queries, labels, label_ids)
+            check_fits(self.lm, context.length, max(map(len, queries)), max(map(len, label_ids)), "longest label")
+            return context
 
-        prior = await self.batcher.run_step(read)
+        def score(batch: list[list[int]]) -> list[tuple[list[str], list[float]]]:
+            rows = score_options(self.lm, context, batch, [label_ids] * len(batch))
+            return [(labels, [score.mean_logprob for score in row]) for row in rows]
+
+        context = await self.batcher.run_step(read_prompt)
+        scored = []
+        for start in range(0, len(queries), CALIBRATION_BATCH):
+            scored += await self.batcher.run_step(score, queries[start : start + CALIBRATION_BATCH])
+        prior = option_prior(scored)
         await self.in_store(self.store.put_option_prior, prompt_id, prior)
         return prior
 
