@@ -58,6 +58,7 @@ def test_a_calibrated_prompt_records_the_prior_of_its_shots_and_completions_divi
     shot_scores = _reference(model, tok, context, [shot["input"] for shot in SHOTS], LABELS)
     assert prior == pytest.approx(option_prior([(LABELS, row) for row in shot_scores]))
     assert sum(prior.values()) == pytest.approx(1.0) and store.option_prior(prompt_id) == prior
+    assert client.get(f"/v1/prompts/{prompt_id}").json()["option_prior"] == prior  # its status shows it
 
     response = _complete(client, prompt_id, calibrate=True)
     assert response.status_code == 200, response.text

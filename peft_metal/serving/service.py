@@ -544,11 +544,15 @@ class Service:
 
     async def prompt_info(self, prompt_id: str) -> dict[str, Any]:
         """The index row and, from the prompt's file (a read, not a use: no hit is counted), its `refinement` (the
-        gradient steps it was tuned by, if any) and, for a prompt of vocabulary tokens, its `token_ids` and `text`
-        (plain text any LM service can use) and the demonstrations' text."""
+        gradient steps it was tuned by, if any), its `option_prior` if it was made with calibrate, and, for a prompt
+        of vocabulary tokens, its `token_ids` and `text` (plain text any LM service can use) and the demonstrations'
+        text."""
         info = await self.in_store(self.store.info, prompt_id)
         prompt = await self.in_store(self.store.get, prompt_id, "cpu", False)
         info["refinement"] = prompt.refinement
+        prior = await self.in_store(self.store.option_prior, prompt_id)
+        if prior is not None:
+            info["option_prior"] = prior
         if prompt.is_text:
             info.update(token_ids=prompt.token_ids.tolist(), text=prompt.text, demonstrations_text=prompt.demonstrations_text)
         return info
