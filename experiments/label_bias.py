@@ -30,7 +30,7 @@ from peft_metal.evaluation.methods import PreparedMethod, option_ids, prepare_me
 from peft_metal.evaluation.metrics import macro_f1
 from peft_metal.evaluation.panels import DEV_PANEL
 from peft_metal.evaluation.tasks import load_panel_tasks
-from peft_metal.inference import ModelParts, score_options
+from peft_metal.inference import ModelParts, best_option, calibrated_pick, option_prior, score_options
 from peft_metal.pgm import load_pgm
 from peft_metal.precision import cast_frozen_weights
 
@@ -38,22 +38,14 @@ CONTENT_FREE = "N/A"
 RULES = ("raw", "shots", "content_free")
 
 
-def option_probabilities(parts, tokenizer, prepared: PreparedMethod, inputs: Sequence[str], options: Sequence[str]) -> torch.Tensor:
-    """P(option | context, input) over the options (softmax of their mean log-probabilities per token: evaluation's
-    rule), one row per input."""
+def mean_logprobs(parts, tokenizer, prepared: PreparedMethod, inputs: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+    """Each option's mean log-probability per answer token (evaluation's rule) after the context and each input."""
     ids = option_ids(parts, tokenizer, options)
     rows = []
     for text in inputs:
         context, query = query_input(parts, tokenizer, prepared, text)
-        scores = score_options(parts.lm, context, [query], [ids])[0]
-        rows.append(torch.tensor([score.mean_logprob for score in scores]).softmax(-1))
-    return torch.stack(rows)
-
-
-def picks(probabilities: torch.Tensor, prior: torch.Tensor | None, options: Sequence[str]) -> list[str]:
-    """Each row's option, after dividing out `prior` (None: as scored)."""
-    scores = probabilities.log() - (prior.log() if prior is not None else 0)
-    return [options[index] for index in scores.argmax(-1).tolist()]
+        rows.append([score.mean_logprob for score in score_options(parts.lm, context, [query], [ids])[0]])
+    return rows
 
 
 def task_record(parts, tokenizer, task, method: str, shots: Sequence[Example], queries: Sequence[Example], seed: int) -> dict[str, Any]:
@@ -61,17 +53,19 @@ def task_record(parts, tokenizer, task, method: str, shots: Sequence[Example], q
     if any(list(query.options) != options for query in queries):
         raise SystemExit(f"{task.name}: queries with different option lists; this probe needs one label set per task.")
     prepared = prepare_method(method, parts, tokenizer, shots, seed=seed)
-    probabilities = option_probabilities(parts, tokenizer, prepared, [q.input for q in queries], options)
-    priors = {
-        "raw": None,
-        "shots": option_probabilities(parts, tokenizer, prepared, [s.input for s in shots], options).mean(0),
-        "content_free": option_probabilities(parts, tokenizer, prepared, [CONTENT_FREE], options)[0],
+    rows = mean_logprobs(parts, tokenizer, prepared, [q.input for q in queries], options)
+    priors = {  # the product's rules (inference.calibration); "N/A" is Zhao et al.'s content-free input
+        rule: option_prior([(options, row) for row in mean_logprobs(parts, tokenizer, prepared, inputs, options)])
+        for rule, inputs in (("shots", [s.input for s in shots]), ("content_free", [CONTENT_FREE]))
     }
     golds = [query.output for query in queries]
     record: dict[str, Any] = {"task": task.name, "method": method, "seed": seed, "n": len(queries),
                               "metric": "macro_f1", "context_tokens": prepared.context_tokens}
-    for rule, prior in priors.items():
-        predicted = picks(probabilities, prior, options)
+    for rule in RULES:
+        if rule == "raw":
+            predicted = [options[best_option(row)] for row in rows]
+        else:
+            predicted = [calibrated_pick(options, row, priors[rule]) for row in rows]
         record[f"macro_f1_{rule}"] = macro_f1(predicted, golds)
         record[f"acc_{rule}"] = sum(p == g for p, g in zip(predicted, golds)) / len(golds)
         record[f"top_share_{rule}"] = Counter(predicted).most_common(1)[0][1] / len(predicted)
