@@ -10,7 +10,7 @@ larger than how much it moves from one draw of shots and queries to the next?
 
 Each `--series` is a name and one `FILE[:KEY.PATH]=LABEL` per draw (as `paired_difference.py` reads them), draws in
 the same order in every series (`LABEL#SEEDS` picks some seeds of a run of several; `--metric macro_f1` for MetaICL's
-panel). The tasks are fixed (the panel's); what is random is each draw's shots and queries.
+panel; `LABEL:METRIC` scores one draw by a metric of its own, e.g. `metal#100:macro_f1_calibrated`). The tasks are fixed (the panel's); what is random is each draw's shots and queries.
 So a series' error is, per task, the variance of its score across draws over the number of draws, summed over tasks,
 square root, over the number of tasks; and each series is compared with the first draw by draw (the same shots and
 queries), the per-task differences' spread across draws giving the error of the mean difference. Writes `<name>.json`

@@ -5,9 +5,10 @@
         benchmarks/results/precision_eval.json:runs.bf16=icl benchmarks/results/dev_panel_p_tuning.json=p_tuning \
         [--name paired_difference]
 
-Each argument is `FILE[:KEY.PATH]=LABEL[#SEEDS]`: an evaluation results file (`peft-metal eval --output`, or a benchmark's
+Each argument is `FILE[:KEY.PATH]=LABEL[#SEEDS][:METRIC]`: an evaluation results file (`peft-metal eval --output`, or a benchmark's
 JSON, where `KEY.PATH` leads to the object holding its records, a list's items by index: `points.3`) and a method's column label (`metal+refine@20`), optionally with the seeds whose draws to keep (`icl#21`; `--metric
-macro_f1` keeps MetaICL's per seed). The
+macro_f1` keeps MetaICL's per seed) and a metric of its own instead of `--metric` (`metal:macro_f1_calibrated`, to
+compare one method calibrated from the shots with another as scored). The
 first is compared with each of the others. Two runs of the panel with the same seeds score the same questions, so the
 per-task differences carry the shared draw once: their mean and its standard error across tasks (sd / sqrt(tasks))
 say more than two means, each ± its own error, side by side. Writes `<name>.json` and `.md` under benchmarks/results.
@@ -44,9 +45,13 @@ def task_score(record: dict[str, Any], metric: str, seeds: list[int] | None, run
 def records_of(
     argument: str, metric: str = "score", seeds: list[int] | None = None
 ) -> tuple[str, dict[str, float], dict[str, Any]]:
-    """The label, its score per task, and the run's settings (tasks, seeds, queries) from `FILE[:KEY.PATH]=LABEL`
-    or `FILE[:KEY.PATH]=LABEL#SEEDS` (only those seeds' draws of a run of several, e.g. `icl#21` or `icl#42,87`)."""
+    """The label, its score per task, and the run's settings (tasks, seeds, queries) from `FILE[:KEY.PATH]=LABEL`,
+    `FILE[:KEY.PATH]=LABEL#SEEDS` (only those seeds' draws of a run of several, e.g. `icl#21` or `icl#42,87`), either
+    followed by `:METRIC` (this one's metric instead of `metric`, e.g. `metal#100:macro_f1_calibrated`)."""
     source, _, label = argument.rpartition("=")
+    label, colon, own_metric = label.partition(":")
+    if colon:
+        metric = own_metric
     label, _, own_seeds = label.partition("#")
     if own_seeds:
         seeds = [int(seed) for seed in own_seeds.split(",")]
@@ -68,7 +73,8 @@ def records_of(
     settings = data.get("settings", {})
     name = Path(path).name + (f":{key_path}" if key_path else "")  # points.1 and points.2 of one file told apart
     used_seeds = seeds if seeds is not None else settings.get("seeds")
-    return label, scores, {"file": source, "name": name, "seeds": used_seeds, "queries": settings.get("queries")}
+    shown = f"{label}:{metric}" if colon else label  # a row scored by its own metric says which
+    return shown, scores, {"file": source, "name": name, "seeds": used_seeds, "queries": settings.get("queries"), "metric": metric}
 
 
 def main() -> None:
