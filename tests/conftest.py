@@ -75,6 +75,13 @@ requires_tasks = pytest.mark.skipif(
 
 SHOTS = [("good movie", "positive"), ("bad film", "negative"), ("great", "positive")]
 QUERIES = ["Input: nice\nOutput:", "Input: awful film\nOutput:"]
+# The shots the serving tests send, as the API's JSON objects.
+SERVED_SHOTS = [
+    {"input": "good movie", "output": "positive"},
+    {"input": "bad film", "output": "negative"},
+    {"input": "great", "output": "positive"},
+    {"input": "awful", "output": "negative"},
+]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

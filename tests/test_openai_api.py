@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_pgm, serve_on_loopback
+from conftest import SERVED_SHOTS, make_pgm, serve_on_loopback
 
 from peft_metal.data import Example, Task
 from peft_metal.evaluation import evaluate
@@ -19,12 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 API_KEY = "test-key"
-SHOTS = [
-    {"input": "good movie", "output": "positive"},
-    {"input": "bad film", "output": "negative"},
-    {"input": "great", "output": "positive"},
-    {"input": "awful", "output": "negative"},
-]
+SHOTS = SERVED_SHOTS
 
 
 @pytest.fixture(scope="module")

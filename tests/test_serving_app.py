@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import MAX_POSITIONS, K, build_tokenizer, make_pgm
+from conftest import MAX_POSITIONS, SERVED_SHOTS, K, build_tokenizer, make_pgm
 from fastapi.testclient import TestClient
 
 from peft_metal.inference import (
@@ -27,12 +27,7 @@ from peft_metal.inference import (
 from peft_metal.serving.app import create_app
 from peft_metal.serving.store import PromptStore
 
-SHOTS = [
-    {"input": "good movie", "output": "positive"},
-    {"input": "bad film", "output": "negative"},
-    {"input": "great", "output": "positive"},
-    {"input": "awful", "output": "negative"},
-]
+SHOTS = SERVED_SHOTS
 INPUTS = ["nice", "a dull film", "wonderful acting", "x", "so bad", "fine", "the worst movie ever", "ok"]
 OPTIONS = ["positive", "negative", "neutral"]
 

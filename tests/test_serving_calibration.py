@@ -4,19 +4,14 @@ labels (the same the evaluation's calibration reads), and completions with `cali
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer, make_pgm
+from conftest import SERVED_SHOTS, build_tokenizer, make_pgm
 from fastapi.testclient import TestClient
 
 from peft_metal.inference import calibrated_scores, option_prior, prompt_context, score_options
 from peft_metal.serving.app import create_app
 from peft_metal.serving.store import PromptStore
 
-SHOTS = [
-    {"input": "good movie", "output": "positive"},
-    {"input": "bad film", "output": "negative"},
-    {"input": "great", "output": "positive"},
-    {"input": "awful", "output": "negative"},
-]
+SHOTS = SERVED_SHOTS
 LABELS = ["positive", "negative"]
 INPUTS = ["nice", "a dull film", "wonderful acting", "so bad"]
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_pgm
+from conftest import SERVED_SHOTS, build_tokenizer, make_pgm
 from fastapi.testclient import TestClient
 
 from peft_metal import Refinement
@@ -18,12 +18,7 @@ from peft_metal.metal_prompt.refine import PromptTuning
 from peft_metal.serving.app import create_app
 from peft_metal.serving.store import PromptStore
 
-SHOTS = [
-    {"input": "good movie", "output": "positive"},
-    {"input": "bad film", "output": "negative"},
-    {"input": "great", "output": "positive"},
-    {"input": "awful", "output": "negative"},
-]
+SHOTS = SERVED_SHOTS
 OPTIONS = ["positive", "negative"]
 STEP_S = 0.1  # each refinement step is slowed by this much, so a job lasts long enough to act on it meanwhile
 
