@@ -71,6 +71,7 @@ MACRO_F1 = "macro_f1"
 ACC_CALIBRATED = "acc_calibrated"
 MACRO_F1_CALIBRATED = "macro_f1_calibrated"
 DRAW_METRICS = (MACRO_F1, MACRO_F1_CALIBRATED)
+CALIBRATION_NOTE = "calibration"  # a record's note when calibration from the shots cannot apply to its task
 CHOICE_RULE_OF_PREDICTIONS = "acc_per_token"
 GENERATIVE_METRICS = ("exact_match", "token_f1")
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from .metrics import (
     ACC_CALIBRATED,
+    CALIBRATION_NOTE,
     DRAW_METRICS,
     GENERATIVE_METRICS,
     MACRO_F1,
@@ -266,10 +267,10 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             f"| {method} | {len(records)} | {_mean(records, 'prompt_seconds'):.3f} | "
             f"{_mean(records, 'context_tokens'):.1f} | {_mean(records, 'eval_seconds'):.3f} |"
         )
-    notes = [record for record in _ok(results) if "calibration" in record]
+    notes = [record for record in _ok(results) if CALIBRATION_NOTE in record]
     if notes:
         lines += ["", "Not calibrated:", ""]
-        lines += [f"- {record['task']} / {method_label(record)}: {record['calibration']}" for record in notes]
+        lines += [f"- {record['task']} / {method_label(record)}: {record[CALIBRATION_NOTE]}" for record in notes]
     errors = [record for record in results if "error" in record]
     if errors:
         lines += ["", "Errors:", ""]

@@ -56,6 +56,7 @@ from .methods import (
 )
 from .metrics import (
     ACC_CALIBRATED,
+    CALIBRATION_NOTE,
     CHOICE_RULE_OF_PREDICTIONS,
     MACRO_F1,
     MACRO_F1_CALIBRATED,
@@ -69,7 +70,6 @@ from .settings import DEFAULT_MAX_NEW_TOKENS, METRICS, EvaluationSettings
 from .timing import synchronize
 
 logger = logging.getLogger(__name__)
-CALIBRATION_NOTE = "calibration"  # a record's note when calibration from the shots cannot apply to its task
 
 # The metric each kind of task reports as its `score`.
 HEADLINE = {MULTIPLE_CHOICE: "acc_per_token", GENERATIVE: "exact_match"}
