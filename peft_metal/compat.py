@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import shutil
+import sysconfig
 import warnings
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -199,3 +202,79 @@ def give_the_head_contiguous_input(lm: PreTrainedModel) -> None:
         return
     head.register_forward_pre_hook(_contiguous_input)
     head._peft_metal_contiguous_input = True
+
+
+# Decoders whose layers are Llama's: pre-norm RMSNorm, rotary queries and keys, grouped-query attention without a
+# sliding window or per-head norms, a gated MLP. Qwen2 only adds biases to the projections, which its Linears hold.
+LLAMA_STYLE_MODEL_TYPES = ("llama", "qwen2")
+_LLAMA_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_LLAMA_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class DecoderParts(NamedTuple):
+    """The modules of a Llama-style causal LM that a pass written as plain tensor code (inference/graded_pass.py)
+    calls in turn, with the attention shapes it needs."""
+
+    layers: nn.ModuleList
+    rotary: nn.Module  # (hidden, position_ids) -> (cos, sin), each rows x positions x head_dim
+    norm: nn.Module
+    head: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def plain_linear(module: nn.Module) -> nn.Module:
+    """The frozen Linear inside a PEFT tuner layer (the module itself when it is not wrapped): the LM's own weights,
+    as the LM reads with LoRA off."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def llama_style_parts(lm: PreTrainedModel) -> DecoderParts:
+    """The decoder modules of `lm` (a Llama or Qwen2 causal LM), read from their transformers 5 attribute names;
+    a ValueError names what is missing for any other architecture."""
+    config = lm.config.get_text_config(decoder=True)
+    if config.model_type not in LLAMA_STYLE_MODEL_TYPES:
+        raise ValueError(f"a {config.model_type!r} decoder is not Llama-style (supported: {LLAMA_STYLE_MODEL_TYPES})")
+    if getattr(config, "use_sliding_window", False) or getattr(config, "layer_types", None) and any(
+        kind != "full_attention" for kind in config.layer_types
+    ):
+        raise ValueError("this decoder has sliding-window layers, which the graded pass does not model")
+    decoder = lm.get_decoder()
+    for name in ("layers", "rotary_emb", "norm"):
+        if not hasattr(decoder, name):
+            raise ValueError(f"the decoder has no {name!r}: this transformers names a Llama decoder's parts differently")
+    for layer in decoder.layers:
+        missing = [n for n in _LLAMA_LAYER_PARTS if not hasattr(layer, n)]
+        missing += [n for n in _LLAMA_ATTENTION_PARTS if not hasattr(layer.self_attn, n)]
+        if missing or hasattr(layer.self_attn, "q_norm"):
+            raise ValueError(f"a decoder layer is not Llama's (missing {missing} or has per-head norms)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return DecoderParts(
+        decoder.layers, decoder.rotary_emb, decoder.norm, lm.get_output_embeddings(), config.num_attention_heads,
+        kv_heads, head_dim,
+    )
+
+
+def inductor_missing() -> Optional[str]:
+    """Why inductor cannot compile on this machine (it needs its own module and a C++ compiler for CPU kernels, and
+    the Python headers), or None."""
+    try:
+        import torch._inductor  # noqa: F401  (private, but the only way to ask whether this torch has it)
+    except ImportError as error:
+        return f"this torch has no inductor ({error})"
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        return f"inductor needs a C++ compiler on the PATH and {compiler!r} is not there (set CXX)"
+    include = sysconfig.get_paths().get("include")
+    if not include or not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"inductor needs Python's headers and {include}/Python.h is missing (install python3-dev)"
+    return None
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions `torch.compile` raises when its backend fails on a graph (dynamo keeps them in a private module)."""
+    from torch._dynamo import exc
+
+    return (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.Unsupported)

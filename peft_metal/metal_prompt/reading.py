@@ -26,6 +26,7 @@ from ..compat import (
     returned_cache,
 )
 from ..designs import get_design
+from .graded_pass import GradedPass
 from .packing import pack_queries as pack_queries_of
 from .packing import packed_mask
 from .prompt import GeneratedPrompt
@@ -142,6 +143,7 @@ def forward_with_prompt(
     gradient_from_answers_only: bool = False,
     reading_attention: Optional[str] = None,
     pack_queries: bool = False,
+    graded_pass: Optional[GradedPass] = None,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
     """Logits (and the causal LM loss over `labels`) at the query positions only, as `lm(input_ids)` would give them;
@@ -162,6 +164,9 @@ def forward_with_prompt(
     With `pack_queries` (only with `gradient_from_answers_only`, without `use_cache`) the queries are read as packed
     rows instead of a padded batch (`packing.py`): the same loss, without work on padding; `logits` then covers the
     packed row's graded positions (1 x tokens x vocab), so use it only for the loss.
+
+    With a `graded_pass` (`graded_pass.py`, without `use_cache`) the last read, of the positions that carry the
+    gradient, is that bucketed pass (compiled or not) instead of transformers' forward: the same logits.
 
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
@@ -192,9 +197,14 @@ def forward_with_prompt(
             lm, layers, query_embeds[:, :ungraded], full_mask[:, : prompt.context_length + ungraded], reading_attention
         )
         query_embeds = query_embeds[:, ungraded:]
-    cache = expand_cache(layers, batch_size)  # batch-1 layers repeat per row; rows read without gradient stay as they are
-    outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
-    logits = outputs.logits[:, -kept:]
+    if graded_pass is not None and not use_cache:
+        positions = positions_from_mask(full_mask)[:, -query_embeds.shape[1] :]
+        logits = graded_pass(layers, query_embeds, full_mask, positions)[:, -kept:]
+        outputs = None
+    else:
+        cache = expand_cache(layers, batch_size)  # batch-1 layers repeat per row; rows read without gradient stay as they are
+        outputs = _run_after_cache(lm, query_embeds, full_mask, cache, use_cache=use_cache, **kwargs)
+        logits = outputs.logits[:, -kept:]
     loss = None
     if labels is not None:
         loss = F.cross_entropy(

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..metal_prompt.graded_pass import DEFAULT_BUCKETS
 from ..metal_prompt.refine import DEFAULT_BATCH_SIZE, Refinement, check_refinement
 
 # "auto": bf16 where the hardware multiplies it fast (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32;
@@ -86,6 +87,12 @@ class TrainingArguments:
     # on the BIG-bench-format tasks, whose long queries make the packed rows' attention, quadratic in all of an
     # episode's query tokens, outweigh the padding saved (benchmarks/results/train_throughput_{metaicl,tasks}.md).
     pack_queries: bool = False
+    # With `gradient_from_answers_only`: run the answers' graded pass as plain tensor code compiled by inductor, its
+    # lengths padded up to `graded_pass_buckets` (keys before the answers; metal_prompt/graded_pass.py). Where it
+    # cannot run (no bf16 hardware, no inductor, not a Llama-style LM) the run goes eager and logs why once. A run
+    # whose longest possible episode needs more keys than the largest bucket is refused before it starts.
+    compile_graded_pass: bool = False
+    graded_pass_buckets: list[int] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     # A folder of refined prompts, one per train task (`peft-metal prompt-targets`), and the weight of the loss that
     # pulls each episode's prompt towards its task's target (training/prompt_targets.py).
     prompt_targets: Optional[str] = None
@@ -175,6 +182,14 @@ class TrainingArguments:
             )
         if self.grow_slots and self.init_from is None:
             raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
+        if self.compile_graded_pass and (not self.gradient_from_answers_only or self.pack_queries):
+            raise ValueError(
+                "compile_graded_pass compiles the answers' pass of a padded query batch: it needs "
+                "gradient_from_answers_only true and pack_queries false."
+            )
+        buckets = self.graded_pass_buckets
+        if not buckets or any(size <= 0 for size in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"graded_pass_buckets must be positive lengths in increasing order, got {buckets}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 

@@ -32,6 +32,7 @@ from ..compat import (
 from ..data import Episode
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode
 from ..metal_prompt import ShotTemplate
+from ..metal_prompt.graded_pass import GradedPass
 from ..metal_prompt.model import ReadShots
 from ..metal_prompt.prompt import GeneratedPrompt
 from ..metal_prompt.queries import QueryBatch, encode_queries
@@ -78,6 +79,7 @@ class EpisodeLoss(nn.Module):
         refinement: Optional[Refinement] = None,
         task_contrast_weight: float = 0.0,
         pack_queries: bool = False,
+        graded_pass: Optional[GradedPass] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -104,6 +106,8 @@ class EpisodeLoss(nn.Module):
         self.task_contrast_weight = task_contrast_weight
         # Queries scored only for their loss are read as packed rows, not a padded batch (metal_prompt/packing.py).
         self.pack_queries = pack_queries and gradient_from_answers_only
+        # The answers' graded pass of the reads scored only for their loss, bucketed and maybe compiled (graded_pass.py).
+        self.graded_pass = graded_pass if gradient_from_answers_only else None
 
     def graded_scores(self, xp_tokens: int, xl_tokens: int, batch: QueryBatch) -> int:
         """Attention scores per head and layer of an episode's largest graded pass: the PGM over XP and its slots
@@ -267,6 +271,7 @@ class EpisodeLoss(nn.Module):
             gradient_from_answers_only=self.gradient_from_answers_only,
             reading_attention=self.reading_attention,
             pack_queries=loss_only and self.pack_queries,
+            graded_pass=self.graded_pass if loss_only else None,
         )
 
     def _text_forward(self, episode: TextEpisode) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -29,7 +30,9 @@ from ..data import EpisodeSampler, Task, check_allowed, load_bigbench_tasks, tas
 from ..data.metaicl import check_metaicl_split, load_metaicl_pool, load_metaicl_splits
 from ..data.text import MIN_CONTINUATION_TOKENS, TextEpisode, TextSampler
 from ..metal_prompt import MetaLPromptConfig
+from ..metal_prompt.graded_pass import BucketTooSmallError, GradedPass, why_not_compiled
 from ..metal_prompt.model import PADDING_ATTRIBUTE
+from ..metal_prompt.reading import max_context_length
 from ..pgm import attach_pgm, check_pgm_folder, get_peft_model
 from ..precision import cast_frozen_weights, resolve_precision
 from .arguments import TrainingArguments
@@ -38,6 +41,7 @@ from .episode_loss import EpisodeLoss
 from .prompt_targets import load_prompt_targets
 
 DEV_EVAL_SEED = 12345
+logger = logging.getLogger(__name__)
 
 
 def load_split_tasks(split: str, names: Optional[list[str]] = None) -> list[Task]:
@@ -176,6 +180,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def longest_context_before_answers(tasks: list[Task], args: TrainingArguments, tokenizer, template) -> int:
+    """The most keys an episode of `tasks` can put before its answers: the prompt's slots, then as many
+    demonstrations as `xl_range` allows and a query, each as long as the longest example (tokenized one by one)."""
+    shots = [template.format_shot(example.as_shot()) for task in tasks for example in task.examples]
+    longest = max((len(ids) for ids in tokenizer(shots, add_special_tokens=False)["input_ids"]), default=0)
+    return args.num_prompt_tokens + (args.xl_range[1] + 1) * longest
+
+
 def episodes_seen(args: TrainingArguments, steps: int, num_processes: int = 1) -> int:
     """Episodes a PGM has been meta-trained on after `steps` optimizer steps of this run: every step takes
     `gradient_accumulation_steps` episodes on each process, on top of those of the PGM the run started from."""
@@ -252,6 +264,7 @@ class MetaTrainer:
                     f"are longer, so the run would have no dev loss; raise max_pgm_tokens or lower xp_range "
                     f"({list(args.xp_range)})"
                 )
+        graded_pass = self._graded_pass(train_tasks + list(dev_tasks or [])) if args.compile_graded_pass else None
         prompt_targets = None
         if args.prompt_targets is not None:
             prompt_targets = load_prompt_targets(args.prompt_targets, [task.name for task in train_tasks], self.model.base_model)
@@ -275,6 +288,7 @@ class MetaTrainer:
                 option_ranking_weight=args.option_ranking_weight,
                 refinement=args.refinement,
                 task_contrast_weight=args.task_contrast_weight,
+                graded_pass=graded_pass,
             ),
             optimizer,
             scheduler,
@@ -283,6 +297,26 @@ class MetaTrainer:
         self.skipped_long = 0
         self.skipped_short_texts = 0
         self.earlier_seconds = 0.0  # training time of the sessions before a resume, so runs compare at equal wall-clock
+
+    def _graded_pass(self, tasks: list[Task]) -> Optional[GradedPass]:
+        """The compiled graded pass `compile_graded_pass` asks for; None (transformers' forward) where this machine
+        or model cannot run it, said in one logged line. Buckets too small for the run's episodes are refused first,
+        whatever the machine."""
+        longest = longest_context_before_answers(tasks, self.args, self.tokenizer, self.model.base_model.template)
+        limit = max_context_length(self.model.get_base_model())
+        longest = min(longest, limit) if limit is not None else longest
+        if longest > self.args.graded_pass_buckets[-1]:
+            raise BucketTooSmallError(
+                f"graded_pass_buckets' largest bucket, {self.args.graded_pass_buckets[-1]} keys, is smaller than this "
+                f"run's longest episode, which can read up to {longest} keys before its answers (prompt, "
+                f"{self.args.xl_range[1]} demonstrations and a query of the longest examples): add a bucket of at "
+                f"least {longest}."
+            )
+        reason = why_not_compiled(self.model.get_base_model(), self.precision)
+        if reason is not None:
+            logger.warning("compile_graded_pass: the graded pass runs eager: %s.", reason)
+            return None
+        return GradedPass(self.model.get_base_model(), self.args.graded_pass_buckets)
 
     @property
     def log_path(self) -> Path:
