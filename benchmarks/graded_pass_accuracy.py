@@ -56,7 +56,7 @@ def main() -> None:
         trainer = MetaTrainer(training, train_tasks=dev, dev_tasks=dev)  # nothing trains: the dev tasks feed the loss
         loss, seconds = timed_dev_loss(trainer)
         row = {"path": path, "dev_loss": loss, "seconds": seconds, "episodes": len(trainer.dev_episodes)}
-        graded_pass = trainer.loss_module.graded_pass
+        graded_pass = trainer.accelerator.unwrap_model(trainer.loss_module).graded_pass
         if graded_pass is not None:
             row["compiled"] = graded_pass.compiled
             row["second_pass_loss"], row["second_pass_seconds"] = timed_dev_loss(trainer)

@@ -104,6 +104,8 @@ class GradedPass:
         self.parts = llama_style_parts(lm)
         self.buckets = tuple(buckets)
         self.compiled = compiled
+        # (rows, keys, graded) of every bucketed call so far: each is one compiled graph (one per grad mode).
+        self.shapes: set[tuple[int, int, int]] = set()
         self._read: Callable[..., torch.Tensor] = (
             torch.compile(read_after_layers, dynamic=False) if compiled else read_after_layers
         )
@@ -128,6 +130,7 @@ class GradedPass:
         embeds = F.pad(inputs_embeds, (0, 0, 0, width - graded))
         positions = F.pad(position_ids, (0, width - graded))
         mask = _bucketed_mask(attention_mask, context, graded, keys, width, embeds.dtype)
+        self.shapes.add((rows, keys, width))
         try:
             logits = self._read(self.parts, padded_layers, embeds, positions, mask)
         except compile_errors() as error:
