@@ -47,9 +47,11 @@ def test_buckets_hold_the_length_or_name_both_numbers():
     assert [graded_bucket_for(n) for n in (1, 8, 9, 33)] == [8, 8, 16, 64]
 
 
-def _loss_and_gradients(pgm, graded_pass=None) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_gradients(pgm, graded_pass=None, pack_queries: bool = False) -> tuple[float, list[torch.Tensor]]:
     """One episode's query loss through `EpisodeLoss` (answers-only gradient) and the PGM's gradients."""
-    loss_module = EpisodeLoss(pgm, build_tokenizer(), gradient_from_answers_only=True, graded_pass=graded_pass)
+    loss_module = EpisodeLoss(
+        pgm, build_tokenizer(), gradient_from_answers_only=True, pack_queries=pack_queries, graded_pass=graded_pass
+    )
     torch.manual_seed(0)
     loss = loss_module(EPISODE)["loss"]
     parameters = [p for p in pgm.parameters() if p.requires_grad]
@@ -60,12 +62,15 @@ def _loss_and_gradients(pgm, graded_pass=None) -> tuple[float, list[torch.Tensor
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("design", ["prefix", "hidden_state"])
 @pytest.mark.parametrize("scope", ["padding", "all"])
-def test_the_uncompiled_pass_is_the_lms_forward(family, design, scope):
-    """Padded keys, padded graded positions and left-padded queries change nothing: the same loss and gradients as
-    transformers' forward over the cache, in fp32. This also breaks if transformers renames a Llama layer's parts."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_uncompiled_pass_is_the_lms_forward(family, design, scope, packed):
+    """Padded keys, padded graded positions and left-padded (or packed) queries change nothing: the same loss and
+    gradients as transformers' forward over the cache, in fp32. This also breaks if transformers renames a Llama
+    layer's parts."""
     pgm = make_pgm(family, design, lora_scope=scope, padding_reparameterization="mlp").train()
-    expected_loss, expected = _loss_and_gradients(pgm)
-    loss, gradients = _loss_and_gradients(pgm, GradedPass(pgm.get_base_model(), buckets=(48, 96), compiled=False))
+    expected_loss, expected = _loss_and_gradients(pgm, pack_queries=packed)
+    graded_pass = GradedPass(pgm.get_base_model(), buckets=(48, 96, 192), compiled=False)
+    loss, gradients = _loss_and_gradients(pgm, graded_pass, pack_queries=packed)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert any(g.abs().sum() > 0 for g in expected)
     for got, want in zip(gradients, expected):
@@ -89,13 +94,14 @@ def test_the_pass_gives_the_logits_of_each_graded_position():
 
 
 @pytest.mark.skipif(inductor_missing() is not None, reason=f"no inductor here: {inductor_missing()}")
-def test_the_compiled_pass_gives_the_eager_loss_and_gradients_within_bf16_tolerance():
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_compiled_pass_gives_the_eager_loss_and_gradients_within_bf16_tolerance(packed):
     """bf16 frozen weights, as meta-training runs on a CPU with bf16 hardware; inductor compiles one graph per bucket."""
     pgm = make_pgm("llama", "prefix", lora_scope="padding", padding_reparameterization="mlp").train()
     cast_frozen_weights(pgm, "bf16")
-    expected_loss, expected = _loss_and_gradients(pgm)
-    compiled = GradedPass(pgm.get_base_model(), buckets=(128,), compiled=True)
-    loss, gradients = _loss_and_gradients(pgm, compiled)
+    expected_loss, expected = _loss_and_gradients(pgm, pack_queries=packed)
+    compiled = GradedPass(pgm.get_base_model(), buckets=(128, 256), compiled=True)
+    loss, gradients = _loss_and_gradients(pgm, compiled, pack_queries=packed)
     assert compiled.compiled, "inductor fell back to eager on this tiny graph"
     assert loss == pytest.approx(expected_loss, rel=2e-2)
     for got, want in zip(gradients, expected):
@@ -142,9 +148,7 @@ def test_buckets_smaller_than_the_runs_longest_episode_are_refused_before_traini
 
 
 def test_settings_that_cannot_use_the_compiled_pass_are_refused():
-    with pytest.raises(ValueError, match="needs gradient_from_answers_only true and pack_queries false"):
+    with pytest.raises(ValueError, match="needs gradient_from_answers_only true"):
         TrainingArguments(compile_graded_pass=True)
-    with pytest.raises(ValueError, match="needs gradient_from_answers_only true and pack_queries false"):
-        TrainingArguments(compile_graded_pass=True, gradient_from_answers_only=True, pack_queries=True)
     with pytest.raises(ValueError, match=r"graded_pass_buckets must be positive lengths in increasing order, got \[64, 32\]"):
         TrainingArguments(graded_pass_buckets=[64, 32])

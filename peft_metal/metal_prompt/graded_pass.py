@@ -114,11 +114,11 @@ class GradedPass:
         self,
         layers: list[tuple[torch.Tensor, torch.Tensor]],
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
+        allowed: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (rows x graded x vocab) of the LM reading `inputs_embeds` at `position_ids` after `layers`;
-        `attention_mask` (rows x (keys + graded), 1 where a token is real) covers context and graded positions."""
+        `allowed` (rows x graded x (keys + graded), boolean) says what each graded position may attend."""
         rows, graded = inputs_embeds.shape[:2]
         context = layers[0][0].shape[2]
         keys, width = bucket_for(context, self.buckets), graded_bucket_for(graded)
@@ -129,7 +129,7 @@ class GradedPass:
         ]
         embeds = F.pad(inputs_embeds, (0, 0, 0, width - graded))
         positions = F.pad(position_ids, (0, width - graded))
-        mask = _bucketed_mask(attention_mask, context, graded, keys, width, embeds.dtype)
+        mask = _bucketed_mask(allowed, context, keys, width, embeds.dtype)
         self.shapes.add((rows, keys, width))
         try:
             logits = self._read(self.parts, padded_layers, embeds, positions, mask)
@@ -140,19 +140,24 @@ class GradedPass:
         return logits[:, :graded]
 
 
-def _bucketed_mask(
-    attention_mask: torch.Tensor, context: int, graded: int, keys: int, width: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The additive mask of the bucketed pass: each real graded position sees the real context keys and the graded
-    positions up to itself; padded keys are never seen, and a padded graded position sees only itself."""
-    rows = attention_mask.shape[0]
-    real = attention_mask.bool()
-    allowed = torch.zeros(rows, width, keys + width, dtype=torch.bool, device=attention_mask.device)
-    allowed[:, :graded, :context] = real[:, None, :context]
-    causal = torch.ones(graded, graded, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed[:, :graded, keys : keys + graded] = causal & real[:, None, context:]
-    allowed[:, graded:, keys + graded :] = torch.eye(width - graded, dtype=torch.bool, device=attention_mask.device)
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+def causal_allowed(attention_mask: torch.Tensor, context: int) -> torch.Tensor:
+    """What each graded position of a left-padded batch may attend (rows x graded x (context + graded)): the real
+    context tokens, and the real graded positions up to itself; `attention_mask` covers both."""
+    graded = attention_mask.shape[1] - context
+    allowed = attention_mask.bool()[:, None, :].repeat(1, graded, 1)
+    allowed[:, :, context:] &= torch.ones(graded, graded, dtype=torch.bool, device=allowed.device).tril()
+    return allowed
+
+
+def _bucketed_mask(allowed: torch.Tensor, context: int, keys: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of the bucketed pass (rows x 1 x width x (keys + width)): `allowed` moved into the padded
+    layout; padded keys are never seen, and a padded graded position sees only itself."""
+    rows, graded = allowed.shape[:2]
+    bucketed = torch.zeros(rows, width, keys + width, dtype=torch.bool, device=allowed.device)
+    bucketed[:, :graded, :context] = allowed[:, :, :context]
+    bucketed[:, :graded, keys : keys + graded] = allowed[:, :, context:]
+    bucketed[:, graded:, keys + graded :] = torch.eye(width - graded, dtype=torch.bool, device=allowed.device)
+    additive = torch.zeros(bucketed.shape, dtype=dtype, device=allowed.device).masked_fill_(~bucketed, torch.finfo(dtype).min)
     return additive.unsqueeze(1)
 
 

@@ -65,6 +65,21 @@ def pack_queries(batch: QueryBatch) -> PackedQueries:
     )
 
 
+def packed_allowed(
+    context_length: int,
+    key_segments: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_segments: torch.Tensor,
+    query_positions: torch.Tensor,
+) -> torch.Tensor:
+    """What packed query tokens reading after the context and `key_*` tokens may attend (queries x keys, boolean):
+    the context is seen by all; any other key only by the tokens of its own query at or after its position."""
+    same_query = query_segments[:, None] == key_segments[None, :]
+    not_later = key_positions[0][None, :] <= query_positions[0][:, None]
+    context = torch.ones(len(query_segments), context_length, dtype=torch.bool, device=same_query.device)
+    return torch.cat([context, same_query & not_later], dim=1)
+
+
 def packed_mask(
     context_length: int,
     key_segments: torch.Tensor,
@@ -73,9 +88,6 @@ def packed_mask(
     query_positions: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The 4D mask for packed query tokens reading after the context and `key_*` tokens (the context is seen by all;
-    any other key only by the tokens of its own query at or after its position)."""
-    same_query = query_segments[:, None] == key_segments[None, :]
-    not_later = key_positions[0][None, :] <= query_positions[0][:, None]
-    context = torch.ones(len(query_segments), context_length, dtype=torch.bool, device=same_query.device)
-    return custom_attention_mask(torch.cat([context, same_query & not_later], dim=1), dtype)
+    """`packed_allowed` as the 4D additive mask transformers' attention takes."""
+    allowed = packed_allowed(context_length, key_segments, key_positions, query_segments, query_positions)
+    return custom_attention_mask(allowed, dtype)

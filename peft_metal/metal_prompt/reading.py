@@ -22,13 +22,14 @@ from ..compat import (
     cache_kwargs,
     cache_layers,
     causal_lm_output,
+    custom_attention_mask,
     expand_cache,
     returned_cache,
 )
 from ..designs import get_design
-from .graded_pass import GradedPass
+from .graded_pass import GradedPass, causal_allowed
 from .packing import pack_queries as pack_queries_of
-from .packing import packed_mask
+from .packing import packed_allowed, packed_mask
 from .prompt import GeneratedPrompt
 from .queries import QueryBatch
 
@@ -166,7 +167,8 @@ def forward_with_prompt(
     packed row's graded positions (1 x tokens x vocab), so use it only for the loss.
 
     With a `graded_pass` (`graded_pass.py`, without `use_cache`) the last read, of the positions that carry the
-    gradient, is that bucketed pass (compiled or not) instead of transformers' forward: the same logits.
+    gradient (the padded batch's, or the packed graded row), is that bucketed pass (compiled or not) instead of
+    transformers' forward: the same logits.
 
     Differentiable in the prompt, so the loss of a prompt made in train mode trains the PGM.
     """
@@ -179,7 +181,7 @@ def forward_with_prompt(
     if pack_queries:
         if not gradient_from_answers_only or use_cache:
             raise ValueError("pack_queries reads the answers apart from their queries: it needs gradient_from_answers_only and no use_cache.")
-        return _forward_packed(lm, prompt, QueryBatch(input_ids, attention_mask, labels), reading_attention)
+        return _forward_packed(lm, prompt, QueryBatch(input_ids, attention_mask, labels), reading_attention, graded_pass)
     # The context is read once (batch 1) and every query continues from its keys/values, instead of being repeated
     # in every row; the keys/values keep their autograd graph, so training through them reaches the prompt.
     layers = _context_layers(lm, prompt, graded_demonstrations=not gradient_from_answers_only, reading_attention=reading_attention)
@@ -199,7 +201,7 @@ def forward_with_prompt(
         query_embeds = query_embeds[:, ungraded:]
     if graded_pass is not None and not use_cache:
         positions = positions_from_mask(full_mask)[:, -query_embeds.shape[1] :]
-        logits = graded_pass(layers, query_embeds, full_mask, positions)[:, -kept:]
+        logits = graded_pass(layers, query_embeds, causal_allowed(full_mask, layers[0][0].shape[2]), positions)[:, -kept:]
         outputs = None
     else:
         cache = expand_cache(layers, batch_size)  # batch-1 layers repeat per row; rows read without gradient stay as they are
@@ -216,9 +218,14 @@ def forward_with_prompt(
 
 
 def _forward_packed(
-    lm: PreTrainedModel, prompt: GeneratedPrompt, batch: QueryBatch, reading_attention: Optional[str]
+    lm: PreTrainedModel,
+    prompt: GeneratedPrompt,
+    batch: QueryBatch,
+    reading_attention: Optional[str],
+    graded_pass: Optional[GradedPass] = None,
 ) -> CausalLMOutputWithPast:
-    """`forward_with_prompt` with `gradient_from_answers_only` on packed rows (see `packing.py`)."""
+    """`forward_with_prompt` with `gradient_from_answers_only` on packed rows (see `packing.py`); the graded row
+    through `graded_pass` when one is given."""
     packed = pack_queries_of(batch)
     layers = _context_layers(lm, prompt, graded_demonstrations=False, reading_attention=reading_attention)
     context_length = prompt.context_length
@@ -242,21 +249,25 @@ def _forward_packed(
             (torch.cat([k, read_k[:, :, context_length:]], dim=2), torch.cat([v, read_v[:, :, context_length:]], dim=2))
             for (k, v), (read_k, read_v) in zip(layers, cache_layers(returned_cache(read)))
         ]
-    mask = packed_mask(
+    allowed = packed_allowed(
         context_length,
         torch.cat([packed.prefix_segments, packed.graded_segments]),
         torch.cat([packed.prefix_positions, packed.graded_positions], dim=1),
-        packed.graded_segments, packed.graded_positions, dtype,
+        packed.graded_segments, packed.graded_positions,
     )
-    outputs = lm(
-        inputs_embeds=embed(packed.graded_ids),
-        attention_mask=mask,
-        position_ids=packed.graded_positions + context_length,
-        **cache_kwargs(lm, cache_from_layers(layers)),
-        use_cache=False,
-    )
-    loss = F.cross_entropy(outputs.logits[0].float(), packed.targets[0], ignore_index=-100)
-    return causal_lm_output(loss, outputs.logits, None)
+    embeds, positions = embed(packed.graded_ids), packed.graded_positions + context_length
+    if graded_pass is not None:
+        logits = graded_pass(layers, embeds, allowed.unsqueeze(0), positions)
+    else:
+        logits = lm(
+            inputs_embeds=embeds,
+            attention_mask=custom_attention_mask(allowed, dtype),
+            position_ids=positions,
+            **cache_kwargs(lm, cache_from_layers(layers)),
+            use_cache=False,
+        ).logits
+    loss = F.cross_entropy(logits[0].float(), packed.targets[0], ignore_index=-100)
+    return causal_lm_output(loss, logits, None)
 
 
 def _extend_without_gradient(

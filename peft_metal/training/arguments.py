@@ -182,11 +182,8 @@ class TrainingArguments:
             )
         if self.grow_slots and self.init_from is None:
             raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
-        if self.compile_graded_pass and (not self.gradient_from_answers_only or self.pack_queries):
-            raise ValueError(
-                "compile_graded_pass compiles the answers' pass of a padded query batch: it needs "
-                "gradient_from_answers_only true and pack_queries false."
-            )
+        if self.compile_graded_pass and not self.gradient_from_answers_only:
+            raise ValueError("compile_graded_pass compiles the answers' graded pass: it needs gradient_from_answers_only true.")
         buckets = self.graded_pass_buckets
         if not buckets or any(size <= 0 for size in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"graded_pass_buckets must be positive lengths in increasing order, got {buckets}.")

@@ -182,10 +182,12 @@ def _mean(values: list[float]) -> float:
 
 def longest_context_before_answers(tasks: list[Task], args: TrainingArguments, tokenizer, template) -> int:
     """The most keys an episode of `tasks` can put before its answers: the prompt's slots, then as many
-    demonstrations as `xl_range` allows and a query, each as long as the longest example (tokenized one by one)."""
+    demonstrations as `xl_range` allows and a query (every query, packed), each as long as the longest example
+    (tokenized one by one)."""
     shots = [template.format_shot(example.as_shot()) for task in tasks for example in task.examples]
     longest = max((len(ids) for ids in tokenizer(shots, add_special_tokens=False)["input_ids"]), default=0)
-    return args.num_prompt_tokens + (args.xl_range[1] + 1) * longest
+    queries = args.num_queries if args.pack_queries else 1
+    return args.num_prompt_tokens + (args.xl_range[1] + queries) * longest
 
 
 def episodes_seen(args: TrainingArguments, steps: int, num_processes: int = 1) -> int:
@@ -309,7 +311,7 @@ class MetaTrainer:
             raise BucketTooSmallError(
                 f"graded_pass_buckets' largest bucket, {self.args.graded_pass_buckets[-1]} keys, is smaller than this "
                 f"run's longest episode, which can read up to {longest} keys before its answers (prompt, "
-                f"{self.args.xl_range[1]} demonstrations and a query of the longest examples): add a bucket of at "
+                f"{self.args.xl_range[1]} demonstrations and the queries, of the longest examples): add a bucket of at "
                 f"least {longest}."
             )
         reason = why_not_compiled(self.model.get_base_model(), self.precision)
