@@ -34,6 +34,11 @@ class BucketTooSmallError(ValueError):
     """An episode needs more keys than the largest bucket holds."""
 
 
+def check_buckets(buckets: Sequence[int]) -> None:
+    if not buckets or any(size <= 0 for size in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"graded_pass_buckets must be positive lengths in increasing order, got {list(buckets)}.")
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds `length` keys; an error naming both numbers when none does."""
     for size in buckets:
@@ -99,8 +104,7 @@ class GradedPass:
     eager or compiled. Meta-training builds one per run; `compiled=False` runs the same code uncompiled."""
 
     def __init__(self, lm: PreTrainedModel, buckets: Sequence[int] = DEFAULT_BUCKETS, compiled: bool = True) -> None:
-        if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
-            raise ValueError(f"buckets must be positive lengths in increasing order, got {list(buckets)}.")
+        check_buckets(buckets)
         self.parts = llama_style_parts(lm)
         self.buckets = tuple(buckets)
         self.compiled = compiled

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from ..metal_prompt.graded_pass import DEFAULT_BUCKETS
+from ..metal_prompt.graded_pass import DEFAULT_BUCKETS, check_buckets
 from ..metal_prompt.refine import DEFAULT_BATCH_SIZE, Refinement, check_refinement
 
 # "auto": bf16 where the hardware multiplies it fast (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32;
@@ -184,9 +184,7 @@ class TrainingArguments:
             raise ValueError("grow_slots widens the PGM given by init_from: set init_from too, or grow_slots to false.")
         if self.compile_graded_pass and not self.gradient_from_answers_only:
             raise ValueError("compile_graded_pass compiles the answers' graded pass: it needs gradient_from_answers_only true.")
-        buckets = self.graded_pass_buckets
-        if not buckets or any(size <= 0 for size in buckets) or list(buckets) != sorted(set(buckets)):
-            raise ValueError(f"graded_pass_buckets must be positive lengths in increasing order, got {buckets}.")
+        check_buckets(self.graded_pass_buckets)
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 
