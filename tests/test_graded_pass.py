@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from conftest import build_tokenizer, make_lm, make_pgm
+from test_training_packing import EXAMPLES
 from test_training_resume import tasks
 
 from peft_metal.compat import inductor_missing
@@ -27,15 +28,6 @@ from peft_metal.training import EpisodeLoss, MetaTrainer, TrainingArguments
 
 pytestmark = pytest.mark.one_thread
 
-EXAMPLES = [
-    Example("ab", "AB"),
-    Example("a much longer input", "LONG ANSWER"),
-    Example("cd", "x"),
-    Example("efgh ij", "EFGH"),
-    Example("klm", "KL"),
-    Example("no", "NOPE"),
-    Example("qrstuv wx", "Q"),
-]
 EPISODE = Episode("mixed", xp=EXAMPLES[:3], xl=EXAMPLES[3:5], queries=EXAMPLES[3:7])
 
 
