@@ -6,7 +6,7 @@ import json
 import pytest
 
 from peft_metal.data import Episode, EpisodeSampler, Example, Task
-from peft_metal.data.episodes import SYMBOL_LABELS, has_fixed_labels, task_with_symbol_labels
+from peft_metal.data.episodes import SYMBOL_LABELS, examples_by_label, has_fixed_labels, task_with_symbol_labels
 
 
 def make_task(name, num_examples):
@@ -215,8 +215,80 @@ def test_foreign_shots_need_a_second_family():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"task_sampling": "families"}, "task_sampling must be one of"), ({"symbol_label_rate": 1.5}, "probability")],
+    [
+        ({"task_sampling": "families"}, "task_sampling must be one of"),
+        ({"symbol_label_rate": 1.5}, "probability"),
+        ({"query_sampling": "stratified"}, "query_sampling must be one of"),
+    ],
 )
 def test_rejects_bad_sampling_settings(tasks, kwargs, message):
     with pytest.raises(ValueError, match=message):
         EpisodeSampler(tasks, **kwargs)
+
+
+def skewed_task(name="skewed"):
+    """Nine in ten examples say "common": a random draw of four queries is mostly "common"."""
+    labels = ("common", "rare", "rarer")
+    outputs = ["common"] * 90 + ["rare"] * 7 + ["rarer"] * 3
+    return Task(name, [Example(f"{name} {i}", output, options=labels) for i, output in enumerate(outputs)])
+
+
+def test_balanced_queries_take_the_labels_in_turn_and_stay_outside_the_shots():
+    quiz = Task("quiz", [Example(f"q{i}", "a", options=("a", f"b{i}")) for i in range(30)])  # options per question
+    balanced = EpisodeSampler([skewed_task(), quiz], xp_range=(4, 8), num_queries=3, seed=2, query_sampling="balanced")
+    plain = EpisodeSampler([skewed_task(), quiz], xp_range=(4, 8), num_queries=3, seed=2)
+    rare_random = rare_balanced = 0
+    for step in range(200):
+        episode, unbalanced = balanced.episode(step), plain.episode(step)
+        assert (episode.task_name, episode.xp, episode.xl) == (unbalanced.task_name, unbalanced.xp, unbalanced.xl)
+        if episode.task_name == "quiz":
+            assert episode.queries == unbalanced.queries  # no shared label set: drawn as before
+            continue
+        outputs = [query.output for query in episode.queries]
+        rare_balanced += outputs.count("rarer")
+        rare_random += [query.output for query in unbalanced.queries].count("rarer")
+        assert len(set(map(id, episode.queries))) == 3 and not {id(q) for q in episode.queries} & {id(s) for s in episode.xp + episode.xl}
+        shots_rarer = sum(shot.output == "rarer" for shot in episode.xp + episode.xl)
+        if shots_rarer < 3:  # some "rarer" example is left: each of the three labels once
+            assert sorted(outputs) == ["common", "rare", "rarer"]
+    assert rare_balanced > 5 * max(rare_random, 1)
+    assert balanced.episode(11) == EpisodeSampler([skewed_task(), quiz], xp_range=(4, 8), num_queries=3, seed=2, query_sampling="balanced").episode(11)
+
+
+def test_balanced_queries_skip_a_label_with_nothing_left():
+    task = skewed_task()
+    sampler = EpisodeSampler(
+        [task], xp_range=(16, 16), xl_range=(0, 0), num_queries=8, seed=0, query_sampling="balanced"
+    )
+    exhausted = 0
+    for step in range(100):
+        episode = sampler.episode(step)
+        drawn = {label: [q.output for q in episode.queries].count(label) for label in ("common", "rare", "rarer")}
+        left = {
+            label: sum(e.output == label for e in task.examples) - sum(s.output == label for s in episode.xp) - drawn[label]
+            for label in drawn
+        }
+        assert sum(drawn.values()) == 8
+        for label, count in drawn.items():  # a label drawn fewer times than another's turns has nothing left
+            if count < max(drawn.values()) - 1:
+                assert left[label] == 0
+                exhausted += 1
+    assert exhausted  # the three "rarer" examples are often all in the shots or drawn
+
+
+def test_examples_by_label_needs_one_shared_label_set():
+    grouped = examples_by_label(skewed_task())
+    assert list(grouped) == ["common", "rare", "rarer"] and [len(g) for g in grouped.values()] == [90, 7, 3]
+    reordered = Task("mixed", [Example("x", "yes", options=("yes", "no")), Example("y", "no", options=("no", "yes"))])
+    assert list(examples_by_label(reordered)) == ["yes", "no"]  # the same set in another order is one label set
+    assert examples_by_label(make_task("generative", 30)) is None
+    assert examples_by_label(Task("quiz", [Example(f"q{i}", "a", options=("a", f"b{i}")) for i in range(3)])) is None
+
+
+def test_a_state_saved_before_query_sampling_existed_resumes_random_only():
+    sampler = EpisodeSampler([skewed_task()], seed=5)
+    state = sampler.state_dict()
+    del state["query_sampling"]
+    EpisodeSampler([skewed_task()], seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="query_sampling"):
+        EpisodeSampler([skewed_task()], seed=5, query_sampling="balanced").load_state_dict(state)

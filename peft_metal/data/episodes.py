@@ -14,6 +14,12 @@ from .task import Example, Task
 # has 74 multiemo subtasks of 225 tasks, all one 4-label sentiment task, which "task" draws a third of the time).
 TASK_SAMPLINGS = ("task", "family")
 
+# How an episode's queries are drawn. "random": any of the task's other examples, so a task's label frequencies are
+# its queries'; "balanced": in a classification task (one set of 2 to `MAX_SYMBOL_LABELS` labels shared by every
+# example) the labels take turns, so a prompt that leans the LM towards the task's commonest label gains nothing on
+# the loss, as it gains nothing on macro-F1. Tasks without such a label set draw at random either way.
+QUERY_SAMPLINGS = ("random", "balanced")
+
 # Arbitrary words that stand in for a classification task's labels in a symbol-label episode (symbol tuning, Wei et
 # al. 2023): the answer then follows only from the shots, so a prompt that ignores them cannot score.
 SYMBOL_LABELS = (
@@ -25,7 +31,12 @@ SYMBOL_LABELS = (
 MAX_SYMBOL_LABELS = 10
 
 # What a sampler state saved before these settings existed was drawn with.
-SETTINGS_BEFORE_THEY_EXISTED = {"task_sampling": "task", "symbol_label_rate": 0.0, "foreign_shots": False}
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "task_sampling": "task",
+    "symbol_label_rate": 0.0,
+    "foreign_shots": False,
+    "query_sampling": "random",
+}
 
 
 @dataclass
@@ -77,6 +88,7 @@ class EpisodeSampler:
         task_sampling: str = "task",
         symbol_label_rate: float = 0.0,
         foreign_shots: bool = False,
+        query_sampling: str = "random",
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks:
@@ -98,8 +110,13 @@ class EpisodeSampler:
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLINGS}, got {task_sampling!r}.")
         if isinstance(symbol_label_rate, bool) or not isinstance(symbol_label_rate, (int, float)) or not 0 <= symbol_label_rate <= 1:
             raise ValueError(f"symbol_label_rate must be a probability in [0, 1], got {symbol_label_rate!r}.")
+        if query_sampling not in QUERY_SAMPLINGS:
+            raise ValueError(f"query_sampling must be one of {QUERY_SAMPLINGS}, got {query_sampling!r}.")
         self.num_queries = num_queries
         self.seed = seed
+        self.query_sampling = query_sampling
+        # Only a sampler that balances its queries groups every task's examples by label.
+        self._by_label = {task.name: examples_by_label(task) for task in self.tasks} if query_sampling == "balanced" else {}
         self.task_sampling = task_sampling
         self.symbol_label_rate = float(symbol_label_rate)
         self.step = 0
@@ -138,7 +155,11 @@ class EpisodeSampler:
             task = self.tasks[rng.randrange(len(self.tasks))]
         num_xp = rng.randint(*self.xp_range)
         num_xl = rng.randint(*self.xl_range)
-        shots, queries = task.split(num_xp + num_xl, self.num_queries, seed=rng.getrandbits(64))
+        if self._by_label.get(task.name):
+            shots, _ = task.split(num_xp + num_xl, 0, seed=rng.getrandbits(64))
+            queries = balanced_queries(self._by_label[task.name], shots, self.num_queries, rng)
+        else:
+            shots, queries = task.split(num_xp + num_xl, self.num_queries, seed=rng.getrandbits(64))
         episode = Episode(task.name, xp=shots[:num_xp], xl=shots[num_xp:], queries=queries)
         # Drawn only when the setting is on, so the episodes of runs without it are those they always were.
         if self.symbol_label_rate and task.name in self._relabelable and rng.random() < self.symbol_label_rate:
@@ -174,6 +195,7 @@ class EpisodeSampler:
             "task_sampling": self.task_sampling,
             "symbol_label_rate": self.symbol_label_rate,
             "foreign_shots": self.foreign_shots,
+            "query_sampling": self.query_sampling,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,14 +221,43 @@ class EpisodeSampler:
         self.step = step
 
 
+def examples_by_label(task: Task) -> dict[str, list[Example]] | None:
+    """`task`'s examples grouped by their answer, in the order of its label set; None where the examples do not all
+    share one set of 2 to `MAX_SYMBOL_LABELS` options (generation, or multiple choice whose options change)."""
+    option_sets = {None if example.options is None else frozenset(example.options) for example in task.examples}
+    labels = task.examples[0].options
+    if len(option_sets) != 1 or labels is None or not 2 <= len(labels) <= MAX_SYMBOL_LABELS:
+        return None
+    groups: dict[str, list[Example]] = {label: [] for label in labels}
+    for example in task.examples:
+        groups[example.output].append(example)
+    return groups
+
+
+def balanced_queries(
+    groups: dict[str, list[Example]], shots: list[Example], num_queries: int, rng: random.Random
+) -> list[Example]:
+    """`num_queries` examples outside `shots`, the labels taking turns in a random order (a label with no example
+    left drops out of the turns)."""
+    taken = {id(shot) for shot in shots}
+    left = {label: [e for e in examples if id(e) not in taken] for label, examples in groups.items()}
+    turns = [label for label in rng.sample(list(left), len(left)) if left[label]]
+    queries: list[Example] = []
+    while len(queries) < num_queries:
+        if not turns:
+            raise ValueError(f"Only {len(queries)} examples are left outside the shots; {num_queries} queries were asked.")
+        for label in list(turns)[: num_queries - len(queries)]:
+            queries.append(left[label].pop(rng.randrange(len(left[label]))))
+            if not left[label]:
+                turns.remove(label)
+    return queries
+
+
 def has_fixed_labels(task: Task) -> bool:
     """Whether `task` is a classification task whose labels can be renamed: every example has the same 2 to
     `MAX_SYMBOL_LABELS` options, and the inputs do not list them (half of them or more naming every option would)."""
-    option_sets = {frozenset(example.options) for example in task.examples if example.options is not None}
-    if len(option_sets) != 1 or any(example.options is None for example in task.examples):
-        return False
-    labels = next(iter(option_sets))
-    if not 2 <= len(labels) <= MAX_SYMBOL_LABELS:
+    labels = examples_by_label(task)
+    if labels is None:
         return False
     words = [re.compile(rf"\b{re.escape(label)}\b", re.IGNORECASE) for label in labels]
     listing = sum(all(word.search(example.input) for word in words) for example in task.examples)

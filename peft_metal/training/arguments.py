@@ -47,6 +47,9 @@ class TrainingArguments:
     task_sampling: str = "task"
     # The share of classification episodes whose labels are renamed to arbitrary words (data.episodes.SYMBOL_LABELS).
     symbol_label_rate: float = 0.0
+    # "balanced": a classification task's queries take its labels in turn (data.episodes.QUERY_SAMPLINGS), so the
+    # loss, like macro-F1, counts every label alike; "random": its own label frequencies. The dev loss draws at random.
+    query_sampling: str = "random"
     max_pgm_tokens: int = 1536
     chunk_size: Optional[int] = None
     tasks: Optional[list[str]] = None

@@ -247,7 +247,7 @@ class MetaTrainer:
         self.sampler = EpisodeSampler(
             train_tasks, args.xp_range, args.xl_range, args.num_queries, seed=args.seed * 1000 + self.accelerator.process_index,
             task_sampling=args.task_sampling, symbol_label_rate=args.symbol_label_rate,
-            foreign_shots=args.task_contrast_weight > 0,
+            foreign_shots=args.task_contrast_weight > 0, query_sampling=args.query_sampling,
         )
         self.text_sampler = None
         if args.text_stage_steps > 0 or args.text_mix_rate > 0:
