@@ -62,19 +62,28 @@ def records_of(
     for key in filter(None, key_path.split(".")):
         data = data[int(key)] if isinstance(data, list) else data[key]  # a list's items by index: points.3
     records = data.get("results") or data.get("records") or []
-    scores = {
-        record["task"]: task_score(record, metric, seeds, data.get("settings", {}).get("seeds"))
-        for record in records
-        if method_label(record) == label and "error" not in record
-    }
-    if not scores:
+    labelled = [record for record in records if method_label(record) == label and "error" not in record]
+    if not labelled:
         labels = sorted({method_label(record) for record in records})
         raise SystemExit(f"{source} has no records labelled {label!r}; it has {labels}.")
+    # A task can lack a metric another task has: macro_f1_calibrated where the options change from question to
+    # question (no prior to divide out). Such tasks are left out of the pairing and named in the report.
+    without = sorted(record["task"] for record in labelled if record.get(metric) is None)
+    scores = {
+        record["task"]: task_score(record, metric, seeds, data.get("settings", {}).get("seeds"))
+        for record in labelled
+        if record.get(metric) is not None
+    }
+    if not scores:
+        raise SystemExit(f"{source}: no {label!r} record has {metric!r}.")
     settings = data.get("settings", {})
     name = Path(path).name + (f":{key_path}" if key_path else "")  # points.1 and points.2 of one file told apart
     used_seeds = seeds if seeds is not None else settings.get("seeds")
     shown = f"{label}:{metric}" if colon else label  # a row scored by its own metric says which
-    return shown, scores, {"file": source, "name": name, "seeds": used_seeds, "queries": settings.get("queries"), "metric": metric}
+    return shown, scores, {
+        "file": source, "name": name, "seeds": used_seeds, "queries": settings.get("queries"), "metric": metric,
+        "tasks_without_metric": without,
+    }
 
 
 def main() -> None:
@@ -118,6 +127,9 @@ def main() -> None:
             f"| {row['against']} (`{row['source']['name']}`) | {row['tasks']} | {row['mean']:+.3f} ± {row['se']:.3f} | "
             f"{row['wins']} / {row['ties']} / {row['losses']} |"
         )
+    left_out = sorted({task for row in [source, *(c["source"] for c in comparisons)] for task in row["tasks_without_metric"]})
+    if left_out:
+        lines += ["", f"Left out, having no score by the metric asked: {', '.join(left_out)}."]
     write_report(args.output, args.name, report, lines)
 
 
