@@ -256,10 +256,10 @@ def balanced_queries(
 def has_fixed_labels(task: Task) -> bool:
     """Whether `task` is a classification task whose labels can be renamed: every example has the same 2 to
     `MAX_SYMBOL_LABELS` options, and the inputs do not list them (half of them or more naming every option would)."""
-    labels = examples_by_label(task)
-    if labels is None:
+    groups = examples_by_label(task)
+    if groups is None:
         return False
-    words = [re.compile(rf"\b{re.escape(label)}\b", re.IGNORECASE) for label in labels]
+    words = [re.compile(rf"\b{re.escape(label)}\b", re.IGNORECASE) for label in groups]
     listing = sum(all(word.search(example.input) for word in words) for example in task.examples)
     return listing < len(task.examples) / 2
 
