@@ -234,3 +234,24 @@ def test_a_pgm_meta_trained_on_metaicl_names_it_on_its_card(tmp_path):
         assert {r["dataset"]["type"] for r in results} == {"metaicl"}
         assert {r["dataset"]["name"] for r in results} == {"MetaICL dev tasks (peft-metal)"}
         assert sorted((m["type"], m["value"]) for r in results for m in r["metrics"]) == [("accuracy", 0.5), ("f1", 0.25)]
+
+
+def test_a_card_names_the_dataset_of_the_panel_each_figure_was_measured_on(tmp_path):
+    """A PGM meta-trained on BIG-bench, measured on MetaICL's panel and on BIG-bench's: each figure on the dataset its
+    label's panel names; a figure that names no panel is on the training corpus."""
+    from peft_metal.metal_prompt.model_card import card_metadata
+
+    model = make_pgm("llama", "prefix", lora_scope="padding")
+    config = model.peft_config["default"]
+    config.training_summary = {"episodes": 8, "dev_results": {
+        "metal macro-F1 (dev-panel, seeds 100,13)": 0.25, "metal (bigbench-panel, seeds 0,1)": 0.5,
+        "metal (dev-panel-tasks, seeds 0,1)": 0.375, "metal": 0.125,
+    }}
+    model.save_pretrained(tmp_path)
+    meta = card_metadata((tmp_path / "README.md").read_text())
+    assert meta["datasets"] == ["bigbench"]
+    measured = {m["value"]: r["dataset"]["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert measured == {0.25: "metaicl", 0.5: "bigbench", 0.375: "bigbench-format", 0.125: "bigbench"}
+    assert "Measured on `bigbench-panel`: BIG-bench dev panel (peft-metal); `dev-panel`: MetaICL dev tasks" in (
+        (tmp_path / "README.md").read_text()
+    )

@@ -62,22 +62,40 @@ def _datasets(config: MetaLPromptConfig) -> Optional[list[str]]:
     return datasets or None
 
 
-def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
-    """The dev-panel figures recorded in the training summary (`dev_results`: method -> accuracy, or macro-F1 where
-    the label says so), if any."""
-    results = (config.training_summary or {}).get("dev_results") or {}
-    # Until MetaICL's panel replaced it (2026-12-06), "dev-panel" named BIG-bench's: a PGM trained before then, on
-    # BIG-bench, was measured there.
-    metaicl_run = bool(_training_settings(config).get("metaicl_dir"))
+# The dataset each panel's figures were measured on; a result's label names its panel ("metal (dev-panel, seeds 13)").
+PANEL_DATASETS = {
+    "dev-panel": (METAICL_DATASET, "MetaICL dev tasks (peft-metal)"),
+    "dev-panel-tasks": ("bigbench-format", "BIG-bench-format dev tasks (peft-metal)"),
+    "bigbench-panel": (BIGBENCH_DATASET, "BIG-bench dev panel (peft-metal)"),
+    "bigbench-panel-confirm": (BIGBENCH_DATASET, "BIG-bench dev panel (peft-metal)"),
+}
 
-    def on_metaicl(method: str) -> bool:
-        return metaicl_run and "bigbench-panel" not in method
+
+def panel_of(label: str) -> Optional[str]:
+    """The panel a dev result's label names (`labelled_means` writes "method (panel, seeds ...)"), None without one."""
+    if not label.endswith(")") or " (" not in label:
+        return None
+    where = label[label.rindex(" (") + 2 : -1].split(", ")[0]
+    return where if where in PANEL_DATASETS else None
+
+
+def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
+    """The dev figures recorded in the training summary (`dev_results`: method -> accuracy, or macro-F1 where the label
+    says so), each on the dataset of the panel its label names; a figure with no panel is taken to be on the corpus the
+    PGM was meta-trained on (MetaICL's, else BIG-bench's)."""
+    results = (config.training_summary or {}).get("dev_results") or {}
+    trained_on = METAICL_DATASET if _training_settings(config).get("metaicl_dir") else BIGBENCH_DATASET
+    unnamed = next(dataset for dataset in PANEL_DATASETS.values() if dataset[0] == trained_on)
+
+    def dataset_of(method: str) -> tuple[str, str]:
+        panel = panel_of(method)
+        return PANEL_DATASETS[panel] if panel else unnamed
 
     return [
         EvalResult(
             task_type="text-generation",
-            dataset_type=METAICL_DATASET if on_metaicl(method) else BIGBENCH_DATASET,
-            dataset_name="MetaICL dev tasks (peft-metal)" if on_metaicl(method) else "BIG-bench dev panel (peft-metal)",
+            dataset_type=dataset_of(method)[0],
+            dataset_name=dataset_of(method)[1],
             metric_type="f1" if "macro-F1" in method else "accuracy",
             metric_name=method if "macro-F1" in method else f"{method} accuracy",
             metric_value=float(value),
@@ -132,6 +150,9 @@ def render_section(config: MetaLPromptConfig) -> str:
     lines += [f"- {key}: {value}" for key, value in summary.items()] or ["- Not meta-trained yet."]
     if dev_results:
         lines += ["", "### Dev results", ""]
+        panels = sorted({panel for panel in map(panel_of, dev_results) if panel})
+        if panels:
+            lines += ["Measured on " + "; ".join(f"`{panel}`: {PANEL_DATASETS[panel][1]}" for panel in panels) + ".", ""]
         lines += [f"- {method}: {value:.3f}" for method, value in dev_results.items()]
     return "\n".join(lines)
 
