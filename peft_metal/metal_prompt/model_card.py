@@ -87,21 +87,18 @@ def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
     trained_on = METAICL_DATASET if _training_settings(config).get("metaicl_dir") else BIGBENCH_DATASET
     unnamed = next(dataset for dataset in PANEL_DATASETS.values() if dataset[0] == trained_on)
 
-    def dataset_of(method: str) -> tuple[str, str]:
-        panel = panel_of(method)
-        return PANEL_DATASETS[panel] if panel else unnamed
-
-    return [
-        EvalResult(
+    measured = []
+    for method, value in results.items():
+        dataset_type, dataset_name = PANEL_DATASETS.get(panel_of(method), unnamed)
+        measured.append(EvalResult(
             task_type="text-generation",
-            dataset_type=dataset_of(method)[0],
-            dataset_name=dataset_of(method)[1],
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
             metric_type="f1" if "macro-F1" in method else "accuracy",
             metric_name=method if "macro-F1" in method else f"{method} accuracy",
             metric_value=float(value),
-        )
-        for method, value in results.items()
-    ]
+        ))
+    return measured
 
 
 def render_section(config: MetaLPromptConfig) -> str:
