@@ -83,18 +83,15 @@ def attach_pgm(lm: Any, source: Union[str, os.PathLike], is_trainable: bool = Fa
 
 
 def record_dev_results(folder: Union[str, os.PathLike], dev_results: dict[str, float]) -> None:
-    """Put dev results into a saved PGM's training summary, and so into its model card (the config writes both): they
-    replace the figures of the panels they were measured on and keep those of other panels (a second panel's figures
-    add to the first's), leaving the weights and every other fact as they are."""
+    """Put dev results into a saved PGM's training summary, and so into its model card (the config writes both): a
+    figure replaces the one of the same label (method, panel and seeds: the same draw measured again) and every other
+    stays, so adding a draw or a panel never drops what the card held; the weights and other facts stay as they are."""
     from .metal_prompt import MetaLPromptConfig
-    from .metal_prompt.model_card import panel_of
 
     check_pgm_folder(folder)
     config = MetaLPromptConfig.from_pretrained(str(folder))
     summary = config.training_summary or {}
-    remeasured = {panel_of(label) for label in dev_results}
-    kept = {label: value for label, value in (summary.get("dev_results") or {}).items() if panel_of(label) not in remeasured}
-    config.training_summary = {**summary, "dev_results": {**kept, **dev_results}}
+    config.training_summary = {**summary, "dev_results": {**(summary.get("dev_results") or {}), **dev_results}}
     config.save_pretrained(str(folder))
 
 

@@ -285,9 +285,9 @@ def test_export_a_checkpoint_of_a_run_that_goes_on(tmp_path, monkeypatch):
 
 
 def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatch, capsys):
-    """`peft-metal card`: a saved PGM's dev results of a panel are replaced by those of several eval files, each figure
-    named with the panel and seeds it was measured on, other panels' figures kept; the weights stay as they were; a
-    file that is no eval output is refused by name."""
+    """`peft-metal card`: the dev results of several eval files go into a saved PGM's card, each figure named with the
+    panel and seeds it was measured on; a figure replaces only the one of its own label, the rest stay; the weights stay
+    as they were; a file that is no eval output is refused by name."""
     from conftest import make_lm
 
     from peft_metal.cli import main
@@ -310,16 +310,16 @@ def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatc
     assert config["training_summary"]["episodes"] == 4
     assert "- metal (dev-panel, seeds 2,3): 0.250" in (tmp_path / "pgm" / "README.md").read_text()
     assert (tmp_path / "pgm" / "adapter_model.safetensors").read_bytes() == weights
-    # another panel's figures add to these; the same panel measured again replaces its own
+    # another panel's figures add to these; the same draw measured again replaces its own figure
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"summary": {"metal": {"mean": 0.125}}, "settings": {"panel": "bigbench-panel", "seeds": [0]}}))
     again = tmp_path / "again.json"
-    again.write_text(json.dumps({"summary": {"metal": {"mean": 0.375}}, "settings": {"panel": "dev-panel", "seeds": [4]}}))
+    again.write_text(json.dumps({"summary": {"metal": {"mean": 0.375}}, "settings": {"panel": "dev-panel", "seeds": [2, 3]}}))
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(other)]) == 0
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(again)]) == 0
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
     assert config["training_summary"]["dev_results"] == {
-        "metal (bigbench-panel, seeds 0)": 0.125, "metal (dev-panel, seeds 4)": 0.375
+        "metal (dev-panel, seeds 0,1)": 0.5, "metal (dev-panel, seeds 2,3)": 0.375, "metal (bigbench-panel, seeds 0)": 0.125
     }
 
     bad = tmp_path / "bad.json"
