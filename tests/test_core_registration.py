@@ -255,3 +255,13 @@ def test_a_card_names_the_dataset_of_the_panel_each_figure_was_measured_on(tmp_p
     assert "Measured on `bigbench-panel`: BIG-bench dev panel (peft-metal); `dev-panel`: MetaICL dev tasks" in (
         (tmp_path / "README.md").read_text()
     )
+
+
+def test_a_config_saves_its_target_modules_in_one_order(tmp_path):
+    """`target_modules` is a set in memory, whose order changes from process to process: saved sorted, so saving a
+    PGM again does not rewrite its config."""
+    modules = ["v_proj", "q_proj", "up_proj", "down_proj", "o_proj", "k_proj", "gate_proj"]
+    MetaLPromptConfig(task_type="CAUSAL_LM", target_modules=modules).save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(modules)
+    assert MetaLPromptConfig.from_pretrained(str(tmp_path)).target_modules == set(modules)

@@ -92,6 +92,11 @@ class MetaLPromptConfig(LoraConfig):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}.")
 
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict with set-valued fields (`target_modules`) sorted, so a PGM's config saved twice is the same file
+        (a set's order changes from process to process)."""
+        return {key: sorted(value) if isinstance(value, set) else value for key, value in super().to_dict().items()}
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save `adapter_config.json`, then what is written beside it whenever it is saved (`written_beside`).
 
