@@ -265,3 +265,11 @@ def test_a_config_saves_its_target_modules_in_one_order(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["target_modules"] == sorted(modules)
     assert MetaLPromptConfig.from_pretrained(str(tmp_path)).target_modules == set(modules)
+
+
+def test_every_evaluation_panel_has_a_dataset_on_the_card():
+    """The card's table of panels (the tuner layer cannot import evaluation) names every panel `peft-metal eval` has."""
+    from peft_metal.evaluation.panels import PANELS
+    from peft_metal.metal_prompt.model_card import PANEL_DATASETS
+
+    assert set(PANEL_DATASETS) == set(PANELS)
