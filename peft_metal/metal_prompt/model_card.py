@@ -84,8 +84,7 @@ def _eval_results(config: MetaLPromptConfig) -> list[EvalResult]:
     says so), each on the dataset of the panel its label names; a figure with no panel is taken to be on the corpus the
     PGM was meta-trained on (MetaICL's, else BIG-bench's)."""
     results = (config.training_summary or {}).get("dev_results") or {}
-    trained_on = METAICL_DATASET if _training_settings(config).get("metaicl_dir") else BIGBENCH_DATASET
-    unnamed = next(dataset for dataset in PANEL_DATASETS.values() if dataset[0] == trained_on)
+    unnamed = PANEL_DATASETS["dev-panel" if _training_settings(config).get("metaicl_dir") else "bigbench-panel"]
 
     measured = []
     for method, value in results.items():
