@@ -93,3 +93,29 @@ def test_train_command_inside_a_launch_trains_in_this_process(monkeypatch, tmp_p
 def test_train_command_refuses_fewer_than_one_process(capsys):
     assert main(["train", "--config", "c.json", "--processes", "0"]) == 2
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_train_command_overrides_reach_the_run_settings(monkeypatch, tmp_path):
+    """A run continued over sessions is `--init-from` its last PGM with a new `--seed` and `--output-dir`: the flags
+    replace the config's values, and what the config says otherwise stays."""
+    import peft_metal.training
+
+    built = []
+
+    class Captured:
+        def __init__(self, args):
+            built.append(args)
+
+        def train(self, resume):
+            return {}
+
+    monkeypatch.setattr(peft_metal.training, "MetaTrainer", Captured)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"output_dir": "first", "task_dir": str(tmp_path), "seed": 44, "max_steps": 9}))
+    saved = tmp_path / "saved-pgm"
+    argv = ["train", "--config", str(config), "--seed", "45", "--output-dir", "second", "--init-from", str(saved)]
+    assert main(argv) == 0
+    (args,) = built
+    assert (args.seed, args.output_dir, args.init_from, args.max_steps) == (45, "second", str(saved), 9)
+    assert main(["train", "--config", str(config)]) == 0
+    assert (built[1].seed, built[1].output_dir) == (44, "first")

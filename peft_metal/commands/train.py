@@ -7,13 +7,18 @@ import sys
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser("train", help="meta-train a PGM on the train families of BIG-bench")
+    train = commands.add_parser("train", help="meta-train a PGM on train tasks (MetaICL's pools, BIG-bench-format folders, or both)")
     train.add_argument("--config", required=True, help="a JSON file of TrainingArguments (see examples/)")
     train.add_argument("--output-dir", help="overrides the config's output_dir")
     train.add_argument("--max-steps", type=int, help="overrides the config's max_steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument(
         "--init-from", help="start from a saved PGM's weights (continued meta-training; overrides the config's init_from)"
+    )
+    train.add_argument(
+        "--seed", type=int,
+        help="overrides the config's seed (the episode stream): a run continued from its last PGM with --init-from "
+        "in a new output dir needs a new seed, or it draws the episodes it was trained on again",
     )
     train.add_argument(
         "--processes", type=int, default=1,
@@ -35,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         return _launch_training(args)
     try:  # the settings and the tasks, checked before anything trains
         training_args = TrainingArguments.from_json(
-            args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from
+            args.config, output_dir=args.output_dir, max_steps=args.max_steps, init_from=args.init_from,
+            seed=args.seed,
         )
         if training_args.task_dir is None and training_args.metaicl_dir is None and not _has_task_data("train"):
             return 2
