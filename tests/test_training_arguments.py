@@ -11,10 +11,17 @@ from peft_metal.training import TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(ROOT.glob("examples/*/*.json")) + sorted(ROOT.glob("experiments/configs/*.json"))
+CORPUS_SETTINGS = ("metaicl_dir", "task_dir", "dev_task_dir")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_every_example_config_loads(config):
+    """Every config loads as it is run, from the repository's root; one that names a corpus this checkout lacks (the
+    project's layout keeps them at ../shared) is skipped by name, since its settings check that the folder exists."""
+    settings = TrainingArguments._settings_of(config, ())
+    missing = [settings[name] for name in CORPUS_SETTINGS if settings.get(name) and not Path(settings[name]).is_dir()]
+    if missing:
+        pytest.skip(f"names task corpora not in this checkout: {missing}")
     assert TrainingArguments.from_json(config).output_dir.startswith("runs/")
 
 
