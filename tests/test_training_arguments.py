@@ -18,7 +18,7 @@ CORPUS_SETTINGS = ("metaicl_dir", "task_dir", "dev_task_dir")
 def test_every_example_config_loads(config):
     """Every config loads as it is run, from the repository's root; one that names a corpus this checkout lacks (the
     project's layout keeps them at ../shared) is skipped by name, since its settings check that the folder exists."""
-    settings = TrainingArguments._settings_of(config, ())
+    settings = TrainingArguments.settings_from_json(config)
     missing = [settings[name] for name in CORPUS_SETTINGS if settings.get(name) and not Path(settings[name]).is_dir()]
     if missing:
         pytest.skip(f"names task corpora not in this checkout: {missing}")

@@ -195,9 +195,15 @@ class TrainingArguments:
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainingArguments":
         """Settings from a JSON file; `"extends": "other.json"` (relative to the file) takes that file's settings
         first, so a config that varies another says only what it changes."""
-        data = cls._settings_of(Path(path), ())
+        data = cls.settings_from_json(path)
         data.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**data)
+
+    @classmethod
+    def settings_from_json(cls, path: str | Path) -> dict[str, Any]:
+        """A config's settings as written, its `extends` chain merged, before any is checked (say, to see which task
+        folders it names)."""
+        return cls._settings_of(Path(path), ())
 
     @classmethod
     def _settings_of(cls, path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
