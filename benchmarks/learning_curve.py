@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from peft import PeftModel
 from report import (  # benchmarks/report.py: the JSON + markdown every benchmark leaves
     machine_description,
     write_markdown,
@@ -37,6 +36,7 @@ from peft_metal.evaluation import EvaluationSettings, evaluate_seeds
 from peft_metal.evaluation.panels import BIGBENCH_PANEL, DEV_PANEL, PANELS, get_panel
 from peft_metal.evaluation.report import summary
 from peft_metal.evaluation.tasks import load_panel_tasks
+from peft_metal.pgm import attach_pgm
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import TrainingArguments
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
@@ -88,7 +88,7 @@ def score(pgm: Path | None, tasks, settings: EvaluationSettings, run: Path, seed
         model, tokenizer = untrained_pgm(run)
     else:
         lm, tokenizer = load_base_model(args.model)
-        model = PeftModel.from_pretrained(lm, str(pgm if pgm is not None else args.init_from))
+        model = attach_pgm(lm, str(pgm if pgm is not None else args.init_from))
     model.eval()
     precision = cast_frozen_weights(model, "auto")
     merged = evaluate_seeds(model, tokenizer, tasks, settings, seeds, progress=False)

@@ -21,13 +21,12 @@ from typing import Any, Optional
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from peft import PeftModel
 from report import write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import evaluate, load_eval_tasks
-from peft_metal.pgm import load_pgm
+from peft_metal.pgm import attach_pgm, load_pgm
 from peft_metal.training import MetaTrainer, TrainingArguments
 
 DEV_TASKS = "phrase_relatedness,similarities_abstraction,cause_and_effect/one_sentence,snarks,swahili_english_proverbs,code_line_description"
@@ -71,7 +70,7 @@ def sweep_run(args: argparse.Namespace, design: str, distillation_weight: float,
         del trainer
     if "trained" not in record:
         lm, tokenizer = load_base_model(args.model)
-        model = PeftModel.from_pretrained(lm, str(output_dir / "pgm")).eval()
+        model = attach_pgm(lm, str(output_dir / "pgm")).eval()
         record["trained"] = evaluate(model, tokenizer, tasks, ["metal"], **evaluation)
     dev_losses = [(entry["step"], entry["dev_loss"]) for entry in read_log(output_dir) if "dev_loss" in entry]
     record["dev_loss"] = {"start": dev_losses[0][1], "end": dev_losses[-1][1], "steps": dev_losses[-1][0]}

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from peft import PeftModel
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.data import Episode, EpisodeSampler, load_bigbench_task
+from peft_metal.pgm import attach_pgm
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training import EpisodeLoss, TrainingArguments
 
@@ -55,7 +55,7 @@ def main() -> None:
     rows, precision = [], None
     for pgm in args.pgm:
         lm, tokenizer = load_base_model(args.model)
-        model = PeftModel.from_pretrained(lm, str(pgm)).eval()
+        model = attach_pgm(lm, str(pgm)).eval()
         precision = cast_frozen_weights(model, "auto")
         loss = EpisodeLoss(model, tokenizer)
         episodes, step = [], 0

@@ -28,7 +28,6 @@ from typing import Any
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from peft import PeftModel
 from report import write_records_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 from task_carrying import mean_prompt
 
@@ -43,6 +42,7 @@ from peft_metal.evaluation.report import merge_seeds
 from peft_metal.evaluation.runner import evaluate_method, evaluate_prepared, task_metric
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.prompt import GeneratedPrompt
+from peft_metal.pgm import attach_pgm
 from peft_metal.precision import cast_frozen_weights
 
 LABELS = {"own": "own shots", "swapped": "next task's shots", "mean": "train tasks' mean prompt"}
@@ -133,7 +133,7 @@ def main() -> None:
     if "mean" in conditions and methods != [METAL]:
         parser.error(f"--conditions mean scores one fixed `metal` prompt; use --methods {METAL}, not {args.methods}")
     lm, tokenizer = load_base_model(args.model)
-    model = PeftModel.from_pretrained(lm, str(args.pgm)) if args.pgm is not None else lm.requires_grad_(False)
+    model = attach_pgm(lm, str(args.pgm)) if args.pgm is not None else lm.requires_grad_(False)
     model.eval()
     precision = cast_frozen_weights(model, "auto")
     tasks = load_eval_tasks(args.tasks.split(",") if args.tasks else list(DEV_PANEL.tasks))

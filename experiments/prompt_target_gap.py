@@ -24,7 +24,6 @@ from typing import Any
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from peft import PeftModel
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
@@ -36,6 +35,7 @@ from peft_metal.evaluation.report import markdown_table, summary
 from peft_metal.evaluation.runner import evaluate_prepared, task_metric
 from peft_metal.inference import ModelParts, prompt_context
 from peft_metal.metal_prompt.prompt import GeneratedPrompt
+from peft_metal.pgm import attach_pgm
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training.prompt_targets import MANIFEST, load_prompt_targets, prompt_target_loss, target_path
 
@@ -88,7 +88,7 @@ def main() -> None:
     other_draws: dict[str, GeneratedPrompt] = {}
     for pgm in args.pgm:  # one PGM loaded at a time, its one-pass prompts kept
         lm, tokenizer = load_base_model(args.model)
-        model = PeftModel.from_pretrained(lm, str(pgm)).eval()
+        model = attach_pgm(lm, str(pgm)).eval()
         precision = cast_frozen_weights(model, "auto")
         with torch.no_grad():
             for task in tasks:

@@ -15,12 +15,12 @@ import platform
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.data import load_bigbench_task, tasks_for_split
 from peft_metal.evaluation import evaluate
+from peft_metal.pgm import attach_pgm
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     lm, tokenizer = load_base_model(args.model, device="cuda" if torch.cuda.is_available() else None)
-    model = PeftModel.from_pretrained(lm, args.pgm).eval()
+    model = attach_pgm(lm, args.pgm).eval()
     names = args.tasks.split(",") if args.tasks else tasks_for_split("dev")
     tasks = [task for task in map(load_bigbench_task, names) if task.metric == "multiple_choice"]
     xps, xls = [int(v) for v in args.xp.split(",")], [int(v) for v in args.xl.split(",")]

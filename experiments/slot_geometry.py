@@ -19,13 +19,13 @@ from pathlib import Path
 
 import benchmarks_path  # noqa: F401  (benchmarks/ on the path: report.py, timing.py, task_carrying.py)
 import torch
-from peft import PeftModel
 from prompt_target_gap import draws_of  # experiments/prompt_target_gap.py: the target's own draw of shots
 from report import provenance, write_report  # benchmarks/report.py: the JSON + markdown every benchmark leaves
 
 import peft_metal  # noqa: F401
 from peft_metal.base_models import load_base_model
 from peft_metal.evaluation import load_eval_tasks
+from peft_metal.pgm import attach_pgm
 from peft_metal.precision import cast_frozen_weights
 from peft_metal.training.prompt_targets import MANIFEST, load_prompt_targets
 
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     lm, tokenizer = load_base_model(args.model)
-    model = PeftModel.from_pretrained(lm, str(args.pgm)).eval()
+    model = attach_pgm(lm, str(args.pgm)).eval()
     precision = cast_frozen_weights(model, "auto")
     if model.base_model.metal_config.prompt_design != "prefix":
         raise SystemExit(f"{args.pgm} makes {model.base_model.metal_config.prompt_design} prompts, not prefix ones.")

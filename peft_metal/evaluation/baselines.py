@@ -37,7 +37,6 @@ import copy
 import random
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -55,7 +54,7 @@ from peft import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compat import cache_layers, returned_cache
+from ..compat import cache_layers, peft_wrapping_quietly, returned_cache
 from ..inference import Context, check_fits, model_device
 from ..metal_prompt.queries import QueryBatch, encode_queries
 from ..metal_prompt.template import Shot, ShotTemplate
@@ -221,8 +220,7 @@ def train_baseline(
         synchronize(device)
         start = time.perf_counter()
         try:
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
+            with torch.random.fork_rng(devices=[]), peft_wrapping_quietly():
                 torch.manual_seed(seed)
                 model = get_peft_model(plain_lm_copy(lm), config).eval()
             for parameter, _ in flags:  # the base weights are frozen (PEFT did so for the copy's; shared anyway)
