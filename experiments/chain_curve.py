@@ -108,18 +108,18 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float],
     figure = Figure(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.plot([p["episodes"] for p in points], [p["mean"] for p in points], color="lightgray", zorder=1)
+    axes.plot([p["recipe_episodes"] for p in points], [p["mean"] for p in points], color="lightgray", zorder=1)
     for run in dict.fromkeys(p["run"] for p in points):
         mine = [p for p in points if p["run"] == run]
-        axes.errorbar([p["episodes"] for p in mine], [p["mean"] for p in mine], yerr=[p["se"] for p in mine],
+        axes.errorbar([p["recipe_episodes"] for p in mine], [p["mean"] for p in mine], yerr=[p["se"] for p in mine],
                       marker="o", linestyle="none", capsize=3, label=Path(run).name, zorder=2)
-    for (name, value), style in zip(references.items(), ("--", ":", "-.", (0, (5, 1)))):
-        axes.axhline(value, color="gray", linestyle=style, label=name)
+    styles = zip(("--", ":", "-.", "--"), ("gray", "gray", "gray", "tab:red"))
+    for (name, value), (style, color) in zip(references.items(), styles):
+        axes.axhline(value, color=color, linestyle=style, label=name)
     for milestone in MILESTONES:
-        axes.axvline(recipe_from + milestone, color="lightgray", linestyle=":", linewidth=0.8)
+        axes.axvline(milestone, color="lightgray", linestyle=":", linewidth=0.8)
     axes.set_xscale("symlog", linthresh=100)
-    axes.set_xlabel("meta-training episodes (the chain's, earlier runs included)"
-                    + (f"; milestones from {recipe_from:,}" if recipe_from else ""))
+    axes.set_xlabel("meta-training episodes" + (f" of the recipe (after the chain's first {recipe_from:,})" if recipe_from else ""))
     axes.set_ylabel(label)
     axes.legend(fontsize=7)
     figure.tight_layout()
