@@ -81,7 +81,7 @@ def segment_points(text: str, method: str, metric: str, seeds: str, draws: list[
             records = [record for record in point["records"] if method_label(record) == method and "error" not in record]
             for seed in point["seeds"]:
                 if seed in draws:
-                    per_draw[seed] = {record["task"]: task_score(record, metric, [seed]) for record in records}
+                    per_draw[seed] = {record["task"]: task_score(record, metric, [seed], point["seeds"]) for record in records}
         missing = [seed for seed in draws if seed not in per_draw]
         if missing:
             print(f"{run} step {step}: left out, not scored on seed(s) {missing}")

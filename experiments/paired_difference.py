@@ -33,7 +33,7 @@ def task_score(record: dict[str, Any], metric: str, seeds: list[int] | None, run
     """A record's `metric` (`score`, or `macro_f1`: MetaICL's); with `seeds`, its mean over those seeds' draws only
     (macro-F1 is kept per seed), so a run of five seeds pairs with one of two. A run of one seed keeps no per-seed
     scores: its record is that seed's."""
-    if seeds is None or ("seeds" not in record and list(run_seeds or []) == seeds):
+    if seeds is None or (record.get("seeds") is None and list(run_seeds or []) == seeds):
         return record[metric]
     by_seed = dict(zip(record["seeds"], record[f"{metric}_seed_scores"]))
     missing = [seed for seed in seeds if seed not in by_seed]
