@@ -15,11 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS  # the file PEFT saves an adapter's weights to
 from safetensors.torch import load_file, save_file
 
 from peft_metal.training.checkpoint import CHECKPOINT_PREFIX
-
-WEIGHTS = "adapter_model.safetensors"
 
 
 def averaged_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
