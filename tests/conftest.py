@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -29,7 +28,7 @@ from transformers import (
 )
 
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
-from peft_metal import MetaLPromptConfig
+from peft_metal import MetaLPromptConfig, get_peft_model
 from peft_metal.compat import cache_kwargs, returned_cache
 from peft_metal.data.bigbench import TASKS_ENV, bigbench_root
 from peft_metal.data.corpora import DATA_ENV, corpus_dir
@@ -168,7 +167,8 @@ def lm_factory():
 
 
 def make_pgm(family: str, design: str, seed: int = 0, lm=None, **config_kwargs: Any):
-    """`get_peft_model` over a fresh tiny LM (eval mode); returns the PeftModel."""
+    """`get_peft_model` over a fresh tiny LM (eval mode); returns the PeftModel. The package's own, which is PEFT's without
+    transformers' checkpointing-rename warning at every call."""
     lm = make_lm(family, seed=seed) if lm is None else lm
     kwargs = dict(task_type="CAUSAL_LM", prompt_design=design, num_prompt_tokens=K, r=4, init_lora_weights=False)
     kwargs.update(config_kwargs)
