@@ -236,6 +236,26 @@ def test_a_pgm_meta_trained_on_metaicl_names_it_on_its_card(tmp_path):
         assert sorted((m["type"], m["value"]) for r in results for m in r["metrics"]) == [("accuracy", 0.5), ("f1", 0.25)]
 
 
+def test_a_card_says_in_words_what_the_pgm_was_trained_on_and_what_it_continued(tmp_path):
+    model = make_pgm("llama", "prefix", lora_scope="padding")
+    config = model.peft_config["default"]
+    cases = {
+        json.dumps({"metaicl_dir": "m", "metaicl_tasks": ["a", "b"], "task_dir": "t", "init_from": "pgms/start"}):
+            "- Trained on: MetaICL's tasks (2 train tasks of `m`) and BIG-bench-format task folders (every task under "
+            "`t`), continuing `pgms/start`",
+        json.dumps({"task_dir": "t", "tasks": ["x"]}): "- Trained on: BIG-bench-format task folders (1 task under `t`), from scratch",
+        json.dumps({"metaicl_dir": "m"}): "- Trained on: MetaICL's tasks (every train task of `m`), from scratch",
+        json.dumps({"seed": 3}): "- Trained on: BIG-bench's train split, from scratch",
+    }
+    for settings, line in cases.items():
+        config.training_summary = {"episodes": 8, "settings": settings}
+        model.save_pretrained(tmp_path)
+        assert line in (tmp_path / "README.md").read_text().splitlines()
+    config.training_summary = None
+    model.save_pretrained(tmp_path)
+    assert "Trained on" not in (tmp_path / "README.md").read_text()
+
+
 def test_a_card_names_the_dataset_of_the_panel_each_figure_was_measured_on(tmp_path):
     """A PGM meta-trained on BIG-bench, measured on MetaICL's panel and on BIG-bench's: each figure on the dataset its
     label's panel names; a figure that names no panel is on the training corpus."""

@@ -62,6 +62,29 @@ def _datasets(config: MetaLPromptConfig) -> Optional[list[str]]:
     return datasets or None
 
 
+def _trained_on(settings: dict[str, Any]) -> Optional[str]:
+    """Where the run's episodes came from, in words, and the PGM it continued: the line of the card a reader looks for
+    first, which the settings record only as scattered fields."""
+    sources = []
+    if settings.get("metaicl_dir"):
+        tasks = settings.get("metaicl_tasks")
+        named = _count(len(tasks), "train task") if tasks else "every train task"
+        sources.append(f"MetaICL's tasks ({named} of `{settings['metaicl_dir']}`)")
+    if settings.get("task_dir"):
+        named = _count(len(settings["tasks"]), "task") if settings.get("tasks") else "every task"
+        sources.append(f"BIG-bench-format task folders ({named} under `{settings['task_dir']}`)")
+    if settings and not sources:
+        sources.append("BIG-bench's train split")
+    if not sources:
+        return None
+    start = f", continuing `{settings['init_from']}`" if settings.get("init_from") else ", from scratch"
+    return " and ".join(sources) + start
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 # The dataset each panel's figures were measured on; a result's label names its panel ("metal (dev-panel, seeds 13)").
 PANEL_DATASETS = {
     "dev-panel": (METAICL_DATASET, "MetaICL dev tasks (peft-metal)"),
@@ -143,6 +166,8 @@ def render_section(config: MetaLPromptConfig) -> str:
     ]
     summary = dict(config.training_summary or {})
     dev_results = summary.pop("dev_results", None)
+    trained_on = _trained_on(_training_settings(config))
+    lines += [f"- Trained on: {trained_on}"] if trained_on else []
     lines += [f"- {key}: {value}" for key, value in summary.items()] or ["- Not meta-trained yet."]
     if dev_results:
         lines += ["", "### Dev results", ""]
