@@ -188,8 +188,8 @@ def test_eval_runs_metaicls_protocol_and_reports_macro_f1(metaicl, tmp_path):
     assert payload["summary"]["icl"]["macro_f1"] == payload["results"][1]["macro_f1"]
     assert "macro-F1" in (tmp_path / "r.md").read_text()
     means = labelled_means(output)  # what a PGM's card records
-    assert means["icl macro-F1 (1 tasks, seeds 100,13)"] == round(payload["summary"]["icl"]["macro_f1"], 4)
-    assert means["icl (1 tasks, seeds 100,13)"] == round(payload["summary"]["icl"]["mean"], 4)
+    assert means["icl macro-F1 (1 tasks, seeds 100,13, 4 shots)"] == round(payload["summary"]["icl"]["macro_f1"], 4)
+    assert means["icl (1 tasks, seeds 100,13, 4 shots)"] == round(payload["summary"]["icl"]["mean"], 4)
 
 
 def test_eval_calibrates_from_the_shots_when_asked(metaicl, tmp_path):
@@ -208,7 +208,7 @@ def test_eval_calibrates_from_the_shots_when_asked(metaicl, tmp_path):
     assert len(result["macro_f1_calibrated_seed_scores"]) == 2 and 0 <= result["acc_calibrated"] <= 1
     assert payload["summary"]["zero_shot"]["macro_f1_calibrated"] == result["macro_f1_calibrated"]
     assert "macro-F1 calibrated from the shots" in (tmp_path / "r.md").read_text()
-    assert "zero_shot macro-F1 calibrated (1 tasks, seeds 100,13)" in labelled_means(output)
+    assert "zero_shot macro-F1 calibrated (1 tasks, seeds 100,13, 4 shots)" in labelled_means(output)
 
 
 def test_eval_names_a_missing_seed_before_loading_a_model(metaicl, tmp_path, capsys):

@@ -286,8 +286,8 @@ def test_export_a_checkpoint_of_a_run_that_goes_on(tmp_path, monkeypatch):
 
 def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatch, capsys):
     """`peft-metal card`: the dev results of several eval files go into a saved PGM's card, each figure named with the
-    panel and seeds it was measured on; a figure replaces only the one of its own label, the rest stay; the weights stay
-    as they were; a file that is no eval output is refused by name."""
+    panel and seeds it was measured on (and the shots, unless MetaICL's 16); a figure replaces only the one of its own
+    label, the rest stay; the weights stay as they were; a file that is no eval output is refused by name."""
     from conftest import make_lm
 
     from peft_metal.cli import main
@@ -301,7 +301,8 @@ def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatc
     for seeds, mean in (([0, 1], 0.5), ([2, 3], 0.25)):
         draws.append(tmp_path / f"draw{seeds[0]}.json")
         draws[-1].write_text(json.dumps({"summary": {"metal": {"mean": mean}, "icl": {"mean": 0.75}},
-                                         "settings": {"panel": "dev-panel", "seeds": seeds, "tasks": ["a", "b"]}}))
+                                         "settings": {"panel": "dev-panel", "seeds": seeds, "tasks": ["a", "b"],
+                                                      "shots": 16}}))
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", *map(str, draws)]) == 0
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
     assert config["training_summary"]["dev_results"] == {
@@ -317,9 +318,15 @@ def test_card_labels_dev_results_with_their_panel_and_seeds(tmp_path, monkeypatc
     again.write_text(json.dumps({"summary": {"metal": {"mean": 0.375}}, "settings": {"panel": "dev-panel", "seeds": [2, 3]}}))
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(other)]) == 0
     assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(again)]) == 0
+    # the same draw with fewer shots is a figure of its own, not a replacement
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps({"summary": {"metal": {"mean": 0.625}},
+                                 "settings": {"panel": "dev-panel", "seeds": [0, 1], "shots": 4}}))
+    assert main(["card", "--pgm", str(tmp_path / "pgm"), "--dev-results", str(fewer)]) == 0
     config = json.loads((tmp_path / "pgm" / "adapter_config.json").read_text())
     assert config["training_summary"]["dev_results"] == {
-        "metal (dev-panel, seeds 0,1)": 0.5, "metal (dev-panel, seeds 2,3)": 0.375, "metal (bigbench-panel, seeds 0)": 0.125
+        "metal (dev-panel, seeds 0,1)": 0.5, "metal (dev-panel, seeds 2,3)": 0.375, "metal (bigbench-panel, seeds 0)": 0.125,
+        "metal (dev-panel, seeds 0,1, 4 shots)": 0.625,
     }
 
     bad = tmp_path / "bad.json"

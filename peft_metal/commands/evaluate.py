@@ -15,6 +15,7 @@ METAICL_QUERIES = 100  # test queries per seed under MetaICL's protocol, unless 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     from ..data.metaicl import SEEDS as METAICL_SEEDS
     from ..evaluation.panels import PANELS
+    from ..evaluation.settings import DEFAULT_SHOTS
 
     evaluation = commands.add_parser(
         "eval", help="compare zero-shot, in-context learning, MetaL-Prompt and PEFT prompt-learning baselines on the "
@@ -42,7 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument(
         "--task-dir", help="a folder of BIG-bench-format task folders (default: $PEFT_METAL_BIGBENCH_TASKS, a clone's)"
     )
-    evaluation.add_argument("--shots", type=int, default=16, help="k shots per task (default 16)")
+    evaluation.add_argument("--shots", type=int, default=DEFAULT_SHOTS, help=f"k shots per task (default {DEFAULT_SHOTS})")
     evaluation.add_argument(
         "--queries", type=int, help="queries per task and seed (default 50; --metaicl: at most 100; a panel: its own)"
     )

@@ -22,6 +22,7 @@ from .metrics import (
     MULTIPLE_CHOICE_METRICS,
     mean_stderr,
 )
+from .settings import DEFAULT_SHOTS
 
 METRIC_NAMES = MULTIPLE_CHOICE_METRICS + (MACRO_F1, ACC_CALIBRATED, MACRO_F1_CALIBRATED) + GENERATIVE_METRICS
 
@@ -316,9 +317,10 @@ def write_results(
 
 def labelled_means(path: str | os.PathLike) -> dict[str, float]:
     """The mean score of each method in a `results.json`, labelled with where it was measured (the panel or the
-    number of tasks, and the seeds that drew the shots and queries), so a model card that quotes several draws of the
-    same panel says which figure is which: `{"metal (dev-panel, seeds 0,1)": 0.511, ...}`; with macro-F1 in the
-    records, also `"metal macro-F1 (dev-panel, ...)"`."""
+    number of tasks, the seeds that drew the shots and queries, and the shots unless MetaICL's 16), so a model card
+    that quotes several draws of the same panel says which figure is which: `{"metal (dev-panel, seeds 0,1)": 0.511,
+    "metal (dev-panel, seeds 0,1, 4 shots)": 0.47, ...}`; with macro-F1 in the records, also
+    `"metal macro-F1 (dev-panel, ...)"`."""
     payload = json.loads(Path(path).read_text(encoding="utf-8"))
     if "summary" not in payload:
         raise ValueError(f"{path} has no 'summary': give a results.json written by `peft-metal eval`.")
@@ -326,6 +328,8 @@ def labelled_means(path: str | os.PathLike) -> dict[str, float]:
     where = [settings.get("panel") or (f"{len(settings['tasks'])} tasks" if settings.get("tasks") else None)]
     if settings.get("seeds") is not None:
         where.append("seeds " + ",".join(str(seed) for seed in settings["seeds"]))
+    if settings.get("shots") not in (None, DEFAULT_SHOTS):
+        where.append(f"{settings['shots']} shots")
     label = ", ".join(part for part in where if part)
     suffix = f" ({label})" if label else ""
     means = {}

@@ -22,6 +22,7 @@ from .methods import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 16
+DEFAULT_SHOTS = 16  # MetaICL's k: the shots every panel draws unless told otherwise
 METRICS = (MULTIPLE_CHOICE, GENERATIVE)
 
 
