@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import build_tokenizer, make_pgm
+from peft import PeftConfig
 
 from peft_metal.data import Example, Task
 from peft_metal.training import MetaTrainer, TrainingArguments
@@ -137,8 +138,8 @@ def test_distillation_term_is_a_kl_that_trains_the_pgm(tmp_path):
 
 
 def test_continued_training_starts_from_a_saved_pgm(tmp_path):
-    """`init_from` starts a new run from a saved PGM's weights, all of them trainable again; a PGM shaped otherwise
-    is refused with the differing settings named."""
+    """`init_from` starts a new run from a saved PGM's weights, all of them trainable again, and counts the episodes
+    it had (a checkpoint's PGM, too); a PGM shaped otherwise is refused with the differing settings named."""
     from conftest import K, make_lm
 
     from peft_metal.training.trainer import _saved_pgm, episodes_before
@@ -153,9 +154,15 @@ def test_continued_training_starts_from_a_saved_pgm(tmp_path):
         padding_reparameterization="mlp", init_from=str(saved),
     )
     continued = _saved_pgm(make_lm("llama"), args)
-    assert episodes_before(args) == 0  # a checkpoint, not an exported PGM: no training summary to count from
+    # a checkpoint's PGM says how far its run had trained it: 2 steps x 2 episodes
+    assert episodes_before(args) == 4
+    assert PeftConfig.from_pretrained(str(saved)).training_summary["checkpoint_of"] == "first"
     exported = first.save_final(first._summary([], 0.0))  # 2 steps x 2 episodes
     assert episodes_before(dataclasses.replace(args, init_from=str(exported))) == 4
+    # a run continued from it counts those 4 in its own checkpoints, not the 4 of the PGM it started from alone
+    again = make_trainer(tmp_path / "again", "prefix", max_steps=4, init_from=str(saved))
+    again.train(stop_after=2)
+    assert episodes_before(dataclasses.replace(args, init_from=str(tmp_path / "again" / "checkpoint-2" / "pgm"))) == 8
     state = {n: p.detach() for n, p in continued.named_parameters() if p.requires_grad}
     assert state.keys() == trained.keys()
     for name in trained:

@@ -443,10 +443,7 @@ class MetaTrainer:
             if record:
                 self._log({"step": self.step, **record})
             if self.step % args.checkpoint_every == 0:
-                save_checkpoint(
-                    self.output_dir, self.step, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
-                    self.scheduler, self.sampler, self._checkpoint_extra(), self.accelerator,
-                )
+                self._save_checkpoint()
             if stop_after is not None and self.step - start_step >= stop_after:
                 break
         bar.close()
@@ -477,6 +474,19 @@ class MetaTrainer:
             "skipped_long_episodes": self.skipped_long,
             "seconds_this_run": round(seconds, 1),
         }
+
+    def _save_checkpoint(self) -> None:
+        """A checkpoint whose PGM folder says how far this run had trained it, so a run started from that folder
+        (`init_from`) counts its episodes, rather than those of the PGM this run started from."""
+        model = self.accelerator.unwrap_model(self.loss_module).model
+        model.peft_config[model.active_adapter].training_summary = {
+            **_run_facts(self.args, self.step, self.accelerator.num_processes),
+            "checkpoint_of": self.output_dir.name,
+        }
+        save_checkpoint(
+            self.output_dir, self.step, model, self.optimizer, self.scheduler, self.sampler, self._checkpoint_extra(),
+            self.accelerator,
+        )
 
     def save_final(self, summary: dict[str, Any]) -> Path:
         model = self.accelerator.unwrap_model(self.loss_module).model
