@@ -107,6 +107,10 @@ class TrainingArguments:
     # The weight of a cross-entropy over each multiple-choice query's options, scored as evaluation ranks them (mean
     # log-probability per answer token), towards the correct one: the dev panel's own criterion as a training term.
     option_ranking_weight: float = 0.0
+    # The weight of a KL from XP's label distribution (add-one smoothed) to the labels the LM picks after the prompt,
+    # averaged over the queries (each query's softmax over its options), on episodes whose queries share one label
+    # set: it pins the prompt's label prior to the shots', which the queries' loss alone lets wander.
+    label_prior_weight: float = 0.0
     # Train the PGM for the refinement its prompts get at serving (`Refinement`): each episode's prompt is refined
     # this many Adam steps on XP's own pairs (at `refinement_lr`, default serving's 5e-2) before the queries score it,
     # and the gradient reaches the PGM to first order (MAML's first-order approximation: the refinement's shift is
@@ -156,7 +160,7 @@ class TrainingArguments:
                 "after the text stage (a run of texts only is text_stage_steps = max_steps)."
             )
         for name in ("distillation_weight", "option_distillation_weight", "prompt_target_weight", "shot_answers_weight",
-                     "option_ranking_weight", "task_contrast_weight"):
+                     "option_ranking_weight", "label_prior_weight", "task_contrast_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.gradient_from_answers_only and (self.distillation_weight or self.option_distillation_weight):

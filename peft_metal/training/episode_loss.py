@@ -1,8 +1,9 @@
 """The meta-training objective for one episode: -log P_LM(y | prompt(XP), XL, x), averaged over its answer tokens,
 plus, optionally, distillation from the LM reading every shot as a demonstration (MEND's teacher), the distance of
 the prompt to its task's refined prompt (`prompt_targets`), the same cross-entropy on XP's own answers (what
-refinement minimizes), a cross-entropy over multiple-choice queries' options (what evaluation ranks) and a contrast
-with the prompt made from another family's shots (what a prompt that ignores its shots cannot win). With a
+refinement minimizes), a cross-entropy over multiple-choice queries' options (what evaluation ranks), a KL pinning the
+labels the LM picks after the prompt to the label distribution of XP (the prompt's label prior) and a contrast with the
+prompt made from another family's shots (what a prompt that ignores its shots cannot win). With a
 `refinement`, the queries score the prompt after serving's refinement on XP, to first order (MAML's approximation).
 
 It is an `nn.Module` so that `accelerate` can wrap it (for several processes the gradient sync of DDP is set up by the
@@ -41,10 +42,13 @@ from ..metal_prompt.refine import Refinement, first_order
 from .options import (
     encode_option_queries,
     encode_options,
+    label_distribution,
+    label_prior_loss,
     option_distillation_loss,
     option_ranking,
     option_scores,
     row_mean_logprobs,
+    shared_option_list,
 )
 from .prompt_targets import prompt_target_loss
 
@@ -76,6 +80,7 @@ class EpisodeLoss(nn.Module):
         prompt_target_weight: float = 0.0,
         shot_answers_weight: float = 0.0,
         option_ranking_weight: float = 0.0,
+        label_prior_weight: float = 0.0,
         refinement: Optional[Refinement] = None,
         task_contrast_weight: float = 0.0,
         pack_queries: bool = False,
@@ -100,6 +105,7 @@ class EpisodeLoss(nn.Module):
         self.prompt_target_weight = prompt_target_weight
         self.shot_answers_weight = shot_answers_weight
         self.option_ranking_weight = option_ranking_weight
+        self.label_prior_weight = label_prior_weight
         # Serving's refinement, applied to each episode's prompt (on XP) before the queries score it; first order.
         self.refinement = refinement
         # The term that asks a prompt of another family's shots to serve the queries worse (`_task_contrast`).
@@ -176,8 +182,8 @@ class EpisodeLoss(nn.Module):
                 )
             if self.shot_answers_weight > 0:
                 losses["shot_answers"] = self._shot_answers_loss(prompt, episode, device)
-            if self.option_ranking_weight > 0 and (ranked := self._option_ranking(prompt, episode, device)) is not None:
-                losses["option_ranking"], losses["option_accuracy"] = ranked
+            if self.option_ranking_weight > 0 or self.label_prior_weight > 0:
+                losses.update(self._option_terms(prompt, episode, device))
         target = self.prompt_targets.get(episode.task_name)
         if target is not None:
             losses["prompt_target"] = prompt_target_loss(prompt, target, self.model.get_base_model())
@@ -198,6 +204,7 @@ class EpisodeLoss(nn.Module):
             + self.prompt_target_weight * losses.get("prompt_target", 0.0)
             + self.shot_answers_weight * losses.get("shot_answers", 0.0)
             + self.option_ranking_weight * losses.get("option_ranking", 0.0)
+            + self.label_prior_weight * losses.get("label_prior", 0.0)
             + self.task_contrast_weight * losses.get("task_contrast", 0.0)
         )
         return losses
@@ -244,17 +251,31 @@ class EpisodeLoss(nn.Module):
         pairs = [example.as_shot() for example in episode.xp[: len(episode.queries)]]
         return self._answer(prompt, encode_queries(pairs, self.tokenizer, self.template, device), loss_only=True).loss
 
-    def _option_ranking(self, prompt, episode: Episode, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Cross-entropy of the softmax over each multiple-choice query's option scores (mean log-probability per
-        token, as evaluation ranks them) against its correct options, and the share ranked right (a metric, logged
-        beside the losses, never added to them); None for an episode without such queries. The gold answer's own
-        cross-entropy raises every option that shares its tokens; this term asks that it beat the others."""
+    def _option_terms(self, prompt, episode: Episode, device: torch.device) -> dict[str, torch.Tensor]:
+        """The terms read from each multiple-choice query's option scores (mean log-probability per token, as
+        evaluation ranks them); none for an episode without such queries.
+
+        `option_ranking`: cross-entropy of each query's softmax over its options against its correct ones, and
+        `option_accuracy`, the share ranked right (a metric, logged beside the losses, never added to them). The gold
+        answer's own cross-entropy raises every option that shares its tokens; this term asks that it beat the others.
+
+        `label_prior`: when every query has the same options, KL(XP's label distribution || the queries' mean softmax
+        over them). The queries' own loss lets the prompt lean to whichever label its training episodes favoured
+        (raw macro-F1 swings between checkpoints while calibrated holds); this asks its lean to follow the shots'.
+        """
         options = encode_option_queries(episode.queries, self.tokenizer, self.template, device)
         if options is None:
-            return None
-        outputs = self._answer(prompt, options.batch)
-        loss, accuracy = option_ranking(row_mean_logprobs(outputs.logits, options.batch.labels), options)
-        return loss, accuracy.to(device)
+            return {}
+        scores = row_mean_logprobs(self._answer(prompt, options.batch).logits, options.batch.labels)
+        terms = {}
+        if self.option_ranking_weight > 0:
+            loss, accuracy = option_ranking(scores, options)
+            terms.update(option_ranking=loss, option_accuracy=accuracy.to(device))
+        label_set = shared_option_list(episode.queries)
+        target = label_distribution(episode.xp, label_set) if self.label_prior_weight > 0 and label_set else None
+        if target is not None:
+            terms["label_prior"] = label_prior_loss(scores, options, target)
+        return terms
 
     def _answer(
         self, prompt, batch: QueryBatch, use_cache: bool = False, only_labelled_logits: bool = True, loss_only: bool = False

@@ -190,3 +190,32 @@ def option_ranking(scores: torch.Tensor, options: OptionQueries) -> tuple[torch.
         losses.append(torch.logsumexp(group_scores, dim=0) - torch.logsumexp(group_scores[right], dim=0))
         hits.append(float(int(group_scores.argmax()) in right))
     return torch.stack(losses).mean(), torch.tensor(sum(hits) / len(hits))
+
+
+def shared_option_list(queries: Sequence[Example], max_options: int = MAX_RANKED_OPTIONS) -> Optional[tuple[str, ...]]:
+    """The options every query of an episode has, in one order (a classification task's label set), when they are at
+    most `max_options` (so each query is ranked over all of them); None otherwise."""
+    first = queries[0].options if queries else None
+    if first is None or not 2 <= len(first) <= max_options:
+        return None
+    return first if all(example.options == first for example in queries) else None
+
+
+def label_distribution(shots: Sequence[Example], options: Sequence[str]) -> Optional[torch.Tensor]:
+    """How often each option is the output of `shots`, add-one smoothed (so no label gets zero mass, which a KL could
+    not reach): the label prior the shots show. None when a shot's output is not among `options`."""
+    counts = torch.ones(len(options))
+    for example in shots:
+        if example.output not in options:
+            return None
+        counts[options.index(example.output)] += 1
+    return counts / counts.sum()
+
+
+def label_prior_loss(scores: torch.Tensor, options: OptionQueries, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || the mean over queries of each query's softmax over its options): small when the labels the LM
+    picks after the prompt are spread over the options as `target` says, whatever the query; every group must list
+    the same options in the same order as `target`."""
+    chosen = torch.stack([F.softmax(scores[group[0] : group[-1] + 1], dim=0) for group in options.groups]).mean(dim=0)
+    target = target.to(chosen.device)
+    return (target * (target.log() - chosen.clamp_min(1e-12).log())).sum()

@@ -288,6 +288,7 @@ class MetaTrainer:
                 prompt_target_weight=args.prompt_target_weight,
                 shot_answers_weight=args.shot_answers_weight,
                 option_ranking_weight=args.option_ranking_weight,
+                label_prior_weight=args.label_prior_weight,
                 refinement=args.refinement,
                 task_contrast_weight=args.task_contrast_weight,
                 graded_pass=graded_pass,
