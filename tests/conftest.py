@@ -7,6 +7,7 @@ reference LM.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +31,10 @@ from transformers import (
 import peft_metal  # noqa: F401  (registers METAL_PROMPT with PEFT)
 from peft_metal import MetaLPromptConfig, get_peft_model
 from peft_metal.compat import cache_kwargs, returned_cache
+from peft_metal.data import Example, Task
 from peft_metal.data.bigbench import TASKS_ENV, bigbench_root
 from peft_metal.data.corpora import DATA_ENV, corpus_dir
+from peft_metal.training import MetaTrainer, TrainingArguments
 
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -207,6 +210,21 @@ def encode(tok, text: str) -> torch.Tensor:
 def left_padded(tok, texts):
     return tok(texts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
 
+
+
+def train_on_a_labelled_task(output_dir: Path, **loss_weights: float) -> list[dict[str, Any]]:
+    """Two steps of meta-training a tiny prefix PGM on one two-label task (train and dev), with the loss weights
+    given; the run's log records. For tests of the terms that read a multiple-choice query's options."""
+    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"]
+    vowel = Task("vowel", [Example(w, "yes" if w[0] in "aeiou" else "no", options=("no", "yes")) for w in words])
+    args = TrainingArguments(
+        output_dir=str(output_dir), prompt_design="prefix", lora_scope="padding", max_steps=2, learning_rate=1e-2,
+        warmup_steps=1, gradient_accumulation_steps=2, xp_range=(1, 3), xl_range=(0, 1), num_queries=2,
+        checkpoint_every=2, eval_every=2, log_every=1, gradient_from_answers_only=True, **loss_weights,
+    )
+    model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding")
+    MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=[vowel], dev_tasks=[vowel]).train()
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
 
 def padding_module(model):
     """The active adapter's TrainablePadding."""

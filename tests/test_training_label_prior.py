@@ -4,16 +4,20 @@ evaluation ranks them; nothing on episodes without one shared label set."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_lora_and_padding_have_gradients, build_tokenizer, encode, make_pgm
+from conftest import (
+    assert_lora_and_padding_have_gradients,
+    build_tokenizer,
+    encode,
+    make_pgm,
+    train_on_a_labelled_task,
+)
 
-from peft_metal.data import Episode, Example, Task
+from peft_metal.data import Episode, Example
 from peft_metal.metal_prompt import ShotTemplate
-from peft_metal.training import EpisodeLoss, MetaTrainer, TrainingArguments
+from peft_metal.training import EpisodeLoss, TrainingArguments
 from peft_metal.training.options import label_distribution, shared_option_list
 
 LABELS = ("no", "yes", "maybe")
@@ -77,16 +81,7 @@ def test_the_term_alone_trains_lora_and_padding_and_is_left_out_without_a_shared
 def test_a_run_logs_the_term_on_train_and_dev_and_a_negative_weight_is_refused(tmp_path):
     with pytest.raises(ValueError, match="label_prior_weight must be >= 0"):
         TrainingArguments(label_prior_weight=-1.0)
-    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"]
-    vowel = Task("vowel", [Example(w, "yes" if w[0] in "aeiou" else "no", options=("no", "yes")) for w in words])
-    args = TrainingArguments(
-        output_dir=str(tmp_path), prompt_design="prefix", lora_scope="padding", max_steps=2, learning_rate=1e-2,
-        warmup_steps=1, gradient_accumulation_steps=2, xp_range=(1, 3), xl_range=(0, 1), num_queries=2,
-        checkpoint_every=2, eval_every=2, log_every=1, gradient_from_answers_only=True, label_prior_weight=2.0,
-    )
-    model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding")
-    MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=[vowel], dev_tasks=[vowel]).train()
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = train_on_a_labelled_task(tmp_path, label_prior_weight=2.0)
     trained = [record for record in log if "loss" in record]
     assert trained and all({"lm_loss", "label_prior"} <= set(record) for record in trained)
     for record in trained:

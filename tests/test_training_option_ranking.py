@@ -4,16 +4,21 @@ the PGM, its accuracy logged beside it, in training and on dev."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHOTS, assert_lora_and_padding_have_gradients, build_tokenizer, encode, make_pgm
+from conftest import (
+    SHOTS,
+    assert_lora_and_padding_have_gradients,
+    build_tokenizer,
+    encode,
+    make_pgm,
+    train_on_a_labelled_task,
+)
 
-from peft_metal.data import Episode, Example, Task
+from peft_metal.data import Episode, Example
 from peft_metal.metal_prompt import ShotTemplate
-from peft_metal.training import EpisodeLoss, MetaTrainer, TrainingArguments
+from peft_metal.training import EpisodeLoss, TrainingArguments
 from peft_metal.training.options import encode_option_queries, ranked_options
 
 QUERIES = [
@@ -76,16 +81,7 @@ def test_the_term_alone_trains_lora_and_padding_and_needs_multiple_choice():
 def test_a_run_logs_the_term_and_its_dev_accuracy_and_a_negative_weight_is_refused(tmp_path):
     with pytest.raises(ValueError, match="option_ranking_weight must be >= 0"):
         TrainingArguments(option_ranking_weight=-1.0)
-    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"]
-    vowel = Task("vowel", [Example(w, "yes" if w[0] in "aeiou" else "no", options=("no", "yes")) for w in words])
-    args = TrainingArguments(
-        output_dir=str(tmp_path), prompt_design="prefix", lora_scope="padding", max_steps=2, learning_rate=1e-2,
-        warmup_steps=1, gradient_accumulation_steps=2, xp_range=(1, 3), xl_range=(0, 1), num_queries=2,
-        checkpoint_every=2, eval_every=2, log_every=1, gradient_from_answers_only=True, option_ranking_weight=2.0,
-    )
-    model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding")
-    MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=[vowel], dev_tasks=[vowel]).train()
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = train_on_a_labelled_task(tmp_path, option_ranking_weight=2.0)
     trained = [record for record in log if "loss" in record]
     assert trained and all({"lm_loss", "option_ranking", "option_accuracy"} <= set(record) for record in trained)
     for record in trained:
