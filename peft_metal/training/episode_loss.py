@@ -263,16 +263,16 @@ class EpisodeLoss(nn.Module):
         over them). The queries' own loss lets the prompt lean to whichever label its training episodes favoured
         (raw macro-F1 swings between checkpoints while calibrated holds); this asks its lean to follow the shots'.
         """
+        label_set = shared_option_list(episode.queries)
+        target = label_distribution(episode.xp, label_set) if self.label_prior_weight > 0 and label_set else None
         options = encode_option_queries(episode.queries, self.tokenizer, self.template, device)
-        if options is None:
+        if options is None or (self.option_ranking_weight == 0 and target is None):  # no term to read the scores
             return {}
         scores = row_mean_logprobs(self._answer(prompt, options.batch).logits, options.batch.labels)
         terms = {}
         if self.option_ranking_weight > 0:
             loss, accuracy = option_ranking(scores, options)
             terms.update(option_ranking=loss, option_accuracy=accuracy.to(device))
-        label_set = shared_option_list(episode.queries)
-        target = label_distribution(episode.xp, label_set) if self.label_prior_weight > 0 and label_set else None
         if target is not None:
             terms["label_prior"] = label_prior_loss(scores, options, target)
         return terms
