@@ -211,7 +211,6 @@ def left_padded(tok, texts):
     return tok(texts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
 
 
-
 def train_on_a_labelled_task(output_dir: Path, **loss_weights: float) -> list[dict[str, Any]]:
     """Two steps of meta-training a tiny prefix PGM on one two-label task (train and dev), with the loss weights
     given; the run's log records. For tests of the terms that read a multiple-choice query's options."""
@@ -225,6 +224,7 @@ def train_on_a_labelled_task(output_dir: Path, **loss_weights: float) -> list[di
     model = make_pgm("llama", "prefix", padding_reparameterization="mlp", lora_scope="padding")
     MetaTrainer(args, model=model, tokenizer=build_tokenizer(), train_tasks=[vowel], dev_tasks=[vowel]).train()
     return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
 
 def padding_module(model):
     """The active adapter's TrainablePadding."""
