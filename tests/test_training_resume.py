@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_pgm
+from conftest import build_tokenizer, make_lm, make_pgm
 from peft import PeftConfig
 
 from peft_metal.data import Example, Task
@@ -480,6 +480,41 @@ def test_training_time_adds_up_over_a_resume(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "train_seconds" in line]
     seconds = [record["train_seconds"] for record in records]
     assert seconds == sorted(seconds) and seconds[len(first)] >= first[-1]["train_seconds"]
+
+
+def test_a_resume_drops_the_log_records_the_kill_lost(tmp_path, monkeypatch):
+    """Killed at step 3 with its newest checkpoint at step 2, a run logs step 3 twice unless the resume drops the
+    record of the lost step: its log and its exports must read like those of an uninterrupted run."""
+    from peft_metal.training.trainer import export_checkpoint
+
+    uninterrupted = make_trainer(tmp_path / "a", "prefix", scope="padding")
+    uninterrupted.train()
+    killed = make_trainer(tmp_path / "b", "prefix", scope="padding")
+    killed.train(stop_after=3)
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
+    make_trainer(tmp_path / "b", "prefix", scope="padding").train(resume=True)
+
+    def logged(run):
+        return [(r["step"], r.get("loss")) for r in json.loads((run / "pgm" / "training_log.json").read_text())]
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+    assert logged(tmp_path / "b") == logged(tmp_path / "a")
+
+    monkeypatch.setattr("peft_metal.training.trainer.load_base_model", lambda name: (make_lm("llama"), build_tokenizer()))
+    exported = export_checkpoint(tmp_path / "b", tmp_path / "at-2", step=2)
+    summary = json.loads((exported / "adapter_config.json").read_text())["training_summary"]
+    losses = dict(logged(tmp_path / "a"))
+    assert [r["step"] for r in json.loads((exported / "training_log.json").read_text())] == [0, 1, 2]
+    assert summary["final_train_loss"] == round(losses[2], 4) != round(losses[4], 4)
+
+
+def test_a_log_with_a_broken_line_names_it(tmp_path):
+    from peft_metal.training.run_log import read_log
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2\n')
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
+        read_log(tmp_path / "log.jsonl")
 
 
 @pytest.mark.parametrize("weight", ["distillation_weight", "option_distillation_weight"])

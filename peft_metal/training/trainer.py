@@ -39,6 +39,7 @@ from .arguments import TrainingArguments
 from .checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from .episode_loss import EpisodeLoss
 from .prompt_targets import load_prompt_targets
+from .run_log import read_log, truncate_log
 
 DEV_EVAL_SEED = 12345
 logger = logging.getLogger(__name__)
@@ -400,6 +401,8 @@ class MetaTrainer:
             self.earlier_seconds = meta["extra"].get("train_seconds", 0.0)
             if self.text_sampler is not None and "text_sampler" in meta["extra"]:
                 self.text_sampler.load_state_dict(meta["extra"]["text_sampler"])
+            if self.accelerator.is_main_process and (dropped := truncate_log(self.log_path, self.step)):
+                logger.info("Resuming at step %d: dropped %d log records of later steps, which the kill lost.", self.step, dropped)
         if self.step == 0 and self.dev_episodes:  # where the PGM starts, for comparison with later dev losses
             self._log({"step": 0, **self.dev_metrics()})
         self.model.train()
@@ -503,7 +506,7 @@ def export_pgm(model, target: Path, summary: dict[str, Any], log_path: Path, arg
     # A PGM never resizes or trains the embeddings; saying so keeps PEFT from asking the Hub for the base model's
     # config to check (a network call at every save, which this machine cannot make).
     model.save_pretrained(target, save_embedding_layers=False)
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
+    records = read_log(Path(log_path), through_step=summary["optimizer_steps"])
     (Path(target) / "training_log.json").write_text(json.dumps(records, indent=1))
     return Path(target)
 
@@ -528,8 +531,7 @@ def export_checkpoint(
     lm, _ = load_base_model(args.model)
     model = attach_pgm(lm, checkpoint / "pgm")
     log_path = output_dir / "log.jsonl"
-    losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    losses = [loss for loss in losses if loss is not None]
+    losses = [record["loss"] for record in read_log(log_path, through_step=steps) if record.get("loss") is not None]
     summary = {
         **_run_facts(args, steps, state.get("num_processes", 1)),
         "final_train_loss": round(losses[-1], 4) if losses else None,
