@@ -512,9 +512,24 @@ def test_a_resume_drops_the_log_records_the_kill_lost(tmp_path, monkeypatch):
 def test_a_log_with_a_broken_line_names_it(tmp_path):
     from peft_metal.training.run_log import read_log
 
-    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2\n')
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
         read_log(tmp_path / "log.jsonl")
+
+
+def test_a_kill_mid_write_leaves_no_record_and_the_resume_mends_the_log(tmp_path):
+    """A last line without its newline is a record the kill cut short: not read, and removed before the resumed run
+    appends, so its first record does not run on from the cut one."""
+    from peft_metal.training.run_log import read_log, truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(log) == [{"step": 1}, {"step": 2}]
+    assert truncate_log(log, step=1) == 1
+    assert log.read_text() == '{"step": 1}\n'
+    log.write_text('{"step": 1}\n{"ste')
+    assert truncate_log(log, step=1) == 0 and log.read_text() == '{"step": 1}\n'
+    assert truncate_log(tmp_path / "none.jsonl", step=1) == 0
 
 
 @pytest.mark.parametrize("weight", ["distillation_weight", "option_distillation_weight"])

@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def _complete_lines(path: Path) -> tuple[list[str], bool]:
+    """The log's lines, and whether it ends in an unfinished one: a kill mid-write leaves a last line without its
+    newline (each record is written whole with its newline), which is no record and is left out."""
+    text = path.read_text()
+    lines = text.split("\n")
+    unfinished = lines.pop() != ""
+    return [line for line in lines if line], unfinished
+
+
 def read_log(path: Path, through_step: Optional[int] = None) -> list[dict[str, Any]]:
     """The log's records in order (those of steps up to `through_step`, when given); none when there is no log."""
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_complete_lines(path)[0], start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
@@ -25,10 +34,13 @@ def read_log(path: Path, through_step: Optional[int] = None) -> list[dict[str, A
 
 
 def truncate_log(path: Path, step: int) -> int:
-    """Drop the records past `step` (a resume's checkpoint), replacing the file whole; how many were dropped."""
+    """Drop the records past `step` (a resume's checkpoint) and any unfinished last line, replacing the file whole;
+    how many records were dropped."""
+    if not path.exists():
+        return 0
     records = read_log(path)
     kept = [record for record in records if record.get("step", 0) <= step]
-    if len(kept) < len(records):
+    if len(kept) < len(records) or _complete_lines(path)[1]:
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(partial, path)
