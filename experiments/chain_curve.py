@@ -119,6 +119,8 @@ def plot(path: Path, points: list[dict[str, Any]], references: dict[str, float],
     for milestone in MILESTONES:
         axes.axvline(milestone, color="lightgray", linestyle=":", linewidth=0.8)
     axes.set_xscale("symlog", linthresh=100)
+    first, last = min(p["recipe_episodes"] for p in points), max(p["recipe_episodes"] for p in points)
+    axes.set_xlim(first / 2, max(last, MILESTONES[-1]) * 1.5)  # the points and every milestone, no empty negative side
     axes.set_xlabel("meta-training episodes" + (f" of the recipe (after the chain's first {recipe_from:,})" if recipe_from else ""))
     axes.set_ylabel(label)
     axes.legend(fontsize=7)
