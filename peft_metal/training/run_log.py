@@ -11,25 +11,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def _complete_lines(path: Path) -> tuple[list[str], bool]:
-    """The log's lines, and whether it ends in an unfinished one: a kill mid-write leaves a last line without its
+def _records(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The log's records, and whether it ends in an unfinished line: a kill mid-write leaves a last line without its
     newline (each record is written whole with its newline), which is no record and is left out."""
-    text = path.read_text()
-    lines = text.split("\n")
+    lines = path.read_text().split("\n")
     unfinished = lines.pop() != ""
-    return [line for line in lines if line], unfinished
-
-
-def read_log(path: Path, through_step: Optional[int] = None) -> list[dict[str, Any]]:
-    """The log's records in order (those of steps up to `through_step`, when given); none when there is no log."""
-    if not path.exists():
-        return []
     records = []
-    for number, line in enumerate(_complete_lines(path)[0], start=1):
+    for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg}); mend or delete that line.") from None
+    return records, unfinished
+
+
+def read_log(path: Path, through_step: Optional[int] = None) -> list[dict[str, Any]]:
+    """The log's records in order (those of steps up to `through_step`, when given); none when there is no log."""
+    records = _records(path)[0] if path.exists() else []
     return [record for record in records if through_step is None or record.get("step", 0) <= through_step]
 
 
@@ -38,9 +36,9 @@ def truncate_log(path: Path, step: int) -> int:
     how many records were dropped."""
     if not path.exists():
         return 0
-    records = read_log(path)
+    records, unfinished = _records(path)
     kept = [record for record in records if record.get("step", 0) <= step]
-    if len(kept) < len(records) or _complete_lines(path)[1]:
+    if len(kept) < len(records) or unfinished:
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(partial, path)
